@@ -1,0 +1,3 @@
+"""mmrag: retrieval-augmented multimodal generation over a persistent multimodal memory."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,289 @@
+"""`Document` and `Part`: interleaved text and images, content-hash ids, the JSONL format."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+ID_HEX_CHARS = 32  # 128 bits of SHA-256: collisions are negligible at 10^12 documents
+JSONL_KEYS = frozenset({"parts", "text", "image", "metadata"})
+PART_KEYS = frozenset({"text", "image"})
+
+PartKind = Literal["text", "image"]
+JSONValue = Any
+
+
+class DocumentError(ValueError):
+    """A document could not be read; names the file, the line and the field."""
+
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, field: str = ""
+    ) -> None:
+        self.file, self.line, self.field, self.reason = file, line, field, message
+        where = ":".join(str(x) for x in (file, line) if x is not None)
+        prefix = f"{where}: " if where else ""
+        infield = f"field {field!r}: " if field else ""
+        super().__init__(f"{prefix}{infield}{message}")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of a document: a text, or an image given by bytes and/or a file path.
+
+    An image part always knows the SHA-256 of its encoded bytes; the bytes themselves are
+    read lazily from `path` when not held in memory (parts returned by a memory point at
+    the stored blob).
+    """
+
+    kind: PartKind
+    text: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    path: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "text":
+            if not isinstance(self.text, str):
+                raise DocumentError("a text part needs a string", field="text")
+            if self.data is not None or self.path is not None:
+                raise DocumentError("a text part carries no image", field="text")
+        elif self.kind == "image":
+            if self.text is not None:
+                raise DocumentError("an image part carries no text", field="image")
+            if self.data is not None:
+                digest = sha256_hex(self.data)
+                if self.sha256 is not None and self.sha256 != digest:
+                    raise DocumentError("image bytes do not match their sha256", field="image")
+                object.__setattr__(self, "sha256", digest)
+            elif self.sha256 is None:
+                if self.path is None:
+                    raise DocumentError("an image part needs bytes or a path", field="image")
+                object.__setattr__(self, "data", _read_file(self.path))
+                object.__setattr__(self, "sha256", sha256_hex(self.data or b""))
+        else:
+            raise DocumentError(f"unknown part kind {self.kind!r}", field="kind")
+
+    @classmethod
+    def of_text(cls, text: str) -> Part:
+        return cls(kind="text", text=text)
+
+    @classmethod
+    def of_image(cls, data: bytes | None = None, path: str | Path | None = None) -> Part:
+        return cls(kind="image", data=data, path=None if path is None else str(path))
+
+    def image_bytes(self) -> bytes:
+        if self.kind != "image":
+            raise TypeError("not an image part")
+        if self.data is not None:
+            return self.data
+        if self.path is None:
+            raise DocumentError("image part has neither bytes nor a path", field="image")
+        return _read_file(self.path)
+
+    def open_image(self) -> Image.Image:
+        """Decode the image fully (RGB); raises DocumentError on corrupt or truncated bytes."""
+        return decode_image(self.image_bytes(), source=self.path)
+
+    def content_key(self) -> list[str]:
+        """What the document id hashes: the text, or the image's SHA-256."""
+        if self.kind == "text":
+            return ["text", self.text or ""]
+        return ["image", self.sha256 or ""]
+
+
+@dataclass(frozen=True)
+class Document:
+    """An ordered list of parts plus free JSON metadata. The id hashes the parts only."""
+
+    parts: tuple[Part, ...]
+    metadata: Mapping[str, JSONValue] = field(default_factory=dict)
+    source: str | None = None  # where it was read from, for messages ("file.jsonl:12")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if not self.parts:
+            raise DocumentError("a document needs at least one part", field="parts")
+        if not isinstance(self.metadata, Mapping):
+            raise DocumentError("metadata must be an object", field="metadata")
+        try:
+            json.dumps(dict(self.metadata))
+        except (TypeError, ValueError) as e:
+            raise DocumentError(f"metadata is not JSON-serialisable: {e}", field="metadata") from e
+
+    @property
+    def id(self) -> str:
+        canonical = json.dumps([p.content_key() for p in self.parts], ensure_ascii=False)
+        return sha256_hex(canonical.encode("utf-8"))[:ID_HEX_CHARS]
+
+    @property
+    def text(self) -> str:
+        """All text parts joined with a space (what the text tower sees)."""
+        return " ".join(p.text or "" for p in self.parts if p.kind == "text").strip()
+
+    @property
+    def images(self) -> tuple[Part, ...]:
+        return tuple(p for p in self.parts if p.kind == "image")
+
+    @property
+    def modality(self) -> Literal["text", "image", "mixed"]:
+        kinds = {p.kind for p in self.parts}
+        if kinds == {"text"}:
+            return "text"
+        return "image" if kinds == {"image"} else "mixed"
+
+    @classmethod
+    def of(
+        cls,
+        text: str | None = None,
+        image: bytes | str | Path | None = None,
+        metadata: Mapping[str, JSONValue] | None = None,
+    ) -> Document:
+        """The common case: an image and/or its caption (image first, as `<img alt=...>`)."""
+        parts: list[Part] = []
+        if isinstance(image, bytes):
+            parts.append(Part.of_image(data=image))
+        elif image is not None:
+            parts.append(Part.of_image(path=image))
+        if text is not None:
+            parts.append(Part.of_text(text))
+        return cls(parts=tuple(parts), metadata=dict(metadata or {}))
+
+
+def _read_file(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DocumentError(f"cannot read image file: {e.strerror or e}", file=str(path)) from e
+
+
+def decode_image(data: bytes, source: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode bytes to an RGB image, flattening transparency onto white.
+
+    Raises DocumentError naming `source` for corrupt, truncated or oversized images.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()  # structural check; catches many corrupt files cheaply
+        img = Image.open(io.BytesIO(data))
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise DocumentError(
+                f"image is {img.width}x{img.height}, over the {max_pixels}-pixel limit",
+                file=source,
+            )
+        img.load()  # full decode: catches truncated data
+    except DocumentError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DocumentError(f"unreadable image ({type(e).__name__}: {e})", file=source) from e
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# --- JSONL -------------------------------------------------------------------------------
+
+
+def _part_from_json(obj: Any, base: Path, file: str, line: int, index: int) -> Part:
+    where = f"parts[{index}]"
+    if not isinstance(obj, dict) or len(obj) != 1 or not PART_KEYS.issuperset(obj):
+        raise DocumentError(
+            'a part is {"text": STRING} or {"image": PATH}', file=file, line=line, field=where
+        )
+    ((key, value),) = obj.items()
+    if not isinstance(value, str):
+        raise DocumentError(f"{key} must be a string", file=file, line=line, field=f"{where}.{key}")
+    if key == "text":
+        return Part.of_text(value)
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts:
+        raise DocumentError(
+            "image paths are relative to the JSONL file and stay inside its folder",
+            file=file,
+            line=line,
+            field=f"{where}.image",
+        )
+    try:
+        return Part.of_image(path=base / path)
+    except DocumentError as e:
+        raise DocumentError(e.reason, file=file, line=line, field=f"{where}.image") from e
+
+
+def document_from_json(obj: Any, base: Path, file: str = "<jsonl>", line: int = 0) -> Document:
+    """Build a Document from one parsed JSONL object (see README: "The JSONL format")."""
+    if not isinstance(obj, dict):
+        raise DocumentError("each line must be a JSON object", file=file, line=line)
+    unknown = sorted(set(obj) - JSONL_KEYS)
+    if unknown:
+        raise DocumentError(
+            f"unknown keys {unknown}; allowed: {sorted(JSONL_KEYS)}", file=file, line=line, field=unknown[0]
+        )
+    if "parts" in obj and ("text" in obj or "image" in obj):
+        raise DocumentError("use either 'parts' or 'text'/'image'", file=file, line=line, field="parts")
+    raw_parts: Any
+    if "parts" in obj:
+        raw_parts = obj["parts"]
+        if not isinstance(raw_parts, list) or not raw_parts:
+            raise DocumentError("must be a non-empty list", file=file, line=line, field="parts")
+    else:
+        raw_parts = [{k: obj[k]} for k in ("image", "text") if k in obj]
+        if not raw_parts:
+            raise DocumentError("a document needs 'parts', 'text' or 'image'", file=file, line=line)
+    parts = tuple(_part_from_json(p, base, file, line, i) for i, p in enumerate(raw_parts))
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise DocumentError("must be an object", file=file, line=line, field="metadata")
+    return Document(parts=parts, metadata=metadata, source=f"{file}:{line}")
+
+
+def document_to_json(doc: Document, image_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Serialise to the JSONL object form. `image_paths` maps image sha256 -> relative path;
+    without it the part's own path is used."""
+    parts: list[dict[str, str]] = []
+    for p in doc.parts:
+        if p.kind == "text":
+            parts.append({"text": p.text or ""})
+        else:
+            path = (image_paths or {}).get(p.sha256 or "", p.path)
+            if path is None:
+                raise DocumentError("image part has no path to write", field="image")
+            parts.append({"image": path})
+    return {"parts": parts, "metadata": dict(doc.metadata)}
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Document | DocumentError]:
+    """Yield each line's Document, or the DocumentError that explains why it is bad."""
+    path = Path(path)
+    base = path.parent
+    with path.open("rb") as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield DocumentError(f"not UTF-8: {e.reason}", file=str(path), line=lineno)
+                continue
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield DocumentError(
+                    f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=lineno
+                )
+                continue
+            try:
+                yield document_from_json(obj, base, file=str(path), line=lineno)
+            except DocumentError as e:
+                yield e

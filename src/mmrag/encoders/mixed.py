@@ -1,0 +1,64 @@
+"""RA-CM3's mixed-modal encoding: normalise each modality, average, normalise (section 3.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from mmrag.documents import Document
+from mmrag.encoders.base import Encoder, Vectors, l2_normalize
+
+
+def combine(modalities: Sequence[Vectors]) -> Vectors:
+    """Average L2-normalised vectors (one per modality) and normalise the average."""
+    if not modalities:
+        raise ValueError("nothing to combine")
+    stacked = np.stack([l2_normalize(v) for v in modalities])  # (M, D)
+    return l2_normalize(stacked.mean(axis=0))
+
+
+def encode_documents(
+    encoder: Encoder, docs: Sequence[Document], images: Sequence[Sequence[Image.Image]]
+) -> Vectors:
+    """One vector per document. `images[i]` are the decoded image parts of `docs[i]`.
+
+    The text tower sees a document's text parts joined; each image goes through the image
+    tower; a document with several images uses their normalised mean as its image vector.
+    """
+    if len(docs) != len(images):
+        raise ValueError("need one list of decoded images per document")
+    texts = [d.text for d in docs]
+    text_rows = [i for i, t in enumerate(texts) if t]
+    flat_images = [img for imgs in images for img in imgs]
+    text_vecs = encoder.encode_text([texts[i] for i in text_rows]) if text_rows else None
+    image_vecs = encoder.encode_image(flat_images) if flat_images else None
+    text_of = {row: j for j, row in enumerate(text_rows)}
+    out = np.empty((len(docs), encoder.dim), dtype=np.float32)
+    cursor = 0
+    for i, imgs in enumerate(images):
+        parts: list[Vectors] = []
+        if i in text_of and text_vecs is not None:
+            parts.append(text_vecs[text_of[i]])
+        if imgs and image_vecs is not None:
+            parts.append(l2_normalize(image_vecs[cursor : cursor + len(imgs)].mean(axis=0)))
+            cursor += len(imgs)
+        if not parts:
+            raise ValueError(f"document {docs[i].id} has neither text nor images to encode")
+        out[i] = combine(parts)
+    return out
+
+
+def encode_query(
+    encoder: Encoder, text: str | None = None, images: Sequence[Image.Image] = ()
+) -> Vectors:
+    """A query is encoded exactly like a document: text only, image(s) only, or both."""
+    parts: list[Vectors] = []
+    if text:
+        parts.append(encoder.encode_text([text])[0])
+    if images:
+        parts.append(l2_normalize(encoder.encode_image(list(images)).mean(axis=0)))
+    if not parts:
+        raise ValueError("a query needs text, an image, or both")
+    return combine(parts)
