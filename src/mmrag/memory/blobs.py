@@ -1,0 +1,102 @@
+"""Content-addressed image blobs: `blobs/<sha[:2]>/<sha>.<ext>`, written atomically."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+FORMAT_EXTENSIONS = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tif",
+}
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension for encoded image bytes (by their format, not their file name)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return FORMAT_EXTENSIONS.get(img.format or "", "img")
+    except Exception:  # the ingest has already decoded it; this only names the file
+        return "img"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class BlobStore:
+    """Image bytes keyed by SHA-256. Writing an existing blob is a no-op."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str, ext: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.{ext}"
+
+    def put(self, sha256: str, data: bytes) -> str:
+        """Store the bytes; returns the blob's relative name `<sha>.<ext>`."""
+        ext = image_extension(data)
+        target = self.path(sha256, ext)
+        if not target.exists():
+            atomic_write(target, data)
+        return f"{sha256}.{ext}"
+
+    def resolve(self, name: str) -> Path:
+        sha, _, ext = name.partition(".")
+        return self.path(sha, ext)
+
+    def iter_names(self) -> Iterator[tuple[str, Path]]:
+        """(sha256, path) of every stored blob; skips temporary files."""
+        if not self.root.exists():
+            return
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir():
+                continue
+            for f in sorted(sub.iterdir()):
+                if not f.name.startswith("."):
+                    yield f.name.split(".", 1)[0], f
+
+    def collect(self, referenced: set[str]) -> int:
+        """Delete blobs (and leftover temporary files) not in `referenced`; returns how many
+        blobs were removed. Only the single writer may call this."""
+        removed = 0
+        if not self.root.exists():
+            return 0
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.startswith(".") and f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+                elif f.name.split(".", 1)[0] not in referenced:
+                    f.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("collected %d unreferenced image blobs", removed)
+        return removed
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for _, p in self.iter_names())

@@ -1,0 +1,214 @@
+"""The ingest pipeline: read → skip known ids → decode images → encode → store, resumably.
+
+Reading and decoding run in a background thread while the encoder runs in the caller's
+thread (PyTorch releases the GIL), so the pipeline costs little on top of the model. Each
+batch is committed on its own; ids are content hashes, so re-running an interrupted ingest
+skips what was stored and continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmrag.documents import Document, DocumentError, decode_image
+from mmrag.encoders.mixed import encode_documents
+from mmrag.memory.memory import Memory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs, allow large photos
+QUEUE_BATCHES = 3
+
+
+@dataclass(frozen=True)
+class IngestError:
+    source: str
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    read: int = 0
+    added: int = 0
+    existing: int = 0
+    updated: int = 0
+    errors: list[IngestError] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def docs_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["docs_per_second"] = round(self.docs_per_second, 2)
+        return out
+
+
+@dataclass
+class _Batch:
+    docs: list[Document]
+    images: list[list[Image.Image]]
+
+
+_DONE = object()
+
+
+def _error(report: IngestReport, err: DocumentError, doc: Document | None = None) -> None:
+    source = err.file or (doc.source if doc else None) or "<unknown>"
+    if err.line is not None and err.file:
+        source = f"{err.file}:{err.line}"
+    reason = f"{err.field}: {err.reason}" if err.field else err.reason
+    report.errors.append(IngestError(source, reason))
+    log.warning("skipped %s: %s", source, reason)
+
+
+class _Producer(threading.Thread):
+    """Reads sources, drops known documents, decodes images, and queues batches."""
+
+    def __init__(
+        self,
+        memory: Memory,
+        sources: Iterable[Document | DocumentError],
+        report: IngestReport,
+        batch_size: int,
+        update_metadata: bool,
+        max_pixels: int,
+        out: queue.Queue[Any],
+        bar: tqdm[Any],
+    ) -> None:
+        super().__init__(name="mmrag-ingest-reader", daemon=True)
+        self.memory, self.sources, self.report = memory, sources, report
+        self.batch_size, self.update_metadata, self.max_pixels = (
+            batch_size,
+            update_metadata,
+            max_pixels,
+        )
+        self.out, self.bar = out, bar
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for chunk in self._chunks():
+                batch = self._prepare(chunk)
+                if batch.docs:
+                    self.out.put(batch)
+                if self.stop.is_set():
+                    break
+            self.out.put(_DONE)
+        except BaseException as e:  # surface the reader's failure in the caller's thread
+            self.out.put(e)
+
+    def _chunks(self) -> Iterator[list[Document]]:
+        seen: set[str] = set()
+        chunk: list[Document] = []
+        for item in self.sources:
+            self.report.read += 1
+            if isinstance(item, DocumentError):
+                _error(self.report, item)
+                self.bar.update(1)
+                continue
+            if item.id in seen:
+                self.report.existing += 1
+                self.bar.update(1)
+                continue
+            seen.add(item.id)
+            chunk.append(item)
+            if len(chunk) == self.batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _prepare(self, chunk: list[Document]) -> _Batch:
+        known = self.memory.contains([d.id for d in chunk])
+        if known:
+            self.report.existing += len(known)
+            if self.update_metadata:
+                stored = {s.id: s.metadata for s in self.memory.get(sorted(known)) if s}
+                changed = {
+                    d.id: d.metadata
+                    for d in chunk
+                    if d.id in known and dict(d.metadata) != stored.get(d.id)
+                }
+                if changed:
+                    self.report.updated += self.memory.update_metadata(changed)
+        batch = _Batch([], [])
+        for doc in chunk:
+            if doc.id in known:
+                self.bar.update(1)
+                continue
+            try:
+                images = [
+                    decode_image(
+                        p.image_bytes(), source=p.path or doc.source, max_pixels=self.max_pixels
+                    )
+                    for p in doc.images
+                ]
+            except DocumentError as e:
+                _error(self.report, e, doc)
+                self.bar.update(1)
+                continue
+            batch.docs.append(doc)
+            batch.images.append(images)
+        return batch
+
+
+def ingest(
+    memory: Memory,
+    sources: Iterable[Document | DocumentError],
+    batch_size: int = 64,
+    progress: bool = True,
+    update_metadata: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> IngestReport:
+    """Encode and store every new document from `sources`; never stops on bad input.
+
+    Documents already in the memory (same content, hence same id) are skipped; with
+    `update_metadata` their metadata is replaced by the incoming one.
+    """
+    report = IngestReport()
+    start = time.perf_counter()
+    encoder = memory.encoder
+    batches: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_BATCHES)
+    with tqdm(desc="ingest", unit="doc", disable=not progress) as bar:
+        producer = _Producer(
+            memory, sources, report, batch_size, update_metadata, max_pixels, batches, bar
+        )
+        producer.start()
+        try:
+            while True:
+                item = batches.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                vectors = encode_documents(encoder, item.docs, item.images)
+                report.added += len(memory.add_encoded(item.docs, vectors))
+                bar.update(len(item.docs))
+        finally:
+            producer.stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    batches.get(timeout=0.1)
+            memory.checkpoint()
+    report.seconds = time.perf_counter() - start
+    log.info(
+        "ingest: %d read, %d added, %d already present, %d errors in %.1fs",
+        report.read,
+        report.added,
+        report.existing,
+        len(report.errors),
+        report.seconds,
+    )
+    return report

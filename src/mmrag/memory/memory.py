@@ -1,0 +1,431 @@
+"""`Memory`: a folder holding a multimodal memory (manifest, SQLite, image blobs, index cache).
+
+Layout::
+
+    MEMORY/manifest.json   encoder name + fingerprint, dimension, index config, count
+    MEMORY/memory.sqlite   documents, metadata, vectors, change log (the source of truth)
+    MEMORY/blobs/          image bytes by SHA-256
+    MEMORY/index.bin       the vector index, a cache rebuilt whenever it cannot be trusted
+    MEMORY/write.lock      held by the one process allowed to write
+
+Any number of processes may read while one writes; readers catch their in-memory index up
+with the store's change log before every search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from mmrag.config import Config, IndexConfig
+from mmrag.documents import Document, Part
+from mmrag.encoders.base import Encoder, EncoderSpec, load_encoder
+from mmrag.memory.blobs import BlobStore, atomic_write
+from mmrag.memory.index import FaissIndex, IndexFileError, load_index, save_index
+from mmrag.memory.store import Filters, NewRow, Row, Store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+DATABASE = "memory.sqlite"
+BLOBS = "blobs"
+INDEX = "index.bin"
+LOCK = "write.lock"
+MANIFEST_FORMAT = 1
+CHECKPOINT_EVERY_S = 60.0
+
+
+class MemoryFolderError(RuntimeError):
+    """The folder is not a usable memory (missing, locked, or built for another encoder)."""
+
+
+class EncoderMismatchError(MemoryFolderError):
+    """The memory's vectors were made by another encoder than the one offered."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest(Config):
+    format: int = MANIFEST_FORMAT
+    encoder: EncoderSpec = dataclasses.field(default_factory=EncoderSpec)
+    fingerprint: str = ""
+    dim: int = 0
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
+    count: int = 0
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredDocument:
+    """A document as the memory holds it; image parts point at their stored blob."""
+
+    id: str
+    seq: int
+    parts: tuple[Part, ...]
+    metadata: dict[str, Any]
+    modality: str
+
+    @property
+    def text(self) -> str:
+        return " ".join(p.text or "" for p in self.parts if p.kind == "text").strip()
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [p.path for p in self.parts if p.kind == "image" and p.path]
+
+    @property
+    def image_path(self) -> str | None:
+        paths = self.image_paths
+        return paths[0] if paths else None
+
+    def to_document(self) -> Document:
+        return Document(parts=self.parts, metadata=dict(self.metadata))
+
+
+class _WriteLock:
+    """An exclusive, non-blocking flock on MEMORY/write.lock, held for the writer's life."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: IO[str] | None = path.open("a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            self._file = None
+            raise MemoryFolderError(
+                f"{path.parent} is open for writing by {holder}; one writer at a time "
+                "(readers may search meanwhile)"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+class Memory:
+    """Documents, vectors and image blobs in a folder. Use `create` or `open`."""
+
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        mode: Literal["r", "a"],
+        encoder: Encoder | None = None,
+    ) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.mode = mode
+        self._encoder = encoder
+        self._lock = threading.RLock()
+        self._write_lock = _WriteLock(root / LOCK) if mode == "a" else None
+        self.store = Store(root / DATABASE, manifest.dim, readonly=mode == "r")
+        self.blobs = BlobStore(root / BLOBS)
+        self._index: FaissIndex | None = None
+        self._generation = -1
+        self._max_seq = 0
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        if mode == "a":
+            self.blobs.collect(self.store.referenced_blobs())  # leftovers of a killed writer
+
+    # --- opening ------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, path: str | Path, encoder: Encoder, spec: EncoderSpec, index: IndexConfig | None = None
+    ) -> Memory:
+        root = Path(path)
+        if (root / MANIFEST).exists():
+            raise MemoryFolderError(f"{root} already holds a memory; open it instead")
+        if spec.name != encoder.name:
+            raise ValueError(f"spec names encoder {spec.name!r} but got {encoder.name!r}")
+        root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        manifest = Manifest(
+            encoder=spec,
+            fingerprint=encoder.fingerprint(),
+            dim=encoder.dim,
+            index=index or IndexConfig(),
+            created=now,
+            updated=now,
+        )
+        atomic_write(root / MANIFEST, (manifest.to_json() + "\n").encode())
+        return cls(root, manifest, "a", encoder)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        mode: Literal["r", "a"] = "r",
+        encoder: Encoder | None = None,
+        index: IndexConfig | None = None,
+    ) -> Memory:
+        """Open an existing memory. An `encoder` given must match the manifest's; an `index`
+        config that differs from the manifest's rebuilds the index (writers only)."""
+        root = Path(path)
+        if not (root / MANIFEST).is_file():
+            raise MemoryFolderError(
+                f"{root} is not an mmrag memory (no {MANIFEST}); create one with `mmrag ingest`"
+            )
+        manifest = Manifest.load(root / MANIFEST)
+        if manifest.format != MANIFEST_FORMAT:
+            raise MemoryFolderError(f"{root}: manifest format {manifest.format} is not supported")
+        if encoder is not None:
+            cls._check_encoder(root, manifest, encoder)
+        memory = cls(root, manifest, mode, encoder)
+        if index is not None and index != manifest.index:
+            if mode != "a":
+                raise MemoryFolderError("changing the index configuration needs write mode")
+            memory.manifest = manifest.replace(index=index)
+            memory._write_manifest()
+        return memory
+
+    @staticmethod
+    def _check_encoder(root: Path, manifest: Manifest, encoder: Encoder) -> None:
+        if encoder.name != manifest.encoder.name or encoder.fingerprint() != manifest.fingerprint:
+            raise EncoderMismatchError(
+                f"{root} was built with encoder {manifest.encoder.name!r} (fingerprint "
+                f"{manifest.fingerprint[:16]}), not {encoder.name!r} "
+                f"({encoder.fingerprint()[:16]}): its vectors would be meaningless. "
+                "Use the original encoder or a new memory."
+            )
+
+    @property
+    def encoder(self) -> Encoder:
+        """The memory's encoder, loaded from the manifest on first use and checked."""
+        if self._encoder is None:
+            encoder = load_encoder(self.manifest.encoder)
+            self._check_encoder(self.root, self.manifest, encoder)
+            self._encoder = encoder
+        return self._encoder
+
+    def close(self) -> None:
+        with self._lock:
+            if self.mode == "a":
+                self.checkpoint()
+                if self._write_lock is not None:
+                    self._write_lock.release()
+            self.store.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the index cache ----------------------------------------------------------------
+    def _sync(self) -> FaissIndex:
+        """Bring the in-memory index up to the store's generation (loading or rebuilding it
+        when needed). Callers hold `self._lock`."""
+        if self._index is None:
+            self._index = self._load_or_rebuild()
+        if self.store.generation() != self._generation:
+            changes = self.store.changes_since(self._generation, self._max_seq)
+            self._index.remove(changes.deleted_seqs)
+            self._index.add(changes.added_seqs, changes.added_vectors)
+            if len(changes.added_seqs):
+                self._max_seq = int(changes.added_seqs.max())
+            self._generation = changes.generation
+            self._dirty = True
+        if self._index.needs_rebuild():
+            self._index = self._rebuild()
+        return self._index
+
+    def _load_or_rebuild(self) -> FaissIndex:
+        path = self.root / INDEX
+        if path.exists():
+            try:
+                index, generation, max_seq = load_index(
+                    path, self.manifest.dim, self.manifest.index
+                )
+            except IndexFileError as e:
+                log.warning("rebuilding the index: %s", e)
+            else:
+                if generation <= self.store.generation():
+                    self._generation, self._max_seq = generation, max_seq
+                    return index
+                log.warning("rebuilding the index: it is newer than the store")
+        return self._rebuild()
+
+    def _rebuild(self) -> FaissIndex:
+        with self.store.transaction(write=False):
+            generation = self.store.generation()
+            chunks = list(self.store.iter_all())
+        ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
+        vecs = (
+            np.concatenate([c[1] for c in chunks])
+            if chunks
+            else np.zeros((0, self.manifest.dim), np.float32)
+        )
+        log.info("building a %s index over %d vectors", self.manifest.index.kind, len(ids))
+        index = FaissIndex.build(self.manifest.dim, self.manifest.index, ids, vecs)
+        self._generation, self._max_seq = generation, int(ids.max()) if len(ids) else 0
+        self._dirty = True
+        return index
+
+    def checkpoint(self) -> None:
+        """Persist the index and the manifest's count (writers only; cheap when clean)."""
+        if self.mode != "a":
+            return
+        with self._lock:
+            index = self._sync()
+            if self._dirty:
+                save_index(self.root / INDEX, index, self._generation, self._max_seq)
+                self._dirty = False
+            self.manifest = self.manifest.replace(count=self.store.count(), updated=time.time())
+            self._write_manifest()
+            self._last_checkpoint = time.monotonic()
+
+    def _write_manifest(self) -> None:
+        atomic_write(self.root / MANIFEST, (self.manifest.to_json() + "\n").encode())
+
+    # --- writes -------------------------------------------------------------------------
+    def _require_writer(self) -> None:
+        if self.mode != "a":
+            raise MemoryFolderError(f"{self.root} is open read-only")
+
+    def add_encoded(self, docs: Sequence[Document], vectors: NDArray[np.float32]) -> list[str]:
+        """Store documents with their precomputed vectors; existing ids are left as they are.
+        Blobs are written before the rows that reference them, so a crash leaves at worst
+        unreferenced blobs (collected when a writer next opens). Returns the ids added."""
+        self._require_writer()
+        if len(docs) != len(vectors):
+            raise ValueError("need one vector per document")
+        rows = []
+        for doc, vec in zip(docs, vectors, strict=True):
+            parts: list[dict[str, str]] = []
+            for p in doc.parts:
+                if p.kind == "text":
+                    parts.append({"text": p.text or ""})
+                else:
+                    parts.append({"image": self.blobs.put(p.sha256 or "", p.image_bytes())})
+            rows.append(
+                NewRow(
+                    doc.id,
+                    parts,
+                    dict(doc.metadata),
+                    doc.modality,
+                    np.asarray(vec, np.float32),
+                    tuple(sorted({p.sha256 or "" for p in doc.images})),
+                )
+            )
+        with self._lock:
+            inserted = self.store.insert(rows)
+            self._sync()
+            if time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S:
+                self.checkpoint()
+        return [id_ for id_, _ in inserted]
+
+    def update_metadata(self, updates: Mapping[str, Mapping[str, Any]]) -> int:
+        self._require_writer()
+        return self.store.update_metadata(updates)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete documents; they are gone from results at once and their blobs collected."""
+        self._require_writer()
+        with self._lock:
+            seqs, orphans = self.store.delete(list(ids))
+            self._sync()
+        for name, path in self.blobs.iter_names():
+            if name in orphans:
+                path.unlink(missing_ok=True)
+        return len(seqs)
+
+    # --- reads --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.store.count()
+
+    def contains(self, ids: Sequence[str]) -> set[str]:
+        return self.store.existing_ids(list(ids))
+
+    def search_vectors(
+        self, queries: NDArray[np.float32], k: int, filters: Filters | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """Top-k (seq, score) per query row, best first, over documents matching `filters`."""
+        queries = np.atleast_2d(np.asarray(queries, np.float32))
+        allowed = self.store.seqs_matching(filters) if filters else None
+        with self._lock:
+            index = self._sync()
+            scores, seqs = index.search(queries, k, allowed)
+        return [
+            [(int(i), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
+            for srow, irow in zip(scores, seqs, strict=True)
+        ]
+
+    def _stored(self, row: Row) -> StoredDocument:
+        parts = tuple(
+            Part.of_text(p["text"])
+            if "text" in p
+            else Part(
+                kind="image",
+                sha256=p["image"].split(".", 1)[0],
+                path=str(self.blobs.resolve(p["image"])),
+            )
+            for p in row.parts
+        )
+        return StoredDocument(row.id, row.seq, parts, row.metadata, row.modality)
+
+    def get_by_seq(self, seqs: Sequence[int]) -> list[StoredDocument | None]:
+        rows = self.store.rows_by_seq(seqs)
+        return [self._stored(rows[s]) if s in rows else None for s in seqs]
+
+    def get(self, ids: Sequence[str]) -> list[StoredDocument | None]:
+        rows = self.store.rows_by_id(ids)
+        return [self._stored(rows[i]) if i in rows else None for i in ids]
+
+    def vectors(self, seqs: Sequence[int]) -> NDArray[np.float32]:
+        return self.store.vectors(seqs)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            index = self._sync()
+        stats = self.store.stats()
+        stats.update(
+            path=str(self.root),
+            encoder={
+                "name": self.manifest.encoder.name,
+                "path": self.manifest.encoder.path,
+                "fingerprint": self.manifest.fingerprint,
+                "dim": self.manifest.dim,
+            },
+            index={
+                "kind": self.manifest.index.kind,
+                "vectors": len(index),
+                "trained_ivf": index.is_ivf,
+                "generation": self._generation,
+            },
+            blob_bytes=self.blobs.total_bytes(),
+            database_bytes=sum(p.stat().st_size for p in self.root.glob(DATABASE + "*")),
+        )
+        return stats
+
+
+def ensure_memory(
+    path: str | Path,
+    spec: EncoderSpec,
+    index: IndexConfig | None = None,
+    encoder: Encoder | None = None,
+) -> Memory:
+    """Open MEMORY for writing, creating it with `spec` if it does not exist yet."""
+    root = Path(path)
+    encoder = encoder or load_encoder(spec)
+    if (root / MANIFEST).exists():
+        return Memory.open(root, mode="a", encoder=encoder, index=index)
+    return Memory.create(root, encoder, spec, index)
