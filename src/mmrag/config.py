@@ -77,7 +77,9 @@ class Config:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _check_type(f"{type(self).__name__}.{f.name}", getattr(self, f.name), hints[f.name])
+            value = _check_type(
+                f"{type(self).__name__}.{f.name}", getattr(self, f.name), hints[f.name]
+            )
             object.__setattr__(self, f.name, value)
         self.validate()
 
@@ -100,7 +102,9 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(names)}")
+            raise ConfigError(
+                f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(names)}"
+            )
         return cls(**data)
 
     def to_json(self) -> str:

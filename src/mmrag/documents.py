@@ -167,7 +167,9 @@ def _read_file(path: str | Path) -> bytes:
         raise DocumentError(f"cannot read image file: {e.strerror or e}", file=str(path)) from e
 
 
-def decode_image(data: bytes, source: str | None = None, max_pixels: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, source: str | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Decode bytes to an RGB image, flattening transparency onto white.
 
     Raises DocumentError naming `source` for corrupt, truncated or oversized images.
@@ -228,10 +230,15 @@ def document_from_json(obj: Any, base: Path, file: str = "<jsonl>", line: int = 
     unknown = sorted(set(obj) - JSONL_KEYS)
     if unknown:
         raise DocumentError(
-            f"unknown keys {unknown}; allowed: {sorted(JSONL_KEYS)}", file=file, line=line, field=unknown[0]
+            f"unknown keys {unknown}; allowed: {sorted(JSONL_KEYS)}",
+            file=file,
+            line=line,
+            field=unknown[0],
         )
     if "parts" in obj and ("text" in obj or "image" in obj):
-        raise DocumentError("use either 'parts' or 'text'/'image'", file=file, line=line, field="parts")
+        raise DocumentError(
+            "use either 'parts' or 'text'/'image'", file=file, line=line, field="parts"
+        )
     raw_parts: Any
     if "parts" in obj:
         raw_parts = obj["parts"]

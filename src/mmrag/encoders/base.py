@@ -75,7 +75,9 @@ def _load_hf_clip(spec: EncoderSpec) -> Encoder:
     from mmrag.encoders.hf_clip import HFClipEncoder
 
     if spec.path is None:
-        raise ConfigError("the hf_clip encoder needs --encoder-path: a local CLIP checkpoint folder")
+        raise ConfigError(
+            "the hf_clip encoder needs --encoder-path: a local CLIP checkpoint folder"
+        )
     return HFClipEncoder.from_pretrained(spec.path, device=spec.device, batch_size=spec.batch_size)
 
 
