@@ -146,8 +146,8 @@ class IndexConfig(Config):
 
     kind: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 64
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
     ivf_nlist: int | None = None  # None: about 4 * sqrt(N), at least 1
     ivf_nprobe: int = 8
     # Tombstones tolerated (as a fraction of the index) before an index that cannot delete

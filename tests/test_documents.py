@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import png_bytes
+
+from mmrag.documents import (
+    Document,
+    DocumentError,
+    Part,
+    decode_image,
+    document_from_json,
+    document_to_json,
+    iter_jsonl,
+)
+
+
+def test_id_hashes_content_not_metadata_or_source() -> None:
+    a = Document.of(text="a cat", image=png_bytes((1, 2, 3)), metadata={"x": 1})
+    b = Document.of(text="a cat", image=png_bytes((1, 2, 3)), metadata={"x": 2})
+    c = Document.of(text="a cat", image=png_bytes((1, 2, 4)))
+    assert a.id == b.id
+    assert a.id != c.id
+    assert len(a.id) == 32
+    assert Document.of(text="a cat").id != Document.of(text="a dog").id
+
+
+def test_part_order_matters_and_modality() -> None:
+    img = Part.of_image(data=png_bytes((9, 9, 9)))
+    text = Part.of_text("hello")
+    assert Document(parts=(img, text)).id != Document(parts=(text, img)).id
+    assert Document(parts=(img, text)).modality == "mixed"
+    assert Document(parts=(text,)).modality == "text"
+    assert Document(parts=(img,)).modality == "image"
+
+
+def test_invalid_parts_and_metadata() -> None:
+    with pytest.raises(DocumentError, match="at least one part"):
+        Document(parts=())
+    with pytest.raises(DocumentError, match="JSON"):
+        Document(parts=(Part.of_text("x"),), metadata={"bad": object()})
+    with pytest.raises(DocumentError, match="bytes or a path"):
+        Part(kind="image")
+    with pytest.raises(DocumentError, match="do not match"):
+        Part(kind="image", data=b"abc", sha256="0" * 64)
+
+
+def test_jsonl_round_trip_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(png_bytes((200, 10, 10)))
+    lines = [
+        json.dumps({"parts": [{"image": "images/a.png"}, {"text": "red"}], "metadata": {"k": 1}}),
+        "{not json",
+        json.dumps({"text": "caption only", "colour": "x"}),
+        json.dumps({"image": "images/missing.png"}),
+        json.dumps({"parts": [{"image": "../missing-too.png"}]}),
+        "",
+        json.dumps({"text": "short form", "image": "images/a.png"}),
+        json.dumps({"parts": [{"video": "x.mp4"}]}),
+    ]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = list(iter_jsonl(path))
+    assert len(items) == 7  # the blank line is skipped
+    good = [i for i in items if isinstance(i, Document)]
+    bad = [i for i in items if isinstance(i, DocumentError)]
+    assert [d.text for d in good] == ["red", "short form"]
+    assert good[0].metadata == {"k": 1}
+    assert good[1].parts[0].kind == "image"  # short form: image first, then its caption
+    assert [(e.line, e.field) for e in bad] == [
+        (2, ""),
+        (3, "colour"),
+        (4, "parts[0].image"),
+        (5, "parts[0].image"),
+        (8, "parts[0]"),
+    ]
+    assert all(e.file == str(path) for e in bad)
+    assert "malformed JSON" in str(bad[0]) and f"{path}:2" in str(bad[0])
+    assert "cannot read image file" in str(bad[2])
+    back = document_from_json(document_to_json(good[0]), Path("/"))
+    assert back.id == good[0].id
+
+
+def test_jsonl_invalid_utf8_line_is_reported_and_reading_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n\xff\xfe bad\n{"text": "after"}\n')
+    items = list(iter_jsonl(path))
+    assert isinstance(items[1], DocumentError) and items[1].line == 2
+    assert [i.text for i in items if isinstance(i, Document)] == ["ok", "after"]
+
+
+def test_decode_image_flattens_alpha_and_rejects_bad_bytes() -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(buf, format="PNG")
+    img = decode_image(buf.getvalue())
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
+    data = png_bytes((10, 20, 30), size=64)
+    with pytest.raises(DocumentError, match="unreadable image"):
+        decode_image(data[: len(data) // 2], source="half.png")
+    with pytest.raises(DocumentError, match="unreadable image"):
+        decode_image(b"definitely not an image", source="x.png")
+    with pytest.raises(DocumentError, match="pixel limit"):
+        decode_image(data, max_pixels=100)
