@@ -186,8 +186,8 @@ def test_parquet_rows(tmp_path: Path) -> None:
 def test_table_custom_columns_and_missing_columns(tmp_path: Path) -> None:
     write_images(tmp_path)
     path = tmp_path / "t.csv"
-    path.write_text("file,alt\nimgs/r.png,red\n", encoding="utf-8")
-    (doc,) = list(read_source(path, image_column="file", text_column="alt"))
+    path.write_text(f"file,alt\n{tmp_path / 'imgs' / 'r.png'},red\n", encoding="utf-8")
+    (doc,) = list(read_source(path, image_column="file", text_column="alt"))  # absolute path
     assert isinstance(doc, Document)
     assert doc.text == "red"
     assert dict(doc.metadata) == {}

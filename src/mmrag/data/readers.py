@@ -13,7 +13,7 @@ import json
 import math
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from mmrag.documents import Document, DocumentError, JSONValue, Part, iter_jsonl
@@ -219,16 +219,8 @@ def _row_document(
 ) -> Document:
     image, text = _cell(row, image_col, file, line), _cell(row, text_col, file, line)
     parts: list[Part] = []
-    if image is not None:
-        rel = PurePosixPath(image.replace("\\", "/"))
-        if rel.is_absolute() or ".." in rel.parts:
-            raise DocumentError(
-                "image paths are relative to the table's folder and stay inside it",
-                file=file,
-                line=line,
-                field=image_col,
-            )
-        parts.append(_image_part(base / rel, file, line, image_col))
+    if image is not None:  # relative to the table's folder, like JSONL image paths
+        parts.append(_image_part(base / Path(image), file, line, image_col))
     if text is not None:
         parts.append(Part.of_text(text))
     if not parts:
@@ -245,10 +237,10 @@ def _row_document(
 def read_table(
     path: str | Path, image_column: str = "image", text_column: str | None = None
 ) -> Iterator[ReadResult]:
-    """One document per CSV / Parquet row: an image path (relative to the table's folder)
-    and a caption. The caption column defaults to "text", falling back to "caption"; every
-    other column becomes metadata. For CSV the error's line is the file line (header = 1);
-    for Parquet it is the row number counting from 1.
+    """One document per CSV / Parquet row: an image path (relative to the table's folder,
+    or absolute) and a caption. The caption column defaults to "text", falling back to
+    "caption"; every other column becomes metadata. For CSV the error's line is the file
+    line (header = 1); for Parquet it is the row number counting from 1.
     """
     path = Path(path)
     file = str(path)
