@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import png_bytes
 
+from conftest import png_bytes
 from mmrag.documents import (
     Document,
     DocumentError,

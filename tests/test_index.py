@@ -27,7 +27,9 @@ def clustered(n: int, dim: int = DIM, clusters: int = 50, seed: int = 0) -> np.n
 
 
 def recall(truth: np.ndarray, found: np.ndarray) -> float:
-    return float(np.mean([len(set(t) & set(f)) / len(t) for t, f in zip(truth, found, strict=True)]))
+    return float(
+        np.mean([len(set(t) & set(f)) / len(t) for t, f in zip(truth, found, strict=True)])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,9 @@ def test_approximate_indexes_meet_recall(
     assert recall(truth, found) >= 0.95
 
 
-def test_hnsw_tombstones_and_rebuild_signal(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def test_hnsw_tombstones_and_rebuild_signal(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
     ids, x, q = data
     index = FaissIndex.build(DIM, IndexConfig(kind="hnsw", max_tombstone_fraction=0.2), ids, x)
     _, before = index.search(q[:1], 1)

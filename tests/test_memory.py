@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import png_bytes
 
+from conftest import png_bytes
 from mmrag.config import IndexConfig
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
@@ -27,7 +27,10 @@ def test_create_ingest_search_reopen(hashing_memory: Memory, color_docs: list[Do
     (top_seq, top_score), *_ = hashing_memory.search_vectors(query, 3)[0]
     doc = hashing_memory.get_by_seq([top_seq])[0]
     assert doc is not None and doc.metadata["color"] == "red"
-    assert doc.image_path is not None and Path(doc.image_path).read_bytes() == color_docs[0].images[0].data
+    assert (
+        doc.image_path is not None
+        and Path(doc.image_path).read_bytes() == color_docs[0].images[0].data
+    )
     root = hashing_memory.root
     hashing_memory.close()
     with Memory.open(root) as reader:
@@ -36,7 +39,9 @@ def test_create_ingest_search_reopen(hashing_memory: Memory, color_docs: list[Do
         assert reader.manifest.count == len(color_docs)
 
 
-def test_reingest_is_a_noop_and_metadata_update(hashing_memory: Memory, color_docs: list[Document]) -> None:
+def test_reingest_is_a_noop_and_metadata_update(
+    hashing_memory: Memory, color_docs: list[Document]
+) -> None:
     ingest(hashing_memory, color_docs, progress=False)
     generation = hashing_memory.store.generation()
     again = ingest(hashing_memory, color_docs, progress=False)
@@ -57,7 +62,13 @@ def test_delete_is_immediate_and_collects_blobs(
     blob = Path(hashing_memory.get([color_docs[0].id])[0].image_path)  # type: ignore[union-attr,arg-type]
     query = hashing_memory.encoder.encode_text(["a red square"])
     assert hashing_memory.delete([color_docs[0].id, "unknown"]) == 1
-    ids = [d.id for d in hashing_memory.get_by_seq([s for s, _ in hashing_memory.search_vectors(query, 10)[0]]) if d]
+    ids = [
+        d.id
+        for d in hashing_memory.get_by_seq(
+            [s for s, _ in hashing_memory.search_vectors(query, 10)[0]]
+        )
+        if d
+    ]
     assert color_docs[0].id not in ids
     assert blob.exists()  # still used by `shared`
     hashing_memory.delete([shared.id])
@@ -65,7 +76,9 @@ def test_delete_is_immediate_and_collects_blobs(
     assert len(hashing_memory) == len(color_docs) - 1
 
 
-def test_encoder_mismatch_is_a_clear_error(hashing_memory: Memory, color_docs: list[Document]) -> None:
+def test_encoder_mismatch_is_a_clear_error(
+    hashing_memory: Memory, color_docs: list[Document]
+) -> None:
     ingest(hashing_memory, color_docs[:2], progress=False)
     root = hashing_memory.root
     hashing_memory.close()
@@ -73,12 +86,17 @@ def test_encoder_mismatch_is_a_clear_error(hashing_memory: Memory, color_docs: l
         Memory.open(root, encoder=HashingEncoder(dim=32))
 
 
-def test_not_a_memory_and_readonly_and_single_writer(tmp_path: Path, hashing_memory: Memory) -> None:
+def test_not_a_memory_and_readonly_and_single_writer(
+    tmp_path: Path, hashing_memory: Memory
+) -> None:
     with pytest.raises(MemoryFolderError, match="not an mmrag memory"):
         Memory.open(tmp_path / "nothing")
     with pytest.raises(MemoryFolderError, match="open for writing"):
         Memory.open(hashing_memory.root, mode="a")
-    with Memory.open(hashing_memory.root) as reader, pytest.raises(MemoryFolderError, match="read-only"):
+    with (
+        Memory.open(hashing_memory.root) as reader,
+        pytest.raises(MemoryFolderError, match="read-only"),
+    ):
         reader.delete(["x"])
 
 
@@ -132,7 +150,10 @@ def test_filtered_search_and_stats(hashing_memory: Memory, color_docs: list[Docu
 
 
 def test_search_vectors_matches_brute_force(hashing_memory: Memory) -> None:
-    docs = [Document.of(text=f"doc number {i}", image=png_bytes((i, 255 - i, 7), pattern=i)) for i in range(60)]
+    docs = [
+        Document.of(text=f"doc number {i}", image=png_bytes((i, 255 - i, 7), pattern=i))
+        for i in range(60)
+    ]
     ingest(hashing_memory, docs, progress=False, batch_size=7)
     seqs = [s for s, _ in hashing_memory.search_vectors(np.ones((1, 64), np.float32), 60)[0]]
     vecs = hashing_memory.vectors(seqs)

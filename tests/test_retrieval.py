@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import png_bytes
 
+from conftest import png_bytes
 from mmrag.config import RetrieverConfig
 from mmrag.documents import Document
 from mmrag.memory.ingest import ingest
@@ -34,7 +34,9 @@ def test_drop_query_tokens_is_seeded_and_keeps_a_word() -> None:
 @pytest.fixture
 def filled(hashing_memory: Memory, color_docs: list[Document]) -> Memory:
     near_copies = [
-        Document.of(text="a red square", image=png_bytes((230, 20, 20), pattern=p), metadata={"copy": p})
+        Document.of(
+            text="a red square", image=png_bytes((230, 20, 20), pattern=p), metadata={"copy": p}
+        )
         for p in (1, 2, 3)
     ]
     ingest(hashing_memory, [*color_docs, *near_copies], progress=False)
@@ -64,13 +66,18 @@ def test_exclusion_cap_filters_and_diversity(filled: Memory, color_docs: list[Do
     assert red.id in [r.id for r in base]
     excluded = retriever.search(text="a red square", k=4, exclude_ids=[red.id])
     assert red.id not in [r.id for r in excluded] and len(excluded) == 4
-    capped = retriever.search(text="a red square", image=red.images[0].data, k=4,
-                              config=RetrieverConfig(relevance_cap=0.999))
+    capped = retriever.search(
+        text="a red square",
+        image=red.images[0].data,
+        k=4,
+        config=RetrieverConfig(relevance_cap=0.999),
+    )
     assert red.id not in [r.id for r in capped]  # the exact copy of the query is skipped
     filtered = retriever.search(text="a red square", k=5, filters={"color": ["green", "blue"]})
     assert {r.metadata["color"] for r in filtered} == {"green", "blue"}
-    diverse = retriever.search(text="a red square", k=3,
-                               config=RetrieverConfig(redundancy_threshold=0.9))
+    diverse = retriever.search(
+        text="a red square", k=3, config=RetrieverConfig(redundancy_threshold=0.9)
+    )
     vecs = filled.vectors([filled.get([r.id])[0].seq for r in diverse])  # type: ignore[union-attr]
     sims = vecs @ vecs.T
     assert (sims[~np.eye(len(vecs), dtype=bool)] <= 0.9 + 1e-6).all()

@@ -17,12 +17,14 @@ def row(i: int, meta: dict, modality: str = "text", blobs: tuple[str, ...] = ())
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     s = Store(tmp_path / "m.sqlite", dim=4)
-    s.insert([
-        row(0, {"color": "red", "n": 1, "flag": True}, "mixed", ("a",)),
-        row(1, {"color": "blue", "n": 2}, "text"),
-        row(2, {"color": "red", "n": 3}, "image", ("a", "b")),
-        row(3, {"n": 4}, "text"),
-    ])
+    s.insert(
+        [
+            row(0, {"color": "red", "n": 1, "flag": True}, "mixed", ("a",)),
+            row(1, {"color": "blue", "n": 2}, "text"),
+            row(2, {"color": "red", "n": 3}, "image", ("a", "b")),
+            row(3, {"n": 4}, "text"),
+        ]
+    )
     return s
 
 

@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image
-
 log = logging.getLogger(__name__)
 
-FORMAT_EXTENSIONS = {
-    "PNG": "png",
-    "JPEG": "jpg",
-    "GIF": "gif",
-    "WEBP": "webp",
-    "BMP": "bmp",
-    "TIFF": "tif",
-}
+# Magic numbers of the formats we store, checked in order; anything else is ".img".
+MAGIC_EXTENSIONS = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+)
 
 
 def image_extension(data: bytes) -> str:
-    """The file extension for encoded image bytes (by their format, not their file name)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return FORMAT_EXTENSIONS.get(img.format or "", "img")
-    except Exception:  # the ingest has already decoded it; this only names the file
-        return "img"
+    """The file extension for encoded image bytes, from their magic number (not a name)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, ext in MAGIC_EXTENSIONS:
+        if data.startswith(magic):
+            return ext
+    return "img"
 
 
 def atomic_write(path: Path, data: bytes) -> None:

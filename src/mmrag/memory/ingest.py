@@ -159,6 +159,8 @@ class _Producer(threading.Thread):
                 _error(self.report, e, doc)
                 self.bar.update(1)
                 continue
+            for part in doc.images:  # written here to overlap the encoder; orphans of a
+                self.memory.blobs.put(part.sha256 or "", part.image_bytes())  # crash are collected
             batch.docs.append(doc)
             batch.images.append(images)
         return batch
