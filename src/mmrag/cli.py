@@ -55,9 +55,14 @@ def _print_results(results: Sequence[Any]) -> None:
 
 
 def _encoder_spec(args: argparse.Namespace) -> Any:
+    """The encoder asked for, or None: a new memory then gets `lite`, an existing one keeps
+    the encoder named in its manifest."""
     from mmrag.encoders.base import EncoderSpec
 
-    return EncoderSpec(name=args.encoder, path=args.encoder_path, batch_size=args.batch_size)
+    if args.encoder is None and args.encoder_path is None:
+        return None
+    name = args.encoder or "lite"
+    return EncoderSpec(name=name, path=args.encoder_path, batch_size=args.batch_size)
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def _add_memory_writer_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--encoder",
-        default="lite",
+        default=None,
         choices=sorted(ENCODERS),
         help="encoder for a new memory (default: lite, the offline dual encoder); "
         "an existing memory keeps the one in its manifest and refuses another",

@@ -419,13 +419,17 @@ class Memory:
 
 def ensure_memory(
     path: str | Path,
-    spec: EncoderSpec,
+    spec: EncoderSpec | None = None,
     index: IndexConfig | None = None,
     encoder: Encoder | None = None,
 ) -> Memory:
-    """Open MEMORY for writing, creating it with `spec` if it does not exist yet."""
+    """Open MEMORY for writing, creating it if it does not exist yet (with `spec`, by default
+    the `lite` encoder). An existing memory keeps its own encoder; a `spec` or `encoder`
+    given for it must match the manifest."""
     root = Path(path)
-    encoder = encoder or load_encoder(spec)
     if (root / MANIFEST).exists():
+        if encoder is None and spec is not None:
+            encoder = load_encoder(spec)
         return Memory.open(root, mode="a", encoder=encoder, index=index)
-    return Memory.create(root, encoder, spec, index)
+    spec = spec or EncoderSpec()
+    return Memory.create(root, encoder or load_encoder(spec), spec, index)
