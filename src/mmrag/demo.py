@@ -58,11 +58,11 @@ class Section:
 def _thumbnail(path: str | None) -> str:
     if path is None:
         return ""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        img.thumbnail((THUMB, THUMB))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
+    with Image.open(path) as src:
+        img = src.convert("RGB")
+    img.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
