@@ -1,0 +1,51 @@
+# The two set-up commands (see README): `make demo` runs the offline demo, `make test` the
+# checks and tests. Each creates .venv, installs torch first (the local CPU wheel: an
+# unpinned torch would pull gigabytes of CUDA), then the locked packages and mmrag, then
+# the Debian packages the data sets need, and then does its job.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmrag-installed
+TORCH := torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBS := fonts-noto-color-emoji dataset-fashion-mnist
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test install debs lint lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+debs:
+	@if [ ! -f $(EMOJI_FONT) ] || [ ! -f $(FASHION) ]; then \
+		echo "installing Debian packages: $(DEBS)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBS); \
+	fi
+
+demo: $(STAMP) debs
+	$(VENV)/bin/mmrag demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(STAMP) debs lint
+	$(VENV)/bin/pytest
+
+lock: $(STAMP)
+	( head -n 2 requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v -E '^(torch|mmrag)==' ) > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache
