@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmrag.documents import Document, JSONValue, Part, document_to_json
+from mmrag.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +38,6 @@ class DatasetSummary:
 
 
 # --- writing helpers ---------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write to a temporary file beside `path`, fsync it (unless told not to), rename over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -100,7 +83,7 @@ class DatasetWriter:
         if not target.is_file() or target.read_bytes() != data:
             # No fsync per image (thousands of them): the JSONL, written last with fsync,
             # is what makes a build visible.
-            _atomic_write(target, data, fsync=False)
+            atomic_write(target, data, fsync=False)
         self._written.add(filename)
         doc = Document(parts=(Part.of_image(data=data), Part.of_text(caption)), metadata=metadata)
         relative = f"{IMAGES_DIR}/{filename}"
@@ -114,7 +97,7 @@ class DatasetWriter:
     def close(self) -> DatasetSummary:
         """Write the JSONL atomically, then remove images the new JSONL no longer lists."""
         text = "".join(line + "\n" for line in self._lines)
-        _atomic_write(self.out / DOCUMENTS_FILE, text.encode("utf-8"))
+        atomic_write(self.out / DOCUMENTS_FILE, text.encode("utf-8"))
         stale = sorted(p for p in self.images.glob("*.png") if p.name not in self._written)
         for p in stale:
             p.unlink()

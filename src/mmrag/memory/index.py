@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mmrag.config import IndexConfig
-from mmrag.memory.blobs import atomic_write
+from mmrag.fileio import atomic_write
 
 MAGIC = b"MMRAGIDX"
 FORMAT_VERSION = 1

@@ -30,7 +30,8 @@ from numpy.typing import NDArray
 from mmrag.config import Config, IndexConfig
 from mmrag.documents import Document, Part
 from mmrag.encoders.base import Encoder, EncoderSpec, load_encoder
-from mmrag.memory.blobs import BlobStore, atomic_write
+from mmrag.fileio import atomic_write
+from mmrag.memory.blobs import BlobStore
 from mmrag.memory.index import FaissIndex, IndexFileError, load_index, save_index
 from mmrag.memory.store import Filters, NewRow, Row, Store
 
