@@ -150,3 +150,32 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: mmrag " + command in capsys.readouterr().out
+
+
+def test_ingest_table_with_custom_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes((200, 0, 0)))
+    (tmp_path / "t.csv").write_text(
+        "picture,label,shop\na.png,a red thing,north\n", encoding="utf-8"
+    )
+    mem = tmp_path / "mem"
+    args = [
+        "ingest",
+        str(mem),
+        str(tmp_path / "t.csv"),
+        "--encoder",
+        "hashing",
+        "--json",
+        "--image-column",
+        "picture",
+        "--text-column",
+        "label",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 1
+    assert main(["search", str(mem), "--text", "a red thing", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["text"] == "a red thing" and result["metadata"]["shop"] == "north"
+    assert result["image"] is not None

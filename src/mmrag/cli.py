@@ -78,8 +78,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_all(sources: Sequence[str], image_column: str | None, text_column: str | None) -> Any:
+    """Chain the sources; column names apply to the CSV / Parquet tables among them."""
+    from mmrag.data.readers import read_source
+
+    options = {k: v for k, v in (("image_column", image_column), ("text_column", text_column)) if v}
+    for source in sources:
+        is_table = source.lower().endswith((".csv", ".parquet"))
+        yield from read_source(source, **(options if is_table else {}))
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from mmrag.data.readers import read_sources
     from mmrag.memory.ingest import ingest
     from mmrag.memory.memory import ensure_memory
 
@@ -87,7 +96,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with ensure_memory(args.memory, _encoder_spec(args), index) as memory:
         report = ingest(
             memory,
-            read_sources(args.sources),
+            _read_all(args.sources, args.image_column, args.text_column),
             batch_size=args.batch_size,
             progress=not args.no_progress,
             update_metadata=args.update_metadata,
@@ -243,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="vector index kind (default: flat, exact; an existing memory switches "
         "and rebuilds when this differs)",
+    )
+    p.add_argument(
+        "--image-column",
+        default=None,
+        help="CSV/Parquet column holding image paths (default: image)",
+    )
+    p.add_argument(
+        "--text-column",
+        default=None,
+        help="CSV/Parquet column holding captions (default: text, else caption)",
     )
     p.add_argument(
         "--update-metadata",
