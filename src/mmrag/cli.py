@@ -194,6 +194,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mmrag.server.config import ServerConfig
+    from mmrag.server.run import serve
+
+    config = ServerConfig.load(args.config) if args.config else ServerConfig()
+    if args.open_reads is not None:
+        config = config.replace(open_reads=args.open_reads)
+    serve(
+        args.memory,
+        host=args.host,
+        port=args.port,
+        token_file=args.token_file,
+        config=config,
+        encoder=_encoder_spec(args),
+        access_log=not args.no_access_log,
+    )
+    return EXIT_OK
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -333,6 +352,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached memory")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = add("serve", cmd_serve, "serve MEMORY over HTTP: JSON API (/openapi.json) and web page (/)")
+    p.add_argument("memory", help="memory folder (with a token, created if missing)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the bearer token that enables writes (default: $MMRAG_TOKEN; "
+        "with neither, the memory is served read-only)",
+    )
+    reads = p.add_mutually_exclusive_group()
+    reads.add_argument(
+        "--open-reads",
+        dest="open_reads",
+        action="store_true",
+        default=None,
+        help="anyone who can reach the port may search and read (default)",
+    )
+    reads.add_argument(
+        "--closed-reads", dest="open_reads", action="store_false", help="reads need the token too"
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="ServerConfig JSON: upload, pixel, k and batch limits, worker threads",
+    )
+    _add_memory_writer_options(p)
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     return parser
 
 

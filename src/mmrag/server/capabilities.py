@@ -1,0 +1,106 @@
+"""What the generation endpoints call: small Protocols, and which ones a server has.
+
+RA-CM3 (caption → image, image → caption) and FROMAGe / GILL (chat with retrieved and
+generated images) are not built yet. Their endpoints exist with their final request and
+response schemas and answer 501 until an implementation is wired in, e.g.::
+
+    create_app(path, capabilities=lambda memory, retriever: Capabilities(
+        image_generator=RACM3Images(model, retriever)))
+
+Each implementation does its own retrieval (it owns the strategy: RA-CM3 section 3.2,
+FROMAGe's [RET]) and returns the documents it used, so every output carries its evidence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
+
+from PIL import Image
+
+from mmrag.memory.memory import Memory
+from mmrag.memory.store import Filters
+from mmrag.retrieval import Retriever, SearchResult
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    k: int  # documents to retrieve as evidence (0: none)
+    filters: Filters | None = None
+    seed: int | None = None
+    max_tokens: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeneration:
+    image: Image.Image
+    evidence: Sequence[SearchResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class Caption:
+    text: str
+    evidence: Sequence[SearchResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTurn:
+    role: Literal["user", "assistant"]
+    parts: Sequence[str | Image.Image]
+
+
+# A reply part: text, a generated image, or a document retrieved from the memory (shown
+# by its image, FROMAGe's [RET]).
+ChatPart = str | Image.Image | SearchResult
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatReply:
+    parts: Sequence[ChatPart]
+    evidence: Sequence[SearchResult]
+
+
+class ImageGenerator(Protocol):
+    def generate_image(self, prompt: str, options: GenerationOptions) -> ImageGeneration: ...
+
+
+class Captioner(Protocol):
+    def caption(self, image: Image.Image, options: GenerationOptions) -> Caption: ...
+
+
+class ChatModel(Protocol):
+    def chat(self, turns: Sequence[ChatTurn], options: GenerationOptions) -> ChatReply: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """The generation backends a server has; None answers 501 with `MISSING[name]`."""
+
+    image_generator: ImageGenerator | None = None
+    captioner: Captioner | None = None
+    chat: ChatModel | None = None
+
+    def available(self) -> dict[str, bool]:
+        return {
+            "image_generation": self.image_generator is not None,
+            "captioning": self.captioner is not None,
+            "chat": self.chat is not None,
+        }
+
+
+# Built once the server has opened its memory, so implementations share its retriever.
+CapabilitiesFactory = Callable[[Memory, Retriever], Capabilities]
+
+MISSING = {
+    "image_generation": "image generation is not available: the RA-CM3 generator "
+    "(caption → image) is not part of this mmrag build yet. This endpoint's request and "
+    "response schemas are final; it answers 501 until a generator is configured.",
+    "captioning": "captioning is not available: the RA-CM3 generator (image → caption) is "
+    "not part of this mmrag build yet. This endpoint's request and response schemas are "
+    "final; it answers 501 until a captioner is configured.",
+    "chat": "chat is not available: the FROMAGe / GILL adapters (a frozen language model "
+    "with retrieved and generated images) are not part of this mmrag build yet. This "
+    "endpoint's request and response schemas are final; it answers 501 until a chat model "
+    "is configured.",
+}

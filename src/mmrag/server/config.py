@@ -1,0 +1,51 @@
+"""`ServerConfig`: the service's limits and access rules (the token itself is never config)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmrag.config import Config, ConfigError
+
+MB = 1024 * 1024
+HARD_MAX_K = 100  # the schema's bound; a config may only lower it
+HARD_MAX_BATCH = 1000
+HARD_MAX_TEXT_CHARS = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig(Config):
+    """Limits on what one request may ask for, and whether reads need the token."""
+
+    # One uploaded image, in encoded bytes (multipart file or decoded base64).
+    max_upload_bytes: int = 10 * MB
+    # One request body that may carry many images (POST /documents, POST /chat).
+    max_request_bytes: int = 64 * MB
+    # Decoded image size; larger images (and decompression bombs) are refused unread.
+    max_pixels: int = 40_000_000
+    max_k: int = HARD_MAX_K
+    max_batch_documents: int = 256
+    max_text_chars: int = 20_000
+    # Reads (search, stats, images, generation) are open to anyone who can reach the port;
+    # False makes them require the bearer token too.
+    open_reads: bool = True
+    # Threads that run library calls. Fixed, so the memory's per-thread SQLite connections
+    # stay bounded (a pool whose idle threads exit would leak one connection per thread).
+    worker_threads: int = 8
+    thumbnail_cache: int = 512
+
+    def validate(self) -> None:
+        for name in ("max_upload_bytes", "max_pixels", "max_batch_documents", "max_text_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServerConfig: {name} must be >= 1")
+        if self.max_request_bytes < self.max_upload_bytes:
+            raise ConfigError("ServerConfig: max_request_bytes must be >= max_upload_bytes")
+        if not 1 <= self.max_k <= HARD_MAX_K:
+            raise ConfigError(f"ServerConfig: max_k must be in [1, {HARD_MAX_K}]")
+        if self.max_batch_documents > HARD_MAX_BATCH:
+            raise ConfigError(f"ServerConfig: max_batch_documents must be <= {HARD_MAX_BATCH}")
+        if self.max_text_chars > HARD_MAX_TEXT_CHARS:
+            raise ConfigError(f"ServerConfig: max_text_chars must be <= {HARD_MAX_TEXT_CHARS}")
+        if not 1 <= self.worker_threads <= 64:
+            raise ConfigError("ServerConfig: worker_threads must be in [1, 64]")
+        if self.thumbnail_cache < 0:
+            raise ConfigError("ServerConfig: thumbnail_cache must be >= 0")
