@@ -1,0 +1,108 @@
+"""The benchmarks cannot rot: their quick modes run in-process and write sane result JSON."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[dict[str, ModuleType]]:
+    """The two scripts, imported as modules (they import `machine` from their folder)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        yield {name: importlib.import_module(name) for name in ("bench_ingest", "bench_search")}
+
+
+def _machine_ok(result: dict[str, Any]) -> None:
+    machine = result["machine"]
+    assert machine["cores"] >= 1
+    assert machine["cpu_model"]
+    assert machine["versions"]["numpy"]
+    assert machine["versions"]["faiss-cpu"]
+    assert machine["date"].startswith("20")
+    quiet = result["quiet"]
+    assert len(quiet["load_before"]) == 3
+    assert quiet["other_cpu_fraction"] >= 0.0
+
+
+@pytest.mark.parametrize("name", ["bench_ingest", "bench_search"])
+def test_help_explains_options(
+    bench: dict[str, ModuleType], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench[name].main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out
+    assert "--out" in out
+
+
+def test_ingest_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    out = tmp_path / "ingest.json"
+    assert bench["bench_ingest"].main(["--quick", "--out", str(out), "--work", str(tmp_path)]) == 0
+    result = json.loads(out.read_text())
+    _machine_ok(result)
+    config = result["config"]
+    assert config["quick"] is True
+    assert config["encoder"] == "hashing"
+    n = config["n_docs"]
+    assert n > config["batch_size"]  # several batches
+    assert result["pipeline"]["added"] == n
+    for side in ("model", "pipeline"):
+        assert result[side]["docs_per_s"] > 0
+        assert len(result[side]["seconds"]) == config["repeats"]
+    ratio = result["ratio"]
+    best = min(result["pipeline"]["seconds"]) / min(result["model"]["seconds"])
+    assert ratio["pipeline_time_over_model_time"] == pytest.approx(best, rel=1e-2)
+    assert ratio["overhead"] == pytest.approx(ratio["pipeline_time_over_model_time"] - 1, abs=1e-3)
+    assert ratio["pass"] == (ratio["overhead"] < ratio["goal_max_overhead"])
+    stages = result["stages"]["seconds"]
+    assert {"read_parse_hash", "decode", "blob_writes_fsync", "store_and_index"} <= set(stages)
+    assert all(v >= 0 for v in stages.values())
+
+
+def _row(size: dict[str, Any], index: str) -> list[dict[str, Any]]:
+    return [r for r in size["results"] if r["index"] == index]
+
+
+def test_search_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    out = tmp_path / "search.json"
+    argv = ["--quick", "--out", str(out), "--work", str(tmp_path)]
+    assert bench["bench_search"].main(argv) == 0
+    result = json.loads(out.read_text())
+    _machine_ok(result)
+    bounds = result["bounds"]
+    assert bounds["read_gbps_1_thread"] > 0
+    assert all(v > 0 for v in bounds["sgemm_gflops"].values())
+    sizes = result["sizes"]
+    assert [s["data"]["kind"] for s in sizes] == ["real", "synthetic"]
+    for size in sizes:
+        assert size["dim"] == result["config"]["dim"]
+        for row in size["results"]:
+            assert 0.0 <= row["recall_at_10"] <= 1.0
+            assert row["batched"]["qps"] > 0
+            assert row["single"]["qps"] > 0
+            assert 0 < row["single"]["p50_ms"] <= row["single"]["p99_ms"]
+            assert row["vs_numpy"]["batched_qps_ratio"] > 0
+        assert _row(size, "flat")[0]["recall_at_10"] == 1.0  # the reference itself
+        assert _row(size, "numpy")[0]["recall_at_10"] >= 0.99  # exact too (up to ties)
+        assert len(_row(size, "hnsw")) == len(result["config"]["ef_search"].split(","))
+        assert len(_row(size, "ivf")) == len(result["config"]["nprobe"].split(","))
+        assert size["bandwidth_bound"]["single_bound_ms"] > 0
+    memory = sizes[0]["memory_layer"]
+    assert memory["flat"]["recall_at_10"] >= 0.99
+    assert memory["flat"]["vs_bare_index"]["single_p50_ratio"] > 0
+    synthetic = sizes[1]
+    assert synthetic["index_configs"]["ivf"]["trained"] is True  # big enough to train
+    goals = result["goals"]
+    assert isinstance(goals["exact_within_bandwidth_bound"]["pass"], bool)
+    assert isinstance(goals["hnsw_speedup"]["pass_single"], bool)
