@@ -337,7 +337,11 @@ async function runChat(event) {
   try {
     const data = await api("/chat", { method: "POST", json: { messages } });
     state.chat = [...messages, { role: "assistant", parts: data.message.parts.filter((p) => p.type === "text").map((p) => ({ text: p.text })) }];
-    log.append(chatBubble("assistant", assistantNodes(data.message.parts)));
+    const evidence = el("details", {}, [
+      el("summary", { text: `Evidence (${data.evidence.length} documents)` }),
+      el("ol", { class: "grid small", "aria-label": "Evidence documents" }, data.evidence.map((hit, i) => hitCard(hit, i + 1))),
+    ]);
+    log.append(chatBubble("assistant", [...assistantNodes(data.message.parts), evidence]));
     $("chat-input").value = "";
     setChatImage(null);
     setStatus("chat-status", `Answered with ${data.evidence.length} evidence documents.`);
