@@ -1,0 +1,473 @@
+"""Training the VQ image tokenizer: resumable, deterministic given a seed, held-out PSNR.
+
+Images come from document collections (JSONL files or folders holding `documents.jsonl`).
+Whole groups (metadata `base`: an emoji and all its skin-tone / gender variants) are held
+out, so the held-out PSNR measures reconstruction of emoji the tokenizer never saw in any
+variant. Documents without the group key (photos) always train.
+
+Files in `--out`: `config.json` + `model.safetensors` (the tokenizer, loadable with
+`VQModel.from_pretrained`), `train_state.safetensors` (optimizer moments, RNG state, step,
+history and a copy of the weights, so a run resumes from this one file even if it died
+between two writes), `train-config.json` and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.nn import functional
+from tqdm import tqdm
+
+from mmrag.config import Config, ConfigError
+from mmrag.documents import DocumentError, iter_jsonl
+from mmrag.vq import PerceptualLoss, VQConfig, VQModel, psnr, square_resize
+
+logger = logging.getLogger(__name__)
+
+DOCUMENTS_FILE = "documents.jsonl"
+STATE_FILE = "train_state.safetensors"
+TRAIN_CONFIG_FILE = "train-config.json"
+METRICS_FILE = "metrics.json"
+# Fields that may change when a run resumes (they do not change what a step computes).
+RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "save_every", "eval_images"})
+
+
+@dataclasses.dataclass(frozen=True)
+class VQTrainConfig(Config):
+    """Reconstruction training of a `VQModel` (MSE + commitment [+ perceptual])."""
+
+    preset_prefix: ClassVar[str] = "train-vq"
+
+    vq: VQConfig = dataclasses.field(default_factory=VQConfig)
+    steps: int = 20_000
+    batch_size: int = 32
+    lr: float = 4e-4  # AdamW peak; linear warm-up, cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # Weight of the EfficientNet-Lite0 feature distance (0: pixels only, which is what PSNR
+    # rewards; > 0 sharpens edges at some PSNR cost and ~25% more time per step).
+    perceptual_weight: float = 0.0
+    hflip: bool = True  # random horizontal flips (emoji and photos are flip-tolerant)
+    holdout: float = 0.1  # fraction of groups held out for the PSNR
+    group_key: str = "base"
+    seed: int = 0
+    eval_every: int = 500
+    eval_images: int = 512  # held-out images scored at each evaluation (the first N)
+    save_every: int = 500
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("VQTrainConfig: steps >= 1, batch_size >= 1, lr > 0")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError("VQTrainConfig: holdout must be in [0, 1)")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("VQTrainConfig: warmup_steps >= 0, min_lr_ratio in [0, 1]")
+        if min(self.eval_every, self.save_every, self.eval_images) < 1:
+            raise ConfigError("VQTrainConfig: eval_every, save_every, eval_images must be >= 1")
+        if self.perceptual_weight < 0 or self.grad_clip <= 0:
+            raise ConfigError("VQTrainConfig: perceptual_weight >= 0, grad_clip > 0")
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """Decoded, resized images as uint8 (N, 3, S, S) with their holdout group (None: always
+    trains)."""
+
+    pixels: torch.Tensor
+    groups: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+def jsonl_files(paths: Sequence[Path]) -> list[Path]:
+    files = []
+    for path in map(Path, paths):
+        file = path / DOCUMENTS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no documents at {path} (a JSONL file or a folder with one)")
+        files.append(file)
+    return files
+
+
+def load_images(paths: Sequence[Path], size: int, group_key: str) -> ImageSet:
+    """Every distinct image (by SHA-256) of the documents, resized to `size`; bad lines and
+    unreadable images are skipped and counted."""
+    arrays: list[np.ndarray] = []
+    groups: list[str | None] = []
+    seen: set[str] = set()
+    skipped = 0
+    for file in jsonl_files(paths):
+        for doc in iter_jsonl(file):
+            if isinstance(doc, DocumentError):
+                skipped += 1
+                continue
+            value = doc.metadata.get(group_key)
+            group = None if value is None else json.dumps(value, sort_keys=True)
+            for part in doc.images:
+                if part.sha256 in seen:
+                    continue
+                seen.add(part.sha256 or "")
+                try:
+                    image = part.open_image()
+                except DocumentError as e:
+                    logger.warning("skipping an image: %s", e)
+                    skipped += 1
+                    continue
+                arrays.append(np.asarray(square_resize(image, size), dtype=np.uint8))
+                groups.append(group)
+    if not arrays:
+        raise ValueError(f"no readable images in {[str(p) for p in paths]}")
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+    logger.info("images: %d distinct, %d skipped", len(arrays), skipped)
+    return ImageSet(pixels, groups)
+
+
+def split_holdout(
+    groups: Sequence[str | None], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held out): a seeded `fraction` of the named groups is held out whole."""
+    names = sorted({g for g in groups if g is not None})
+    n_out = 0 if fraction <= 0 or not names else max(1, round(fraction * len(names)))
+    n_out = min(n_out, max(0, len(names) - 1))
+    order = np.random.default_rng(seed).permutation(len(names))
+    out = {names[i] for i in order[:n_out]}
+    held = np.array([g in out for g in groups], dtype=bool)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float32 in [-1, 1]."""
+    return pixels.float() / 127.5 - 1.0
+
+
+class BatchOrder:
+    """Step -> image indices: epoch-wise permutations seeded by (seed, epoch), so the order is
+    a pure function of the step and a resumed run sees the very batches it would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        pos = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return torch.stack([self._perm(p // self.n)[p % self.n] for p in pos])
+
+    def flips(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * step + 1)
+        return torch.rand(self.batch_size, generator=g) < 0.5
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+def lr_at(step: int, config: VQTrainConfig) -> float:
+    """Linear warm-up then cosine decay from `lr` to `lr * min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    os.replace(tmp, path)
+
+
+def save_state(
+    out: Path,
+    model: VQModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: VQTrainConfig,
+    history: list[dict[str, float]],
+) -> None:
+    """Weights (`model.safetensors`) and the training state, each written atomically."""
+    model.config.save(out / "config.json")
+    weights = dict(model.state_dict())
+    _atomic_save(weights, out / "model.safetensors", {"step": str(step)})
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in weights.items()}
+    for index, slots in opt["state"].items():
+        for name, value in slots.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "step": str(step),
+        "config": config.to_json(),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "history": json.dumps(history),
+    }
+    _atomic_save(tensors, out / STATE_FILE, meta)
+
+
+def load_state(
+    out: Path, model: VQModel, optimizer: torch.optim.Optimizer, config: VQTrainConfig
+) -> tuple[int, list[dict[str, float]]]:
+    """Restore weights, optimizer, RNG from `out/train_state.safetensors`; (step, history)."""
+    path = out / STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    saved = VQTrainConfig.from_json(meta["config"]).to_dict()
+    now = config.to_dict()
+    changed = sorted(k for k in now if now[k] != saved[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"{path} was written with a different configuration ({', '.join(changed)}); "
+            f"use the same settings, or another --out to start afresh"
+        )
+    model.load_state_dict(
+        {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+        strict=True,
+    )
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), json.loads(meta["history"])
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: VQModel, pixels: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> dict[str, float]:
+    """Mean per-image PSNR (dB, [0, 1] scale) of encode -> decode and the fraction of the
+    codebook those images use."""
+    was_training = model.training
+    model.eval()
+    scores, used = [], torch.zeros(model.config.codebook_size, dtype=torch.bool)
+    for start in range(0, len(pixels), batch_size):
+        x = to_unit(pixels[start : start + batch_size]).to(device)
+        codes = model.encode(x)  # (B, h, w)
+        scores.append(psnr(model.decode(codes), x).cpu())
+        used[codes.flatten().cpu()] = True
+    model.train(was_training)
+    return {"psnr": float(torch.cat(scores).mean()), "usage": float(used.float().mean())}
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def train_vq(
+    data: Sequence[Path],
+    out: Path,
+    config: VQTrainConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    images: ImageSet | None = None,
+) -> dict[str, float]:
+    """Train (or resume, when `out` holds a training state) and return the final metrics.
+
+    `images` skips reading `data` (tests, or callers that already hold the pixels).
+    """
+    out, device = Path(out), torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    images = images or load_images(data, config.vq.image_size, config.group_key)
+    train_idx, held_idx = split_holdout(images.groups, config.holdout, config.seed)
+    train_pixels = images.pixels[train_idx]
+    eval_pixels = images.pixels[held_idx[: config.eval_images]]
+    logger.info("train %d images, held out %d", len(train_idx), len(held_idx))
+
+    torch.manual_seed(config.seed)
+    model = VQModel(config.vq).to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
+    )
+    perceptual = PerceptualLoss().to(device) if config.perceptual_weight > 0 else None
+    step, history = 0, list[dict[str, float]]()
+    if (out / STATE_FILE).is_file():
+        step, history = load_state(out, model, optimizer, config)
+        logger.info("resuming %s at step %d of %d", out, step, config.steps)
+    config.save(out / TRAIN_CONFIG_FILE)
+    order = BatchOrder(len(train_pixels), config.batch_size, config.seed)
+    bar = tqdm(total=config.steps, initial=step, desc="vq", unit="step", disable=not progress)
+    while step < config.steps:
+        x = to_unit(train_pixels[order.indices(step)])  # (B, 3, S, S)
+        if config.hflip:
+            flips = order.flips(step)
+            x[flips] = x[flips].flip(-1)
+        x = x.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        result = model(x)
+        mse = functional.mse_loss(result.recon, x)
+        loss = mse + result.commitment_loss
+        if perceptual is not None:
+            loss = loss + config.perceptual_weight * perceptual(result.recon, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(mse=f"{mse.item():.4f}", ppl=f"{result.perplexity.item():.0f}")
+        if step % config.eval_every == 0 or step == config.steps:
+            row = {"step": float(step), "loss": loss.item(), "mse": mse.item()}
+            row |= {"perplexity": result.perplexity.item(), "ema_usage": model.quantize.usage()}
+            if len(eval_pixels):
+                row |= {f"heldout_{k}": v for k, v in evaluate(model, eval_pixels, device).items()}
+            history.append(row)
+            logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()})
+        if step % config.save_every == 0 or step == config.steps:
+            save_state(out, model, optimizer, step, config, history)
+    bar.close()
+    final = history[-1] if history else {"step": float(step)}
+    metrics = {
+        "final": final,
+        "history": history,
+        "counts": {
+            "train": len(train_idx),
+            "heldout": len(held_idx),
+            "heldout_scored": len(eval_pixels),
+        },
+        "train_config": config.to_dict(),
+        "data": [str(p) for p in data],
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return final
+
+
+# --- command line ---------------------------------------------------------------------------
+
+FLAGS: dict[str, tuple[type, str]] = {
+    "steps": (int, "optimizer steps in all; a resumed run continues up to this count"),
+    "batch_size": (int, "images per step"),
+    "lr": (float, "peak AdamW learning rate (warm-up, then cosine decay to lr * min_lr_ratio)"),
+    "perceptual_weight": (
+        float,
+        "weight of the frozen EfficientNet-Lite0 feature distance (0: pixels only; needs the "
+        "`lite` extra)",
+    ),
+    "holdout": (float, "fraction of --group-key groups held out for the PSNR"),
+    "group_key": (str, "metadata key whose groups are held out whole (documents without it train)"),
+    "seed": (int, "seed of the split, the initialisation, the batch order and code restarts"),
+    "eval_every": (int, "steps between held-out evaluations (PSNR, code usage)"),
+    "eval_images": (int, "held-out images scored at each evaluation"),
+    "save_every": (int, "steps between checkpoints (weights + training state)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = VQTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="mmrag train vq",
+        description=(
+            "Train the VQ image tokenizer (images -> a grid of discrete codes -> images) on the "
+            "images of document collections. Writes config.json + model.safetensors (the "
+            "tokenizer), train_state.safetensors (to resume), metrics.json to --out. Running "
+            "the same command again resumes from the state file; the result is the same as an "
+            "uninterrupted run."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="JSONL files or folders holding documents.jsonl (e.g. .cache/data/emoji)",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--preset",
+        default="small",
+        metavar="NAME",
+        help="VQ architecture preset (src/mmrag/presets/vq-NAME.json: tiny, small); "
+        "ignored with --config (default small)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON_FILE",
+        help="a full VQTrainConfig JSON (e.g. a run's train-config.json); flags override it",
+    )
+    for name, (kind, text) in FLAGS.items():
+        default = getattr(defaults, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            metavar=kind.__name__.upper(),
+            help=f"{text} (default {default})",
+        )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice, all cores)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> VQTrainConfig:
+    if args.config:
+        config = VQTrainConfig.load(args.config)
+    else:
+        config = VQTrainConfig(vq=VQConfig.preset(args.preset))
+    changes = {f: getattr(args, f) for f in FLAGS if getattr(args, f) is not None}
+    return config.replace(**changes) if changes else config
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return shlex.join(["mmrag", "train", "vq", *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logger.info("command: %s", command_line(argv))
+    try:
+        final = train_vq(args.data, args.out, config, args.device, not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    logger.info("final: %s", json.dumps(final))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
