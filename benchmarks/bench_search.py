@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -367,7 +367,8 @@ def direct_faiss(index: FaissIndex, ef_search: int | None, runner: Runner) -> di
     if ef_search is not None:
         import faiss
 
-        faiss.downcast_index(raw.index).hnsw.efSearch = ef_search
+        graph: Any = faiss.downcast_index(raw.index)
+        graph.hnsw.efSearch = ef_search
     a = runner.args
     return single_latency(
         lambda q: raw.search(q, K), runner.queries, a.single_queries, a.single_budget_s
@@ -409,6 +410,32 @@ def ivf_default_estimate(sizes: list[dict[str, Any]]) -> dict[str, Any] | None:
         "note": "an extrapolation, not a measurement: build time scales with k-means training "
         "points x lists (FaissIndex.build trains on min(N, 256 x nlist) points)",
     }
+
+
+SINGLE_KERNELS: dict[str, Callable[[Vecs, Vecs], object]] = {  # one query's N scores
+    "q @ vecs.T (NumpyIndex's expression)": lambda vecs, q: q @ vecs.T,
+    "vecs @ q[0] (sgemv)": lambda vecs, q: vecs @ q[0],
+    "einsum('nd,d->n')": lambda vecs, q: np.einsum("nd,d->n", vecs, q[0]),
+}
+
+
+def numpy_single_kernels(base: Vecs, queries: Vecs, runner: Runner) -> dict[str, Any]:
+    """Scoring alone (no top-k), one query on 1 thread, by three NumPy expressions of the
+    same product: how much of NumpyIndex's latency is its choice of expression."""
+    out = {}
+    budget = runner.args.single_budget_s / 4
+    for name, kernel in SINGLE_KERNELS.items():
+        stats = single_latency(_scoring_only(kernel, base), queries, 50, budget)
+        out[name] = {"p50_ms": stats["p50_ms"], "n": stats["n"]}
+    return out
+
+
+def _scoring_only(kernel: Callable[[Vecs, Vecs], object], base: Vecs) -> SearchFn:
+    def search(q: Vecs) -> tuple[Vecs, Ids]:
+        kernel(base, q)
+        return q, np.zeros(0, np.int64)
+
+    return search
 
 
 def _measure_numpy(runner: Runner, ids: Ids, base: Vecs, cores: int) -> dict[str, Any]:
@@ -480,6 +507,7 @@ def bench_size(
         "bandwidth_bound": bandwidth_bound(
             n, dim, len(queries), bounds, {"flat": flat_row, "numpy": numpy_row}
         ),
+        "numpy_single_kernels": numpy_single_kernels(base, queries, runner),
         "faiss_direct_single": {
             "flat": direct_faiss(flat, None, runner),
             f"hnsw_ef{ef_best}": direct_faiss(hnsw, ef_best, runner),
@@ -517,7 +545,11 @@ def memory_layer(
     efSearch) against the bare `FaissIndex` rows of the same configuration."""
     out: dict[str, Any] = {}
     docs = [Document.of(text=f"benchmark vector {i}") for i in range(len(base))]
-    for kind, bare_row in bare.items():
+    kinds: tuple[Literal["flat", "hnsw"], ...] = ("flat", "hnsw")
+    for kind in kinds:
+        if kind not in bare:  # the efSearch sweep skipped HNSW's default
+            continue
+        bare_row = bare[kind]
         path = work / f"search-memory-{kind}"
         if path.exists():
             shutil.rmtree(path)

@@ -16,10 +16,29 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[dict[str, ModuleType]]:
-    """The two scripts, imported as modules (they import `machine` from their folder)."""
+    """The scripts, imported as modules (they import `machine` from their folder)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(BENCHMARKS))
-        yield {name: importlib.import_module(name) for name in ("bench_ingest", "bench_search")}
+        yield {
+            name: importlib.import_module(name)
+            for name in ("bench_ingest", "bench_search", "report")
+        }
+
+
+@pytest.fixture(scope="module")
+def ingest_json(bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("ingest")
+    out = tmp / "ingest.json"
+    assert bench["bench_ingest"].main(["--quick", "--out", str(out), "--work", str(tmp)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def search_json(bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("search")
+    out = tmp / "search.json"
+    assert bench["bench_search"].main(["--quick", "--out", str(out), "--work", str(tmp)]) == 0
+    return out
 
 
 def _machine_ok(result: dict[str, Any]) -> None:
@@ -34,7 +53,7 @@ def _machine_ok(result: dict[str, Any]) -> None:
     assert quiet["other_cpu_fraction"] >= 0.0
 
 
-@pytest.mark.parametrize("name", ["bench_ingest", "bench_search"])
+@pytest.mark.parametrize("name", ["bench_ingest", "bench_search", "report"])
 def test_help_explains_options(
     bench: dict[str, ModuleType], name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -42,14 +61,11 @@ def test_help_explains_options(
         bench[name].main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--quick" in out
-    assert "--out" in out
+    assert "--search" in out if name == "report" else "--quick" in out and "--out" in out
 
 
-def test_ingest_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
-    out = tmp_path / "ingest.json"
-    assert bench["bench_ingest"].main(["--quick", "--out", str(out), "--work", str(tmp_path)]) == 0
-    result = json.loads(out.read_text())
+def test_ingest_quick(ingest_json: Path) -> None:
+    result = json.loads(ingest_json.read_text())
     _machine_ok(result)
     config = result["config"]
     assert config["quick"] is True
@@ -74,11 +90,8 @@ def _row(size: dict[str, Any], index: str) -> list[dict[str, Any]]:
     return [r for r in size["results"] if r["index"] == index]
 
 
-def test_search_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
-    out = tmp_path / "search.json"
-    argv = ["--quick", "--out", str(out), "--work", str(tmp_path)]
-    assert bench["bench_search"].main(argv) == 0
-    result = json.loads(out.read_text())
+def test_search_quick(search_json: Path) -> None:
+    result = json.loads(search_json.read_text())
     _machine_ok(result)
     bounds = result["bounds"]
     assert bounds["read_gbps_1_thread"] > 0
@@ -106,3 +119,18 @@ def test_search_quick(bench: dict[str, ModuleType], tmp_path: Path) -> None:
     goals = result["goals"]
     assert isinstance(goals["exact_within_bandwidth_bound"]["pass"], bool)
     assert isinstance(goals["hnsw_speedup"]["pass_single"], bool)
+
+
+def test_report_renders_both(
+    bench: dict[str, ModuleType],
+    ingest_json: Path,
+    search_json: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--ingest", str(ingest_json), "--search", str(search_json)]
+    assert bench["report"].main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Pipeline time / model time" in out
+    assert out.count("\n| numpy | - |") == 2  # one summary row per size
+    assert "Memory.search_vectors" in out
+    assert "<details>" in out
