@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def test_perceptual_loss_on_a_random_network() -> None:
 
 # --- taming-transformers VQGAN conversion ----------------------------------------------------
 
-DDCONFIG = {
+DDCONFIG: dict[str, Any] = {
     "double_z": False,
     "z_channels": 32,
     "resolution": 16,
@@ -184,7 +185,7 @@ DDCONFIG = {
     "attn_resolutions": [8],
     "dropout": 0.0,
 }
-PARAMS = {"ddconfig": DDCONFIG, "n_embed": 16, "embed_dim": 8}
+PARAMS: dict[str, Any] = {"ddconfig": DDCONFIG, "n_embed": 16, "embed_dim": 8}
 
 
 def _conv(out: dict[str, tuple[int, ...]], name: str, cout: int, cin: int, k: int) -> None:
@@ -210,7 +211,7 @@ def _attn(out: dict[str, tuple[int, ...]], name: str, c: int) -> None:
         _conv(out, f"{name}.{part}", c, c, 1)
 
 
-def taming_shapes(dd: dict, n_embed: int, embed_dim: int) -> dict[str, tuple[int, ...]]:  # type: ignore[type-arg]
+def taming_shapes(dd: dict[str, Any], n_embed: int, embed_dim: int) -> dict[str, tuple[int, ...]]:
     """The key -> shape layout of a taming `VQModel` state dict, following the constructors of
     taming/modules/diffusionmodules/model.py (Encoder, Decoder) and taming/models/vqgan.py."""
     out: dict[str, tuple[int, ...]] = {}
@@ -260,7 +261,7 @@ def taming_shapes(dd: dict, n_embed: int, embed_dim: int) -> dict[str, tuple[int
 @pytest.fixture
 def taming_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    shapes = taming_shapes(DDCONFIG, PARAMS["n_embed"], PARAMS["embed_dim"])  # type: ignore[arg-type]
+    shapes = taming_shapes(DDCONFIG, 16, 8)
     return {k: torch.randn(shape, generator=g) * 0.1 for k, shape in shapes.items()}
 
 
