@@ -292,7 +292,7 @@ def test_bad_search_input(client: TestClient, seeded: dict[str, str]) -> None:
     assert_error(post("/search", json={"text": "x", "filters": {"a": {"b": 1}}}), 422, "filters")
     assert_error(post("/search", json={"text": "x", "filters": {"a": []}}), 422, "filters")
     assert_error(post("/search", json={"text": "x", "colour": "red"}), 422, "colour")
-    assert_error(post("/search", json={"text": "   "}), 422, "a text, an image, or both")
+    assert_error(post("/search", json={"text": "   "}), 422, "body.text", "blank")
     assert_error(post("/search", json={}), 422, "a text, an image, or both")
     assert_error(post("/search", json={"text": "x", "exclude_ids": ["nope"]}), 422, "exclude_ids")
     assert_error(post("/search", json={"image_base64": "***"}), 422, "base64")
@@ -354,7 +354,7 @@ def test_bad_documents(client: TestClient) -> None:
     def add(*docs: Any) -> httpx.Response:
         return client.post("/documents", json={"documents": list(docs)}, headers=AUTH)
 
-    assert_error(add({"text": "   "}), 422, "non-blank text or an image")
+    assert_error(add({"text": "   "}), 422, "body.documents.0.text", "blank")
     assert_error(add({}), 422, "needs 'parts'")
     assert_error(add({"parts": [{"text": "a", "image_base64": b64(b"x")}]}), 422, "exactly one")
     assert_error(add({"parts": [{"text": "a"}], "text": "b"}), 422, "either 'parts'")

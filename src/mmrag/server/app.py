@@ -103,7 +103,12 @@ MANUAL_BODIES: list[type[BaseModel]] = [SearchRequest, DocumentsRequest, Caption
 DocIdPath = Annotated[str, PathParam(pattern=DOC_ID_PATTERN, description="a document id")]
 
 
-def _form_schema(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+def _form_schema(
+    properties: dict[str, Any],
+    required: list[str] | None = None,
+    one_of: list[str] | None = None,
+) -> dict[str, Any]:
+    """A form's schema; `one_of`: at least one of these fields must be sent."""
     schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
@@ -111,6 +116,8 @@ def _form_schema(properties: dict[str, Any], required: list[str] | None = None) 
     }
     if required:
         schema["required"] = required
+    if one_of:
+        schema["anyOf"] = [{"required": [name]} for name in one_of]
     return schema
 
 
@@ -121,9 +128,10 @@ _GENERATION_FORM = {
     "filters": {**_JSON_TEXT, "description": "JSON object of metadata filters"},
     "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
 }
+_NON_BLANK = {"type": "string", "pattern": r"\S"}
 SEARCH_FORM = _form_schema(
     {
-        "text": {"type": "string"},
+        "text": _NON_BLANK,
         "image": _FILE,
         "k": {"type": "integer", "minimum": 1, "maximum": 100},
         "filters": {**_JSON_TEXT, "description": "JSON object of metadata filters"},
@@ -131,18 +139,20 @@ SEARCH_FORM = _form_schema(
         "mmr_lambda": {"type": "number", "minimum": 0, "maximum": 1},
         "relevance_cap": {"type": "number", "minimum": -1, "maximum": 1},
         "redundancy_threshold": {"type": "number", "minimum": -1, "maximum": 1},
-    }
+    },
+    one_of=["text", "image"],
 )
 DOCUMENTS_FORM = _form_schema(
     {
         "image": {"type": "array", "items": _FILE, "description": "one document per image"},
         "text": {
             "type": "array",
-            "items": {"type": "string"},
+            "items": _NON_BLANK,
             "description": "one caption per image (or one document per text, with no images)",
         },
         "metadata": {**_JSON_TEXT, "description": "JSON object given to every document"},
-    }
+    },
+    one_of=["image", "text"],
 )
 CAPTION_FORM = _form_schema(
     {"image": _FILE, **_GENERATION_FORM, "max_tokens": {"type": "integer", "minimum": 1}},
@@ -159,7 +169,11 @@ def _body(model: type[BaseModel], form: dict[str, Any]) -> dict[str, Any]:
     }
     if not form.get("required"):
         fields = {k: v for k, v in form["properties"].items() if "binary" not in json.dumps(v)}
-        content["application/x-www-form-urlencoded"] = {"schema": {**form, "properties": fields}}
+        urlencoded = {**form, "properties": fields}
+        urlencoded["anyOf"] = [a for a in form.get("anyOf", []) if a["required"][0] in fields]
+        if not urlencoded["anyOf"]:
+            del urlencoded["anyOf"]
+        content["application/x-www-form-urlencoded"] = {"schema": urlencoded}
     return {"requestBody": {"required": True, "content": content}}
 
 
@@ -246,10 +260,16 @@ class SecurityHeaders:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # one route per method: list the methods of all of them
+        methods: set[str] = set()
+        for route in request.app.routes:
+            regex, allowed = getattr(route, "path_regex", None), getattr(route, "methods", None)
+            if regex is not None and allowed and regex.match(request.url.path):
+                methods |= allowed
+        headers["Allow"] = ", ".join(sorted(methods))
     return JSONResponse(
-        {"detail": str(exc.detail), "errors": []},
-        status_code=exc.status_code,
-        headers=exc.headers,
+        {"detail": str(exc.detail), "errors": []}, status_code=exc.status_code, headers=headers
     )
 
 

@@ -155,6 +155,8 @@ async def _read_form(
             continue
         if isinstance(value, UploadFile):
             raise validation_error(("body", key), "a file was sent for a text field")
+        if value == "" and key not in lists:
+            continue  # an empty form field is an absent one (as browsers send them)
         if key in lists:
             data.setdefault(key, []).append(value)
         elif key in data:

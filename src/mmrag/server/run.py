@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Mapping
@@ -68,7 +69,5 @@ def serve(
             host,
             reads,
         )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # re-raised by uvicorn after a clean shutdown
         uvicorn.Server(uv_config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown
-        pass

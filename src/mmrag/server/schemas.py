@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -13,6 +14,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from mmrag.memory.store import KEY_PATTERN
 from mmrag.server.config import HARD_MAX_BATCH, HARD_MAX_K, HARD_MAX_TEXT_CHARS
@@ -44,6 +46,21 @@ Filters = Annotated[
     ),
 ]
 Text = Annotated[str, StringConstraints(max_length=HARD_MAX_TEXT_CHARS)]
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+# Documented as a pattern, checked with a clearer message than a pattern mismatch.
+NonBlank = Annotated[
+    str,
+    StringConstraints(max_length=HARD_MAX_TEXT_CHARS),
+    AfterValidator(_not_blank),
+    Field(json_schema_extra={"pattern": r"\S"}),
+]
 Base64Image = Annotated[
     str,
     Field(
@@ -64,11 +81,17 @@ class Request(BaseModel):
 # --- search -------------------------------------------------------------------------------
 
 
+def _needs_one_of(*fields: str) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"anyOf": [{"required": [f]} for f in fields]})
+
+
 class SearchRequest(Request):
     """A text, an image, or both (a mixed query, encoded like a document)."""
 
-    text: Text | None = None
-    image_base64: Base64Image | None = None
+    model_config = _needs_one_of("text", "image_base64")
+
+    text: NonBlank | SkipJsonSchema[None] = None
+    image_base64: Base64Image | SkipJsonSchema[None] = None
     k: K = 5
     filters: Filters = Field(default_factory=dict)
     exclude_ids: list[DocId] = Field(default_factory=list, max_length=MAX_EXCLUDE_IDS)
@@ -114,18 +137,24 @@ class SearchResponse(BaseModel):
 class PartIn(Request):
     """Exactly one of `text` or `image_base64`."""
 
-    text: Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_TEXT_CHARS)] | None = (
-        None
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["image_base64"]}]}
     )
-    image_base64: Base64Image | None = None
+
+    text: NonBlank | SkipJsonSchema[None] = None
+    image_base64: Base64Image | SkipJsonSchema[None] = None
 
 
 class DocumentIn(Request):
     """Either `parts` (interleaved, in order) or `image_base64` and/or `text`."""
 
-    parts: list[PartIn] | None = Field(None, min_length=1, max_length=MAX_PARTS)
-    text: Text | None = None
-    image_base64: Base64Image | None = None
+    model_config = _needs_one_of("parts", "text", "image_base64")
+
+    parts: (
+        Annotated[list[PartIn], Field(min_length=1, max_length=MAX_PARTS)] | SkipJsonSchema[None]
+    ) = None
+    text: NonBlank | SkipJsonSchema[None] = None
+    image_base64: Base64Image | SkipJsonSchema[None] = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 
@@ -136,7 +165,7 @@ class DocumentsRequest(Request):
 class DocumentsForm(Request):
     """The text fields of a multipart POST /documents (its `image` files come beside)."""
 
-    text: list[Text] = Field(default_factory=list, max_length=HARD_MAX_BATCH)
+    text: list[NonBlank] = Field(default_factory=list, max_length=HARD_MAX_BATCH)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 
