@@ -169,6 +169,8 @@ def test_retrieved_documents_are_prepended_with_separators(tok: MultimodalTokeni
     assert not enc.main[0] and not enc.retrieved[0]  # <bos>
     assert not any(a and b for a, b in zip(enc.main, enc.retrieved, strict=True))
     assert tok.decode(enc.ids) == (x, [m1, m2])
+    start, end = enc.main_range
+    assert enc.ids[start:end] == main and enc.ids[start - 1] == tok.sep_id
     assert tok.decode(tok.encode(x).ids) == (x, [])
 
 

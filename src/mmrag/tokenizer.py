@@ -154,6 +154,13 @@ class Encoded:
     main: list[bool]
     retrieved: list[bool]
 
+    @property
+    def main_range(self) -> tuple[int, int]:
+        """[start, end) of the main document's own tokens (without `<eos>`): where the
+        causal-mask transform may cut spans (`sample_spans(rng, *enc.main_range)`)."""
+        start = self.main.index(True)
+        return start, len(self.ids) - 1
+
 
 def new_bpe() -> Tokenizer:
     """An untrained byte-level BPE: no normaliser (exact round trip), no prefix space."""
