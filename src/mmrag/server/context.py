@@ -1,0 +1,65 @@
+"""`Context`: what the handlers share — the memory service, capabilities, limits, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from fastapi import HTTPException
+
+from mmrag.server.auth import BearerAuth
+from mmrag.server.bodies import validation_error
+from mmrag.server.capabilities import MISSING, Capabilities, GenerationOptions
+from mmrag.server.config import ServerConfig
+from mmrag.server.service import MemoryService
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class Context:
+    """What the handlers share: the memory, the capabilities, limits, access, the threads."""
+
+    service: MemoryService
+    capabilities: Capabilities
+    config: ServerConfig
+    auth: BearerAuth
+    pool: ThreadPoolExecutor
+    generation_pool: ThreadPoolExecutor
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    async def generate(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.generation_pool, functools.partial(fn, *args))
+
+    def check_k(self, k: int, loc: str = "k") -> int:
+        if k > self.config.max_k:
+            raise validation_error(("body", loc), f"must be <= {self.config.max_k}")
+        return k
+
+    def check_text(self, text: str | None, loc: tuple[str | int, ...]) -> str | None:
+        if text is not None and len(text) > self.config.max_text_chars:
+            raise validation_error(loc, f"longer than {self.config.max_text_chars} characters")
+        return text
+
+    def options(self, body: Any, max_tokens: int = 64) -> GenerationOptions:
+        return GenerationOptions(
+            k=self.check_k(body.k),
+            filters=body.filters or None,
+            seed=body.seed,
+            max_tokens=max_tokens,
+        )
+
+    def capability(self, name: str) -> Any:
+        found = getattr(self.capabilities, name)
+        if found is None:
+            key = {"image_generator": "image_generation", "captioner": "captioning"}.get(name, name)
+            raise HTTPException(501, MISSING[key])
+        return found

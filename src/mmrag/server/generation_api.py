@@ -1,0 +1,133 @@
+"""The generation endpoints: caption → image, image → caption, chat. Each answers 501 until
+its capability is wired (see capabilities.py), and every output carries its evidence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.params import Depends as DependsParam
+from PIL import Image
+
+from mmrag.server import views
+from mmrag.server.bodies import (
+    decode_base64,
+    decode_upload,
+    parse_form,
+    parse_json,
+    request_kind,
+    validation_error,
+)
+from mmrag.server.capabilities import ChatTurn
+from mmrag.server.context import Context
+from mmrag.server.openapi import CAPTION_FORM, error_responses, request_body
+from mmrag.server.schemas import (
+    CaptionRequest,
+    CaptionResponse,
+    ChatMessageOut,
+    ChatPartOut,
+    ChatRequest,
+    ChatResponse,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+)
+
+
+def add_generation_routes(
+    app: FastAPI, ctx: Context, read: list[DependsParam], read_errors: tuple[int, ...]
+) -> None:
+    config = ctx.config
+
+    @app.post(
+        "/generate/image",
+        response_model=ImageGenerationResponse,
+        dependencies=read,
+        tags=["generation"],
+        responses=error_responses(400, *read_errors, 413, 422, 501),
+    )
+    async def generate_image(body: ImageGenerationRequest) -> ImageGenerationResponse:
+        """Caption → image (RA-CM3): a PNG and the documents retrieved as its evidence."""
+        generator = ctx.capability("image_generator")
+        ctx.check_text(body.prompt, ("body", "prompt"))
+        result = await ctx.generate(generator.generate_image, body.prompt, ctx.options(body))
+        return ImageGenerationResponse(
+            image=views.png(result.image), evidence=views.hits(result.evidence)
+        )
+
+    @app.post(
+        "/generate/caption",
+        response_model=CaptionResponse,
+        dependencies=read,
+        tags=["generation"],
+        responses=error_responses(400, *read_errors, 413, 415, 422, 501),
+        openapi_extra=request_body(CaptionRequest, CAPTION_FORM),
+    )
+    async def generate_caption(request: Request) -> CaptionResponse:
+        """Image → caption (RA-CM3): the caption and the documents retrieved as evidence.
+        JSON (`image_base64`) or a multipart form (`image` file)."""
+        captioner = ctx.capability("captioner")
+        if request_kind(request) == "json":
+            body = await parse_json(request, CaptionRequest)
+            raw = (
+                decode_base64(body.image_base64, ("body", "image_base64"), config.max_upload_bytes)
+                if body.image_base64 is not None
+                else None
+            )
+        else:
+            body, files = await parse_form(
+                request, CaptionRequest, config, files={"image"}, json_fields={"filters"}
+            )
+            raw = files["image"][0] if "image" in files else None
+        if raw is None:
+            raise validation_error(("body", "image"), "an image is required")
+        image = await ctx.run(decode_upload, raw, ("body", "image"), config)
+        result = await ctx.generate(captioner.caption, image, ctx.options(body, body.max_tokens))
+        return CaptionResponse(caption=result.text, evidence=views.hits(result.evidence))
+
+    @app.post(
+        "/chat",
+        response_model=ChatResponse,
+        dependencies=read,
+        tags=["generation"],
+        responses=error_responses(400, *read_errors, 413, 422, 501),
+    )
+    async def chat(body: ChatRequest) -> ChatResponse:
+        """A conversation with interleaved text and images (FROMAGe / GILL). The reply may
+        show images retrieved from the memory or generated, and carries its evidence."""
+        model = ctx.capability("chat")
+        turns = await ctx.run(_chat_turns, ctx, body)
+        reply = await ctx.generate(model.chat, turns, ctx.options(body, body.max_tokens))
+        return ChatResponse(
+            message=ChatMessageOut(parts=[_chat_part(p) for p in reply.parts]),
+            evidence=views.hits(reply.evidence),
+        )
+
+
+def _chat_turns(ctx: Context, body: ChatRequest) -> list[ChatTurn]:
+    turns = []
+    for i, message in enumerate(body.messages):
+        parts: list[str | Image.Image] = []
+        for j, part in enumerate(message.parts):
+            loc = ("body", "messages", i, "parts", j)
+            if (part.text is None) == (part.image_base64 is None):
+                raise validation_error(loc, "give exactly one of text, image_base64")
+            if part.text is not None:
+                parts.append(ctx.check_text(part.text, loc) or "")
+            else:
+                raw = decode_base64(part.image_base64 or "", loc, ctx.config.max_upload_bytes)
+                parts.append(decode_upload(raw, loc, ctx.config))
+        turns.append(ChatTurn(role=message.role, parts=parts))
+    if turns[-1].role != "user":
+        raise validation_error(("body", "messages"), "the last message must be the user's")
+    return turns
+
+
+def _chat_part(part: Any) -> ChatPartOut:
+    if isinstance(part, str):
+        return ChatPartOut(type="text", text=part)
+    if isinstance(part, Image.Image):
+        return ChatPartOut(type="image", generated=views.png(part))
+    found = views.hit(part)
+    return ChatPartOut(
+        type="image", document_id=found.id, image=found.images[0] if found.images else None
+    )
