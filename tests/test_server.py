@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -644,3 +645,27 @@ def test_mmrag_serve_process(tmp_path: Path) -> None:
     assert f"Uvicorn running on http://127.0.0.1:{port}" in log and "writes enabled" in log
     with Memory.open(memory, "a") as reopened:  # the write lock was released on shutdown
         assert len(reopened) == 6 and reopened.manifest.count == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs Debian's wrk (apt-get install wrk)")
+def test_bench_server_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/bench_server.py cannot rot: its quick load and mixed runs write sane JSON."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_server
+
+    monkeypatch.setattr(bench_server, "WORK", tmp_path)
+    out = tmp_path / "server-quick.json"
+    assert (
+        bench_server.main(["--quick", "--encoder", "hashing", "--skip", "st", "--out", str(out)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    for kind in ("text", "image"):
+        load = result["load"][kind]
+        assert load["requests"] > 0 and load["errors"] == 0 and load["requests_per_s"] > 0
+        assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"]
+    mixed = result["mixed"]
+    assert mixed["exact"] and mixed["added"] == 2 * 4 * 3 and mixed["deleted"] == 2 * 4
+    assert mixed["count_after_restart"] == result["memory"]["docs"] + 16
+    assert result["server_tracebacks"] == 0 and result["server_exit_code"] == 0
