@@ -192,3 +192,13 @@ def decode_upload(data: bytes, loc: tuple[str | int, ...], config: ServerConfig)
         return decode_image(data, source=where, max_pixels=config.max_pixels)
     except DocumentError as e:
         raise validation_error(loc, e.reason, "image_invalid") from None
+
+
+def decode_image_input(
+    raw: bytes | str | None, loc: tuple[str | int, ...], config: ServerConfig
+) -> Image.Image | None:
+    """An image given as uploaded bytes or as a base64 string, decoded within the limits
+    (call it on a worker thread: decoding costs CPU)."""
+    if isinstance(raw, str):
+        raw = decode_base64(raw, loc, config.max_upload_bytes)
+    return None if raw is None else decode_upload(raw, loc, config)

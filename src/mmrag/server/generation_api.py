@@ -12,6 +12,7 @@ from PIL import Image
 from mmrag.server import views
 from mmrag.server.bodies import (
     decode_base64,
+    decode_image_input,
     decode_upload,
     parse_form,
     parse_json,
@@ -68,11 +69,7 @@ def add_generation_routes(
         captioner = ctx.capability("captioner")
         if request_kind(request) == "json":
             body = await parse_json(request, CaptionRequest)
-            raw = (
-                decode_base64(body.image_base64, ("body", "image_base64"), config.max_upload_bytes)
-                if body.image_base64 is not None
-                else None
-            )
+            raw: bytes | str | None = body.image_base64  # decoded on a worker thread
         else:
             body, files = await parse_form(
                 request, CaptionRequest, config, files={"image"}, json_fields={"filters"}
@@ -80,7 +77,8 @@ def add_generation_routes(
             raw = files["image"][0] if "image" in files else None
         if raw is None:
             raise validation_error(("body", "image"), "an image is required")
-        image = await ctx.run(decode_upload, raw, ("body", "image"), config)
+        loc = ("body", "image" if isinstance(raw, bytes) else "image_base64")
+        image = await ctx.run(decode_image_input, raw, loc, config)
         result = await ctx.generate(captioner.caption, image, ctx.options(body, body.max_tokens))
         return CaptionResponse(caption=result.text, evidence=views.hits(result.evidence))
 

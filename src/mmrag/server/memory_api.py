@@ -19,6 +19,7 @@ from mmrag.documents import Document, DocumentError, Part
 from mmrag.server import views
 from mmrag.server.bodies import (
     decode_base64,
+    decode_image_input,
     decode_upload,
     parse_form,
     parse_json,
@@ -48,10 +49,6 @@ DocIdPath = Annotated[str, PathParam(pattern=DOC_ID_PATTERN, description="a docu
 
 
 # --- building requests' library objects (run on the worker threads) -------------------------
-
-
-def _query_image(ctx: Context, raw: bytes | None, loc: tuple[str | int, ...]) -> Image.Image | None:
-    return None if raw is None else decode_upload(raw, loc, ctx.config)
 
 
 def _document(
@@ -180,11 +177,7 @@ def add_memory_routes(
         start = time.perf_counter()
         if request_kind(request) == "json":
             body = await parse_json(request, SearchRequest)
-            raw = (
-                decode_base64(body.image_base64, ("body", "image_base64"), config.max_upload_bytes)
-                if body.image_base64 is not None
-                else None
-            )
+            raw: bytes | str | None = body.image_base64  # decoded on a worker thread
         else:
             body, files = await parse_form(
                 request,
@@ -213,7 +206,8 @@ def add_memory_routes(
         )
 
         def run() -> tuple[list[Any], int]:
-            image = _query_image(ctx, raw, ("body", "image"))
+            loc = ("body", "image" if isinstance(raw, bytes) else "image_base64")
+            image = decode_image_input(raw, loc, config)
             results = service.search(text, image, k, body.filters, body.exclude_ids, retriever)
             return results, service.count()
 
