@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from mmrag.config import ConfigError
-from mmrag.encoders.efficientnet import EfficientNetLite0
 from mmrag.vq import (
     EMAQuantizer,
     PerceptualLoss,
@@ -157,8 +156,9 @@ def test_psnr_values() -> None:
 
 
 def test_perceptual_loss_on_a_random_network() -> None:
+    efficientnet = pytest.importorskip("mmrag.encoders.efficientnet")
     torch.manual_seed(0)
-    loss = PerceptualLoss(EfficientNetLite0(), blocks=3)
+    loss = PerceptualLoss(efficientnet.EfficientNetLite0(), blocks=3)
     loss.train()
     assert not loss.net.training  # batch-norm statistics stay frozen
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ from torch import nn
 from torch.nn import functional
 
 from mmrag.config import Config, ConfigError
-from mmrag.encoders.efficientnet import EfficientNetLite0, load_efficientnet_lite0
+
+if TYPE_CHECKING:
+    from mmrag.encoders.efficientnet import EfficientNetLite0
 
 logger = logging.getLogger(__name__)
 
@@ -531,8 +533,13 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, network: EfficientNetLite0 | None = None, blocks: int = 5) -> None:
         super().__init__()
-        # Default: the packaged ImageNet weights (needs `mmrag[lite]`; raises an install hint).
-        self.net = network if network is not None else load_efficientnet_lite0()
+        if network is None:
+            # Imported here: only this optional loss needs the EfficientNet module and the
+            # packaged ImageNet weights (`mmrag[lite]`; it raises an install hint without them).
+            from mmrag.encoders.efficientnet import load_efficientnet_lite0
+
+            network = load_efficientnet_lite0()
+        self.net = network
         self.blocks = blocks
         for p in self.net.parameters():
             p.requires_grad_(False)
