@@ -471,6 +471,7 @@ def schemathesis_phase(plan: Plan, workdir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args, plan = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if shutil.which("wrk") is None and "load" not in args.skip:
         raise SystemExit("wrk is missing: apt-get install wrk")
     name = args.encoder

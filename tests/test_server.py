@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import COLORS, png_bytes
+from mmrag.config import ConfigError
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
 from mmrag.memory.memory import Memory, ensure_memory
@@ -127,6 +128,15 @@ def test_health_page_and_schema(client: TestClient) -> None:
     for path in ("/generate/image", "/generate/caption", "/chat"):
         assert "501" in schema["paths"][path]["post"]["responses"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_worker_threads_cap_openmp(client: TestClient) -> None:
+    import faiss
+
+    pool = client.app.state.mmrag.pool  # type: ignore[attr-defined]
+    assert pool.submit(faiss.omp_get_max_threads).result() == 1  # the server's default
+    with pytest.raises(ConfigError, match="openmp_threads"):
+        ServerConfig(openmp_threads=0)
 
 
 def test_stats_hide_paths(client: TestClient, seeded: dict[str, str], memory_path: Path) -> None:

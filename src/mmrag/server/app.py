@@ -19,6 +19,7 @@ from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from threadpoolctl import threadpool_limits
 
 from mmrag import __version__
 from mmrag.config import RetrieverConfig
@@ -140,7 +141,12 @@ def create_app(
         capabilities=capabilities or Capabilities(),
         config=config,
         auth=auth,
-        pool=ThreadPoolExecutor(config.worker_threads, thread_name_prefix="mmrag-worker"),
+        pool=ThreadPoolExecutor(
+            config.worker_threads,
+            thread_name_prefix="mmrag-worker",
+            initializer=_limit_openmp,
+            initargs=(config.openmp_threads,),
+        ),
         generation_pool=ThreadPoolExecutor(1, thread_name_prefix="mmrag-generate"),
     )
 
@@ -179,6 +185,12 @@ def create_app(
     add_generation_routes(app, ctx, read, read_errors)
     install_openapi(app)
     return app
+
+
+def _limit_openmp(threads: int) -> None:
+    """Cap the OpenMP teams (FAISS, torch) that library calls start from this worker thread;
+    the cap is per thread, so each worker sets its own."""
+    threadpool_limits(threads, user_api="openmp")
 
 
 def _page_routes(app: FastAPI) -> None:

@@ -83,6 +83,7 @@ class MemoryService:
         self._write_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._thumbnails = Thumbnails(thumbnail_cache)
+        self._count: tuple[int, int] | None = None  # (store generation, count)
 
     @classmethod
     def open(
@@ -111,7 +112,16 @@ class MemoryService:
 
     # --- reads ----------------------------------------------------------------------------
     def count(self) -> int:
-        return len(self.memory)
+        """len(memory), recounted only when the store's generation moved (a COUNT(*) reads
+        the whole documents table, vectors included)."""
+        generation = self.memory.store.generation()
+        cached = self._count
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        count = len(self.memory)
+        if self.memory.store.generation() == generation:  # no write in between
+            self._count = (generation, count)
+        return count
 
     def search(
         self,
