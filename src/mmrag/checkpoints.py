@@ -1,0 +1,47 @@
+"""Where shipped checkpoints live: `$MMRAG_CHECKPOINTS`, then the repository's `checkpoints/`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VAR = "MMRAG_CHECKPOINTS"
+# src/mmrag/checkpoints.py -> parents[2] is the repository root.
+REPO_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+
+# The command that produces each shipped checkpoint, for the error message when it is missing.
+PRODUCERS: dict[str, str] = {
+    "lite-encoder": (
+        "mmrag train encoder --data .cache/data/emoji .cache/data/photos "
+        "--out checkpoints/lite-encoder --holdout 0 --seed 0"
+    ),
+}
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A named checkpoint is in none of the search roots."""
+
+
+def search_roots() -> list[Path]:
+    """The folders searched, in order: each entry of `$MMRAG_CHECKPOINTS` (os.pathsep-separated),
+    then `<repo>/checkpoints`."""
+    roots = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    return [*roots, REPO_CHECKPOINTS]
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The folder `name` (holding a `config.json`) in the first search root that has it."""
+    if not name or Path(name).name != name:
+        raise ValueError(f"a checkpoint name is a plain folder name, got {name!r}")
+    roots = search_roots()
+    for root in roots:
+        candidate = root / name
+        if (candidate / "config.json").is_file():
+            return candidate
+    looked = ", ".join(str(r / name) for r in roots)
+    how = PRODUCERS.get(name)
+    hint = f" Produce it with: {how}" if how else ""
+    raise CheckpointNotFoundError(
+        f"checkpoint {name!r} not found (looked in {looked}); set ${ENV_VAR} to a folder "
+        f"that contains {name}/config.json.{hint}"
+    )

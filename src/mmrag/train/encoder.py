@@ -1,0 +1,618 @@
+"""LiT-style training of the `lite` encoder's projection heads on cached frozen features.
+
+Both towers are locked (LiT, Zhai et al. 2022, section 3: "locked image, locked text" is its
+weakest but cheapest setting); only two linear heads and CLIP's learnable temperature train,
+with the symmetric InfoNCE loss of CLIP (Radford et al. 2021, figure 3). Features are
+extracted once and cached by document id, so a run after the first takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch.nn import functional
+from tqdm import tqdm
+
+from mmrag.config import ConfigError, EncoderTrainConfig, LiteEncoderConfig
+from mmrag.documents import Document, DocumentError, Part, iter_jsonl
+from mmrag.encoders.lite import FINGERPRINT_VERSION, LiteEncoder, LiteHeads, backbone_identity
+
+logger = logging.getLogger(__name__)
+
+DOCUMENTS_FILE = "documents.jsonl"
+METRICS_FILE = "metrics.json"
+RECIPE_FILE = "RECIPE.md"
+MAX_LOGGED_BAD_LINES = 10
+WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
+EXTRACT_BATCH = 64
+RECALL_KS = (1, 5, 10)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    """Documents with a caption and an image: what contrastive training can use."""
+
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    images: list[Part] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def jsonl_files(paths: Sequence[Path]) -> list[Path]:
+    """Each path is a JSONL file or a folder holding `documents.jsonl`."""
+    files = []
+    for path in map(Path, paths):
+        file = path / DOCUMENTS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no training data at {path} "
+                f"(expected a JSONL file or a folder with {DOCUMENTS_FILE})"
+            )
+        files.append(file)
+    return files
+
+
+def _group_of(doc: Document, key: str) -> str:
+    value = doc.metadata.get(key)
+    if value is None:
+        return f"id:{doc.id}"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def load_pairs(paths: Sequence[Path], group_key: str) -> Pairs:
+    """Read the documents; skip (and log) bad lines, documents lacking text or an image, and
+    repeated ids. A document with several images trains on its first."""
+    pairs = Pairs()
+    counts = dict.fromkeys(("read", "bad_lines", "no_text_or_image", "duplicate", "multi_image"), 0)
+    seen: set[str] = set()
+    for file in jsonl_files(paths):
+        for item in iter_jsonl(file):
+            if isinstance(item, DocumentError):
+                counts["bad_lines"] += 1
+                if counts["bad_lines"] <= MAX_LOGGED_BAD_LINES:
+                    logger.warning("skipping a bad line: %s", item)
+                continue
+            counts["read"] += 1
+            if not item.text or not item.images:
+                counts["no_text_or_image"] += 1
+                continue
+            if item.id in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(item.id)
+            counts["multi_image"] += len(item.images) > 1
+            pairs.ids.append(item.id)
+            pairs.texts.append(item.text)
+            pairs.images.append(item.images[0])
+            pairs.groups.append(_group_of(item, group_key))
+    if counts["bad_lines"] > MAX_LOGGED_BAD_LINES:
+        logger.warning("skipped %d bad lines in all", counts["bad_lines"])
+    counts["pairs"] = len(pairs)
+    counts["groups"] = len(set(pairs.groups))
+    pairs.counts = counts
+    logger.info("training pairs: %s", counts)
+    return pairs
+
+
+# --- frozen features, cached by document id ------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mmrag" / "encoder-features"
+
+
+def feature_cache_path(cache_dir: Path, config: LiteEncoderConfig) -> Path:
+    """One file per (backbones, preprocessing) setting; rows are keyed by document id."""
+    key = (
+        f"{FINGERPRINT_VERSION}|{backbone_identity()}|{config.image_size}|{config.text_max_tokens}"
+    )
+    return cache_dir / f"lite-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _read_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        ids = json.loads((f.metadata() or {}).get("ids", "[]"))
+    arrays = load_file(str(path))
+    return {doc_id: (arrays["image"][i], arrays["text"][i]) for i, doc_id in enumerate(ids)}
+
+
+def _write_cache(path: Path, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = sorted(rows)
+    tensors = {
+        "image": np.stack([rows[i][0] for i in ids]).astype(np.float32),
+        "text": np.stack([rows[i][1] for i in ids]).astype(np.float32),
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids)})
+    os.replace(tmp, path)
+
+
+def extract_features(
+    pairs: Pairs, encoder: LiteEncoder, cache_dir: Path, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1280) image and (N, 384) text features of `pairs`, extracting only uncached ids."""
+    path = feature_cache_path(cache_dir, encoder.config)
+    rows = _read_cache(path)
+    missing = [i for i, doc_id in enumerate(pairs.ids) if doc_id not in rows]
+    logger.info(
+        "features: %d cached in %s, %d to extract", len(pairs) - len(missing), path, len(missing)
+    )
+    if missing:
+        bar = tqdm(total=len(missing), desc="frozen features", unit="doc", disable=not progress)
+        for start in range(0, len(missing), EXTRACT_BATCH):
+            chunk = missing[start : start + EXTRACT_BATCH]
+            image = encoder.image_features([pairs.images[i].open_image() for i in chunk])
+            text = encoder.text_features([pairs.texts[i] for i in chunk])
+            for j, i in enumerate(chunk):
+                rows[pairs.ids[i]] = (image[j], text[j])
+            bar.update(len(chunk))
+        bar.close()
+        _write_cache(path, rows)
+    image_feats = np.stack([rows[doc_id][0] for doc_id in pairs.ids]).astype(np.float32)
+    text_feats = np.stack([rows[doc_id][1] for doc_id in pairs.ids]).astype(np.float32)
+    return image_feats, text_feats
+
+
+# --- splits and metrics ---------------------------------------------------------------------
+
+
+def split_by_group(
+    groups: Sequence[str], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out): a seeded `fraction` of the distinct groups goes out whole."""
+    names = sorted(set(groups))
+    n_out = 0 if fraction <= 0 else min(len(names) - 1, max(1, round(fraction * len(names))))
+    order = np.random.default_rng(seed).permutation(len(names))
+    out_groups = {names[i] for i in order[:n_out]}
+    held = np.array([g in out_groups for g in groups], dtype=bool)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def match_matrix(texts: Sequence[str], image_hashes: Sequence[str]) -> np.ndarray:
+    """(N, N) bool: item j answers query i when they share a caption or an image (the emoji
+    set has distinct flags drawn with one glyph, so such duplicates count as hits)."""
+    t = np.array(texts, dtype=object)
+    h = np.array(image_hashes, dtype=object)
+    return (t[:, None] == t[None, :]) | (h[:, None] == h[None, :])
+
+
+def recall_at(
+    scores: np.ndarray, matches: np.ndarray, ks: Sequence[int] = RECALL_KS
+) -> dict[int, float]:
+    """Fraction of queries (rows) with a matching item among their top-k columns."""
+    order = np.argsort(-scores, axis=1, kind="stable")  # (Q, G), ties broken by index
+    hits = np.take_along_axis(matches, order, axis=1)
+    return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def retrieval_metrics(
+    heads: LiteHeads, image_feats: np.ndarray, text_feats: np.ndarray, matches: np.ndarray
+) -> dict[str, float]:
+    """Text->image and image->text recall over a gallery of all the given items."""
+    with torch.inference_mode():
+        img = heads.project_image(torch.from_numpy(image_feats)).numpy()  # (N, D)
+        txt = heads.project_text(torch.from_numpy(text_feats)).numpy()  # (N, D)
+    sims = txt @ img.T  # (N texts, N images)
+    t2i, i2t = recall_at(sims, matches), recall_at(sims.T, matches.T)
+    out = {f"t2i_r{k}": v for k, v in t2i.items()} | {f"i2t_r{k}": v for k, v in i2t.items()}
+    out["mean_recall"] = float(np.mean(list(out.values())))
+    out["chance_r1"] = float(matches.sum(axis=1).mean() / len(matches))
+    out["n"] = float(len(matches))
+    return out
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def info_nce(
+    heads: LiteHeads, image: torch.Tensor, text: torch.Tensor, same: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE; `same` (B, B) marks off-diagonal pairs that are not negatives."""
+    logits = (
+        heads.logit_scale.exp() * heads.project_text(text) @ heads.project_image(image).T
+    )  # (B, B)
+    false_negatives = same & ~torch.eye(len(same), dtype=torch.bool)
+    logits = logits.masked_fill(false_negatives, float("-inf"))
+    target = torch.arange(len(logits))
+    return (
+        functional.cross_entropy(logits, target) + functional.cross_entropy(logits.T, target)
+    ) / 2
+
+
+def _optimizer(heads: LiteHeads, config: EncoderTrainConfig, steps: int) -> tuple[Any, Any]:
+    # CLIP does not decay the temperature; only the projection matrices.
+    groups = [
+        {
+            "params": [heads.image_proj.weight, heads.text_proj.weight],
+            "weight_decay": config.weight_decay,
+        },
+        {"params": [heads.logit_scale], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=config.lr)
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class Split:
+    """Features of one split plus its false-negative structure."""
+
+    image: torch.Tensor  # (N, 1280)
+    text: torch.Tensor  # (N, 384)
+    matches: np.ndarray  # (N, N) bool
+
+
+def make_split(
+    image_feats: np.ndarray, text_feats: np.ndarray, pairs: Pairs, index: np.ndarray
+) -> Split:
+    hashes = [pairs.images[i].sha256 or "" for i in index]
+    return Split(
+        image=torch.from_numpy(image_feats[index]),
+        text=torch.from_numpy(text_feats[index]),
+        matches=match_matrix([pairs.texts[i] for i in index], hashes),
+    )
+
+
+def fit_heads(
+    train: Split, val: Split | None, config: EncoderTrainConfig, progress: bool = True
+) -> tuple[LiteHeads, list[dict[str, float]]]:
+    """Train from the seeded initialisation; return the best-on-validation (or last) heads."""
+    torch.manual_seed(config.seed)
+    heads = LiteHeads(config.encoder, temperature_init=config.temperature_init)
+    n = len(train.text)
+    steps_per_epoch = max(1, n // config.batch_size + (n % config.batch_size >= 2))
+    opt, schedule = _optimizer(heads, config, steps_per_epoch * config.epochs)
+    generator = torch.Generator().manual_seed(config.seed)
+    same_all = torch.from_numpy(train.matches)
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    for epoch in tqdm(range(1, config.epochs + 1), desc="epochs", disable=not progress):
+        heads.train()
+        perm = torch.randperm(n, generator=generator)
+        total, batches = 0.0, 0
+        for start in range(0, n, config.batch_size):
+            b = perm[start : start + config.batch_size]
+            if len(b) < 2:
+                continue
+            loss = info_nce(heads, train.image[b], train.text[b], same_all[b][:, b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            heads.clamp_()
+            total, batches = total + loss.item(), batches + 1
+        heads.eval()
+        row = {
+            "epoch": float(epoch),
+            "loss": total / max(1, batches),
+            "logit_scale": heads.logit_scale.exp().item(),
+        }
+        if val is not None:
+            scores = retrieval_metrics(heads, val.image.numpy(), val.text.numpy(), val.matches)
+            row |= {f"val_{k}": v for k, v in scores.items() if k not in ("n", "chance_r1")}
+            if best is None or row["val_mean_recall"] > best[0]:
+                best = (row["val_mean_recall"], epoch, copy.deepcopy(heads.state_dict()))
+        history.append(row)
+        logger.debug("epoch %d: %s", epoch, row)
+    if best is not None:
+        heads.load_state_dict(best[2])
+        logger.info("best validation epoch %d (mean recall %.4f)", best[1], best[0])
+    return heads.eval(), history
+
+
+def three_way_split(
+    groups: Sequence[str], holdout: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, held-out) indices: `holdout` of the groups are held out, then the
+    same fraction of the remaining groups validates (with another seed)."""
+    kept, test_idx = split_by_group(groups, holdout, seed)
+    train_idx, val_idx = split_by_group([groups[i] for i in kept], holdout, seed + 1)
+    return kept[train_idx], kept[val_idx], test_idx
+
+
+def evaluate(
+    heads: LiteHeads, config: EncoderTrainConfig, splits: dict[str, Split | None]
+) -> dict[str, dict[str, float]]:
+    """Recall per split; the held-out split also with the untrained (initial) heads."""
+    report = {
+        name: retrieval_metrics(heads, s.image.numpy(), s.text.numpy(), s.matches)
+        for name, s in splits.items()
+        if s is not None
+    }
+    test = splits.get("heldout")
+    if test is not None:
+        torch.manual_seed(config.seed)  # the very initialisation training started from
+        untrained = LiteHeads(config.encoder, temperature_init=config.temperature_init).eval()
+        report["heldout_random_heads"] = retrieval_metrics(
+            untrained, test.image.numpy(), test.text.numpy(), test.matches
+        )
+    return report
+
+
+def train_encoder(
+    data: Sequence[Path],
+    out: Path,
+    config: EncoderTrainConfig,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the `lite` heads on `data` and write a loadable checkpoint to `out`.
+
+    `config.holdout` of the `config.group_key` groups are held out for the test metrics; the
+    same fraction of the remaining groups is carved off for validation (best epoch). With
+    holdout 0 every document trains and the last epoch is kept. Returns the flat metrics.
+    """
+    out = Path(out)
+    pairs = load_pairs(data, config.group_key)
+    if len(pairs) < 2:
+        raise ValueError(f"need at least 2 documents with text and an image, found {len(pairs)}")
+    encoder = LiteEncoder(config.encoder, batch_size=EXTRACT_BATCH)
+    image_feats, text_feats = extract_features(
+        pairs, encoder, cache_dir or default_cache_dir(), progress
+    )
+    train_idx, val_idx, test_idx = three_way_split(pairs.groups, config.holdout, config.seed)
+    indices = {"train": train_idx, "validation": val_idx, "heldout": test_idx}
+    splits = {
+        name: make_split(image_feats, text_feats, pairs, idx) if len(idx) else None
+        for name, idx in indices.items()
+    }
+    train = splits["train"]
+    if train is None or len(train.text) < 2:
+        raise ValueError("fewer than 2 training pairs are left after the held-out split")
+    heads, history = fit_heads(train, splits["validation"], config, progress)
+    report = evaluate(heads, config, splits)
+    counts = pairs.counts | {name: len(idx) for name, idx in indices.items()}
+    best_epoch = max(history, key=lambda r: r.get("val_mean_recall", r["epoch"]))["epoch"]
+    trained = LiteEncoder(config.encoder, heads)
+    trained.save_pretrained(out)
+    metrics = {
+        "encoder": "lite",
+        "fingerprint": trained.fingerprint(),
+        "metrics": report,
+        "best_epoch": best_epoch,
+        "final_logit_scale": heads.logit_scale.exp().item(),
+        "seed": config.seed,
+        "data": [str(p) for p in data],
+        "counts": counts,
+        "train_config": config.to_dict(),
+        "history": history,
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / RECIPE_FILE).write_text(recipe(data, out, config, report, counts), encoding="utf-8")
+    flat = {f"{part}_{k}": v for part, scores in report.items() for k, v in scores.items()}
+    logger.info("wrote %s: %s", out, {k: round(v, 4) for k, v in flat.items() if "r1" in k})
+    return flat | {"best_epoch": best_epoch}
+
+
+# --- recipe and command line ----------------------------------------------------------------
+
+
+def command_line(data: Sequence[Path], out: Path, config: EncoderTrainConfig) -> str:
+    """The `mmrag train encoder` invocation that reproduces a run."""
+    args = ["mmrag", "train", "encoder", "--data", *map(str, data), "--out", str(out)]
+    args += [
+        "--holdout",
+        str(config.holdout),
+        "--group-key",
+        config.group_key,
+        "--seed",
+        str(config.seed),
+    ]
+    args += [
+        "--epochs",
+        str(config.epochs),
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(config.lr),
+    ]
+    args += [
+        "--weight-decay",
+        str(config.weight_decay),
+        "--temperature-init",
+        str(config.temperature_init),
+    ]
+    if config.encoder != LiteEncoderConfig():
+        args += ["--config", "train-config.json"]
+    return shlex.join(args)
+
+
+def recipe(
+    data: Sequence[Path],
+    out: Path,
+    config: EncoderTrainConfig,
+    report: dict[str, Any],
+    counts: dict[str, int],
+) -> str:
+    lines = [
+        "# lite encoder heads: recipe",
+        "",
+        "Locked EfficientNet-Lite0 image tower and locked all-MiniLM-L6-v2 text tower",
+        "(both frozen, from their packages); two linear projection heads and a temperature",
+        "trained with symmetric InfoNCE (LiT-style). Not CLIP.",
+        "",
+        "Reproduce (deterministic given the seed, on CPU):",
+        "",
+        "```",
+        command_line(data, out, config),
+        "```",
+        "",
+    ]
+    if config.encoder != LiteEncoderConfig():
+        lines += ["with `train-config.json`:", "", "```json", config.to_json(), "```", ""]
+    lines += ["Data: " + ", ".join(f"`{p}`" for p in data), "", "Counts:", ""]
+    lines += [f"- {k}: {v}" for k, v in counts.items()]
+    lines += ["", "Training config:", "", "```json", config.to_json(), "```", "", "Metrics:", ""]
+    for part, scores in report.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "n")
+        lines.append(f"- {part} (n={int(scores['n'])}): {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EncoderTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="mmrag train encoder",
+        description=(
+            "Train the projection heads of the offline `lite` encoder (frozen EfficientNet-Lite0 "
+            "and MiniLM towers) contrastively on documents that have both a caption and an image. "
+            "Writes config.json, model.safetensors, metrics.json and RECIPE.md to --out."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="JSONL files, or folders containing documents.jsonl (e.g. .cache/data/emoji); "
+        "bad lines are skipped and logged",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="output folder for the trained checkpoint and its metrics",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON_FILE",
+        help="an EncoderTrainConfig JSON file (unknown keys are an error); flags override it",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        metavar="F",
+        help=f"fraction of groups held out for the test metrics; the same fraction of the "
+        f"rest is used for validation (best epoch); 0 trains on everything and keeps the "
+        f"last epoch (default {defaults.holdout})",
+    )
+    p.add_argument(
+        "--group-key",
+        metavar="K",
+        help=f"metadata key whose documents are held out together, so every variant of a "
+        f"held-out item is unseen; documents without it form their own group "
+        f"(default {defaults.group_key!r})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help=f"seed for the split, the initialisation, the batch order (default {defaults.seed})",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        metavar="N",
+        help=f"passes over the training pairs (default {defaults.epochs})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help=f"pairs per step; the other pairs of a batch are its negatives "
+        f"(default {defaults.batch_size})",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        metavar="F",
+        help=f"peak AdamW learning rate; short warm-up, then cosine decay (default {defaults.lr})",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        metavar="F",
+        help=f"AdamW weight decay on the projection matrices (default {defaults.weight_decay})",
+    )
+    p.add_argument(
+        "--temperature-init",
+        type=float,
+        metavar="F",
+        help=f"initial softmax temperature, then learned (default {defaults.temperature_init})",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"where frozen features are cached by document id (default {default_cache_dir()})",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+FLAG_FIELDS = (
+    "holdout",
+    "group_key",
+    "seed",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "temperature_init",
+)
+
+
+def config_from_args(args: argparse.Namespace) -> EncoderTrainConfig:
+    config = EncoderTrainConfig.load(args.config) if args.config else EncoderTrainConfig()
+    changes = {f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None}
+    return config.replace(**changes) if changes else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        train_encoder(
+            args.data, args.out, config, cache_dir=args.cache_dir, progress=not args.no_progress
+        )
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""EfficientNet-Lite0: TF "same" padding and the packaged ImageNet weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmrag.encoders.efficientnet import (
+    IMAGE_FEATURES,
+    Conv2dSame,
+    EfficientNetLite0,
+    load_efficientnet_lite0,
+    same_padding,
+)
+from mmrag.encoders.lite import image_batch
+
+ESPRESSO = 967  # ImageNet class index
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "expected"),
+    [
+        (224, 3, 2, (0, 1)),  # TF pads the extra pixel after, not before
+        (225, 3, 2, (1, 1)),
+        (7, 5, 1, (2, 2)),
+        (8, 5, 2, (1, 2)),
+        (1, 3, 2, (1, 1)),
+        (4, 1, 1, (0, 0)),
+    ],
+)
+def test_same_padding_matches_tf(
+    size: int, kernel: int, stride: int, expected: tuple[int, int]
+) -> None:
+    assert same_padding(size, kernel, stride) == expected
+
+
+@pytest.mark.parametrize(("size", "stride"), [(13, 2), (14, 2), (15, 1), (128, 2)])
+def test_conv_same_output_is_ceil_of_input_over_stride(size: int, stride: int) -> None:
+    conv = Conv2dSame(2, 3, 5, stride=stride)
+    y = conv(torch.zeros(1, 2, size, size + 1))
+    assert y.shape == (1, 3, -(-size // stride), -(-(size + 1) // stride))
+
+
+def test_stride2_padding_is_asymmetric_like_tf() -> None:
+    # A 3x3 all-ones kernel at stride 2 on an even input: TF pads only bottom/right, so the
+    # first output sums a full 3x3 window of ones (9), and the last one a 2x2 window (4).
+    conv = Conv2dSame(1, 1, 3, stride=2)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    y = conv(torch.ones(1, 1, 4, 4))
+    assert y[0, 0].tolist() == [[9.0, 6.0], [6.0, 4.0]]
+
+
+def test_features_and_logits_shapes_for_any_size() -> None:
+    model = EfficientNetLite0().eval()
+    with torch.inference_mode():
+        x = torch.zeros(2, 3, 67, 90)
+        assert model.features(x).shape == (2, IMAGE_FEATURES)
+        assert model(x).shape == (2, 1000)
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> EfficientNetLite0:
+    return load_efficientnet_lite0()
+
+
+@pytest.mark.pretrained
+def test_strict_load_classifies_coffee_as_espresso(pretrained: EfficientNetLite0) -> None:
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    x = image_batch([Image.fromarray(data.coffee())], 224)
+    assert float(x.min()) >= -1.0
+    assert float(x.max()) <= 1.0
+    with torch.inference_mode():
+        probs = pretrained(x).softmax(-1)[0]
+    assert int(probs.argmax()) == ESPRESSO
+    assert float(probs[ESPRESSO]) > 0.8
+
+
+@pytest.mark.pretrained
+def test_channels_last_gives_the_same_features(pretrained: EfficientNetLite0) -> None:
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        a = pretrained.features(x).numpy()
+        b = pretrained.features(x.contiguous(memory_format=torch.channels_last)).numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
