@@ -10,10 +10,11 @@ STAMP := $(VENV)/.mmrag-installed
 TORCH := torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS := fonts-noto-color-emoji dataset-fashion-mnist
+TEST_DEBS := chromium chromium-driver
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test install debs lint lock clean
+.PHONY: demo test install debs test-debs lint lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,13 @@ debs:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBS); \
 	fi
 
+# The web page test drives Debian's headless Chromium through chromedriver.
+test-debs:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing Debian packages: $(TEST_DEBS)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(TEST_DEBS); \
+	fi
+
 demo: $(STAMP) debs
 	$(VENV)/bin/mmrag demo
 
@@ -40,7 +48,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
-test: $(STAMP) debs lint
+test: $(STAMP) debs test-debs lint
 	$(VENV)/bin/pytest
 
 lock: $(STAMP)
