@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,16 @@ from mmrag.encoders.lite import LiteEncoder, LiteHeads, image_batch, square_crop
 
 TINY = LiteEncoderConfig(dim=32)
 TEXTS = ["grinning face", "red apple", "woman dancing: medium skin tone"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small matrices are dominated by thread synchronisation; on shared cores two threads
+    made these tests several times slower than one (as in test_train_vq.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _images() -> list[Image.Image]:
@@ -133,3 +144,14 @@ def test_changed_heads_or_config_change_the_fingerprint(encoder: LiteEncoder) ->
     moved = LiteHeads(other)
     moved.load_state_dict(encoder.heads.state_dict())
     assert LiteEncoder(other, moved).fingerprint() != encoder.fingerprint()
+
+
+@pytest.mark.pretrained
+def test_shipped_heads_load_by_default_and_match_captions_to_photos() -> None:
+    shipped = LiteEncoder.from_pretrained(None)  # checkpoints/lite-encoder, committed
+    data = pytest.importorskip("skimage.data")
+    assert shipped.dim == 256
+    photos = [Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())]
+    captions = ["coffee in a cup", "a cat", "a rocket", "the flag of Japan"]
+    sims = shipped.encode_image(photos) @ shipped.encode_text(captions).T  # (2, 4)
+    assert sims.argmax(axis=1).tolist() == [0, 1]
