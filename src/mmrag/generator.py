@@ -18,16 +18,17 @@ cores:
 - Cost per trained token ~ 6 N (N: parameters touched per token) + 12 L T d (attention at
   T ~ 800), so at this length attention costs as much as the MLPs once d <= ~200: width is
   the expensive knob, depth the cheap one.
-- Measured (fwd + bwd + AdamW, batch 4 x 800 tokens, 2 shared cores): d 192 x 6 layers runs
-  0.8-1.1 s per step (~3.5k tokens/s) when the cores are free; d 256 x 6 layers 1.3-1.4 s
-  (~2.4k tokens/s); d 256 x 8 layers 1.8 s. Under contention from other jobs all of these
-  slow down 3-5x.
+- Measured (fwd + bwd + AdamW, batch 4 x 800 tokens, fp32, these 2 shared cores): with the
+  cores free, d 192 x 6 layers takes 0.8-1.1 s per step (~3.5k tokens/s), d 256 x 6 layers
+  1.3-1.4 s, d 256 x 8 layers 1.8 s. With the cores busy (load average 6-7) d 192 x 6 takes
+  1.8-2.5 s on one torch thread (~1.3k tokens/s) but 7-12 s on two: on shared cores train
+  with `torch.set_num_threads(1)`.
 - An hour at ~3.5k tokens/s is ~12M tokens: ~4-5 passes over the emoji set (3.3k training
-  documents x ~800 tokens with K = 2), whose main documents hold only ~0.9M distinct tokens.
-  Compute-optimal scaling (Hoffmann et al. 2022, ~20 tokens per parameter) would ask for
-  ~0.6M parameters, but that is the data-unlimited regime; with ~1M distinct target tokens
-  repeated a few times, a few million parameters is where the loss keeps falling without
-  memorising in an hour.
+  documents x ~800 tokens with K = 2; ~1.5-2 passes at the busy-machine rate), whose main
+  documents hold only ~0.9M distinct tokens. Compute-optimal scaling (Hoffmann et al. 2022,
+  ~20 tokens per parameter) would ask for ~0.6M parameters, but that is the data-unlimited
+  regime; with ~1M distinct target tokens repeated a few times, a few million parameters
+  is where the loss keeps falling without memorising in an hour.
 - Chosen: d = 192, 6 layers, 6 heads of 32, SwiGLU hidden 512 (~8/3 d), vocab 1600 (13
   specials and sentinels + 1024 BPE + 512 codes = 1549, rounded up to a multiple of 64):
   2.66M parameters in the blocks + 0.61M in the embedding and head.
