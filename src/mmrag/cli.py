@@ -181,6 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mmrag.train.encoder import main as train_encoder_main
 
         return train_encoder_main(args.rest)
+    if args.what == "vq":
+        from mmrag.train.vq import main as train_vq_main
+
+        return train_vq_main(args.rest)
     raise CommandError(f"unknown training target {args.what!r}")
 
 
@@ -341,8 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("memory", help="memory folder")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
-    p = add("train", cmd_train, "train a component; `mmrag train encoder --help` for options")
-    p.add_argument("what", choices=["encoder"], help="what to train")
+    p = add(
+        "train",
+        cmd_train,
+        "train a component: encoder (the lite heads) or vq (the image tokenizer); "
+        "`mmrag train NAME --help` lists its options",
+    )
+    p.add_argument("what", choices=["encoder", "vq"], help="what to train")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that trainer")
 
     p = add("demo", cmd_demo, "build the emoji + photos memory and write an HTML report")
