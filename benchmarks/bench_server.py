@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from server_data import build_memory, caption, picture
 
 log = logging.getLogger("bench_server")
 
-LITE_WEIGHTS = REPO / "checkpoints" / "lite-encoder" / "model.safetensors"
+LITE = "checkpoints/lite-encoder"
 MIXED_TIME_LIMIT_S = 300.0
 SCHEMA_ONLY_CHECKS = "positive_data_acceptance,negative_data_rejection"
 SERVER_START_S = 180.0
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         "--encoder",
         choices=["auto", "hashing", "lite"],
         default="auto",
-        help="auto: lite when checkpoints/lite-encoder/model.safetensors exists, else hashing",
+        help="auto: lite when its heads (checkpoints/lite-encoder) exist, else hashing",
     )
     p.add_argument("--skip", default="", help="comma-separated phases to skip: load,mixed,st")
     p.add_argument(
@@ -465,6 +466,30 @@ def schemathesis_phase(plan: Plan, workdir: Path) -> dict[str, Any]:
     }
 
 
+def lite_snapshot() -> tuple[Path, str] | None:
+    """The lite heads as committed (else as in the working tree), copied under WORK with the
+    SHA-256 of their weights: another engineer may be retraining them while this runs, and a
+    memory must keep the encoder it was built with."""
+    files: dict[str, bytes] = {}
+    for name in ("model.safetensors", "config.json"):
+        shown = subprocess.run(
+            ["git", "show", f"HEAD:{LITE}/{name}"], cwd=REPO, capture_output=True, check=False
+        )
+        local = REPO / LITE / name
+        if shown.returncode == 0:
+            files[name] = shown.stdout
+        elif local.exists():
+            files[name] = local.read_bytes()
+        else:
+            return None
+    digest = hashlib.sha256(files["model.safetensors"]).hexdigest()[:12]
+    folder = WORK / f"lite-encoder-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder, digest
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -474,16 +499,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if shutil.which("wrk") is None and "load" not in args.skip:
         raise SystemExit("wrk is missing: apt-get install wrk")
-    name = args.encoder
-    if name == "auto":
-        name = "lite" if LITE_WEIGHTS.exists() else "hashing"
-    spec = EncoderSpec(name=name)
+    lite = lite_snapshot() if args.encoder in ("auto", "lite") else None
+    if args.encoder == "lite" and lite is None:
+        raise SystemExit(f"no lite heads: {LITE}/model.safetensors is neither committed nor here")
+    name = "lite" if lite else "hashing"
+    spec = EncoderSpec(name="lite", path=str(lite[0])) if lite else EncoderSpec(name="hashing")
     WORK.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "server", "quick": args.quick, "plan": asdict(plan)}
     result["machine"] = machine_info()
     meter = QuietMeter()
-    cached = WORK / f"server-{plan.docs}-{name}"
+    cached = WORK / f"server-{plan.docs}-{name}{'-' + lite[1] if lite else ''}"
     result["memory"] = {"docs": plan.docs, "encoder": name, **build_memory(cached, plan.docs, spec)}
+    if lite:
+        result["memory"]["lite_heads_sha256"] = lite[1]
     with tempfile.TemporaryDirectory(dir=WORK, prefix="server-run-") as tmp:
         workdir = Path(tmp)
         scratch = workdir / "memory"
