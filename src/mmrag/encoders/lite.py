@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.nn import functional
 
@@ -35,7 +35,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
 # Bump when preprocessing or pooling changes the vectors without any weight changing.
-FINGERPRINT_VERSION = "lite-v1"
+FINGERPRINT_VERSION = "lite-v2"
 _HASH_CHUNK = 1 << 20
 
 
@@ -129,7 +129,7 @@ class ImageTower:
 
 
 class TextTower:
-    """Frozen all-MiniLM-L6-v2: mean pooling over the attention mask, then L2 (as
+    """Frozen all-MiniLM-L6-v2: mean pooling over the tokens, then L2 (as
     sentence-transformers' Pooling + Normalize modules do for this model)."""
 
     def __init__(self, device: str = "cpu") -> None:
@@ -151,20 +151,24 @@ class TextTower:
 
     @torch.inference_mode()
     def features(self, texts: Sequence[str], max_tokens: int, batch_size: int) -> np.ndarray:
-        out = [np.zeros((0, self.model.config.hidden_size), dtype=np.float32)]
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_tokens,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**batch).last_hidden_state  # (B, T, 384)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, 384)
-            out.append(functional.normalize(pooled, dim=-1).float().cpu().numpy())
-        return np.concatenate(out)
+        # Texts are batched only with texts of the same token count: no padding, so a row is
+        # bit-identical whatever else is encoded with it (padding changed rows by ~1e-7).
+        if not texts:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+        by_length: dict[int, list[int]] = {}
+        for row, tokens in enumerate(ids):
+            by_length.setdefault(len(tokens), []).append(row)
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        for rows in by_length.values():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                batch = torch.tensor([ids[r] for r in chunk], device=self.device)  # (B, T)
+                mask = torch.ones_like(batch)
+                hidden = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
+                pooled = hidden.mean(dim=1)  # (B, 384): the masked mean, as nothing is padded
+                out[chunk] = functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        return out
 
 
 @functools.cache
@@ -273,7 +277,9 @@ class LiteEncoder:
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_FILE)
         state = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        # Bytes written by Python, not `save_file`, so the file gets the umask's mode (0644)
+        # instead of a private 0600.
+        (directory / WEIGHTS_FILE).write_bytes(save(state, metadata={"format": "pt"}))
 
     @classmethod
     def from_pretrained(

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from torch.nn import functional
 from tqdm import tqdm
 
@@ -168,7 +168,7 @@ def _write_cache(path: Path, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> 
         "text": np.stack([rows[i][1] for i in ids]).astype(np.float32),
     }
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids)})
+    tmp.write_bytes(save(tensors, metadata={"ids": json.dumps(ids)}))  # umask's mode, not 0600
     os.replace(tmp, path)
 
 
