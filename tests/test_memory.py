@@ -27,10 +27,7 @@ def test_create_ingest_search_reopen(hashing_memory: Memory, color_docs: list[Do
     (top_seq, top_score), *_ = hashing_memory.search_vectors(query, 3)[0]
     doc = hashing_memory.get_by_seq([top_seq])[0]
     assert doc is not None and doc.metadata["color"] == "red"
-    assert (
-        doc.image_path is not None
-        and Path(doc.image_path).read_bytes() == color_docs[0].images[0].data
-    )
+    assert doc.image is not None and Path(doc.image).read_bytes() == color_docs[0].images[0].data
     root = hashing_memory.root
     hashing_memory.close()
     with Memory.open(root) as reader:
@@ -59,7 +56,7 @@ def test_delete_is_immediate_and_collects_blobs(
 ) -> None:
     shared = Document.of(text="another caption", image=color_docs[0].images[0].data)
     ingest(hashing_memory, [*color_docs, shared], progress=False)
-    blob = Path(hashing_memory.get([color_docs[0].id])[0].image_path)  # type: ignore[union-attr,arg-type]
+    blob = Path(hashing_memory.get([color_docs[0].id])[0].image)  # type: ignore[union-attr,arg-type]
     query = hashing_memory.encoder.encode_text(["a red square"])
     assert hashing_memory.delete([color_docs[0].id, "unknown"]) == 1
     ids = [

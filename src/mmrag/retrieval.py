@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from mmrag.config import RetrieverConfig
-from mmrag.documents import Part, decode_image
+from mmrag.documents import decode_image
 from mmrag.encoders.base import l2_normalize
 from mmrag.encoders.mixed import encode_query
 from mmrag.memory.memory import Memory, StoredDocument
@@ -29,26 +29,11 @@ MAX_REFETCH_ROUNDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchResult:
-    """One retrieved document and why: its score against the query."""
+class SearchResult(StoredDocument):
+    """One retrieved document (its parts, metadata and stored image files) and why: its
+    score against the query."""
 
-    id: str
-    score: float
-    parts: tuple[Part, ...]
-    metadata: dict[str, Any]
-    modality: str
-
-    @property
-    def text(self) -> str:
-        return " ".join(p.text or "" for p in self.parts if p.kind == "text").strip()
-
-    @property
-    def images(self) -> list[str]:
-        return [p.path for p in self.parts if p.kind == "image" and p.path]
-
-    @property
-    def image(self) -> str | None:
-        return self.images[0] if self.images else None
+    score: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,7 +46,7 @@ class SearchResult:
 
     @classmethod
     def of(cls, doc: StoredDocument, score: float) -> SearchResult:
-        return cls(doc.id, score, doc.parts, doc.metadata, doc.modality)
+        return cls(doc.id, doc.seq, doc.parts, doc.metadata, doc.modality, score)
 
 
 def drop_query_tokens(text: str, rate: float, rng: np.random.Generator) -> str:

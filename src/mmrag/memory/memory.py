@@ -81,13 +81,15 @@ class StoredDocument:
         return " ".join(p.text or "" for p in self.parts if p.kind == "text").strip()
 
     @property
-    def image_paths(self) -> list[str]:
+    def images(self) -> list[str]:
+        """The stored image files, in part order."""
         return [p.path for p in self.parts if p.kind == "image" and p.path]
 
     @property
-    def image_path(self) -> str | None:
-        paths = self.image_paths
-        return paths[0] if paths else None
+    def image(self) -> str | None:
+        """The first stored image file, if any."""
+        images = self.images
+        return images[0] if images else None
 
     def to_document(self) -> Document:
         return Document(parts=self.parts, metadata=dict(self.metadata))
