@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,20 @@ class DatasetSummary:
     @property
     def documents(self) -> Path:
         return self.out / DOCUMENTS_FILE
+
+
+def documents_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Each path is a JSONL file or a folder holding `documents.jsonl` (as the builders
+    write); raises FileNotFoundError naming the first that is neither."""
+    files = []
+    for path in map(Path, paths):
+        file = path / DOCUMENTS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no documents at {path} (expected a JSONL file or a folder with {DOCUMENTS_FILE})"
+            )
+        files.append(file)
+    return files
 
 
 # --- writing helpers ---------------------------------------------------------------------

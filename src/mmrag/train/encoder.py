@@ -31,12 +31,12 @@ from torch.nn import functional
 from tqdm import tqdm
 
 from mmrag.config import ConfigError, EncoderTrainConfig, LiteEncoderConfig
+from mmrag.data.datasets import documents_files
 from mmrag.documents import Document, DocumentError, Part, iter_jsonl
 from mmrag.encoders.lite import FINGERPRINT_VERSION, LiteEncoder, LiteHeads, backbone_identity
 
 logger = logging.getLogger(__name__)
 
-DOCUMENTS_FILE = "documents.jsonl"
 METRICS_FILE = "metrics.json"
 RECIPE_FILE = "RECIPE.md"
 MAX_LOGGED_BAD_LINES = 10
@@ -77,20 +77,6 @@ class Pairs:
         return len(self.ids)
 
 
-def jsonl_files(paths: Sequence[Path]) -> list[Path]:
-    """Each path is a JSONL file or a folder holding `documents.jsonl`."""
-    files = []
-    for path in map(Path, paths):
-        file = path / DOCUMENTS_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"no training data at {path} "
-                f"(expected a JSONL file or a folder with {DOCUMENTS_FILE})"
-            )
-        files.append(file)
-    return files
-
-
 def _group_of(doc: Document, key: str) -> str:
     value = doc.metadata.get(key)
     if value is None:
@@ -104,7 +90,7 @@ def load_pairs(paths: Sequence[Path], group_key: str) -> Pairs:
     pairs = Pairs()
     counts = dict.fromkeys(("read", "bad_lines", "no_text_or_image", "duplicate", "multi_image"), 0)
     seen: set[str] = set()
-    for file in jsonl_files(paths):
+    for file in documents_files(paths):
         for item in iter_jsonl(file):
             if isinstance(item, DocumentError):
                 counts["bad_lines"] += 1

@@ -33,12 +33,12 @@ from torch.nn import functional
 from tqdm import tqdm
 
 from mmrag.config import Config, ConfigError
+from mmrag.data.datasets import documents_files
 from mmrag.documents import DocumentError, iter_jsonl
 from mmrag.vq import PerceptualLoss, VQConfig, VQModel, psnr, square_resize
 
 logger = logging.getLogger(__name__)
 
-DOCUMENTS_FILE = "documents.jsonl"
 STATE_FILE = "train_state.safetensors"
 TRAIN_CONFIG_FILE = "train-config.json"
 METRICS_FILE = "metrics.json"
@@ -99,16 +99,6 @@ class ImageSet:
         return len(self.pixels)
 
 
-def jsonl_files(paths: Sequence[Path]) -> list[Path]:
-    files = []
-    for path in map(Path, paths):
-        file = path / DOCUMENTS_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no documents at {path} (a JSONL file or a folder with one)")
-        files.append(file)
-    return files
-
-
 def load_images(paths: Sequence[Path], size: int, group_key: str) -> ImageSet:
     """Every distinct image (by SHA-256) of the documents, resized to `size`; bad lines and
     unreadable images are skipped and counted."""
@@ -116,7 +106,7 @@ def load_images(paths: Sequence[Path], size: int, group_key: str) -> ImageSet:
     groups: list[str | None] = []
     seen: set[str] = set()
     skipped = 0
-    for file in jsonl_files(paths):
+    for file in documents_files(paths):
         for doc in iter_jsonl(file):
             if isinstance(doc, DocumentError):
                 skipped += 1
