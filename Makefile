@@ -10,7 +10,7 @@ STAMP := $(VENV)/.mmrag-installed
 TORCH := torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS := fonts-noto-color-emoji dataset-fashion-mnist
-TEST_DEBS := chromium chromium-driver
+TEST_DEBS := chromium chromium-driver wrk
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -33,9 +33,10 @@ debs:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBS); \
 	fi
 
-# The web page test drives Debian's headless Chromium through chromedriver.
+# The web page test drives Debian's headless Chromium through chromedriver; the server
+# benchmark's quick mode (in the tests) loads the service with wrk.
 test-debs:
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || ! command -v wrk >/dev/null; then \
 		echo "installing Debian packages: $(TEST_DEBS)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(TEST_DEBS); \
 	fi

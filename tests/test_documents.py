@@ -107,3 +107,24 @@ def test_decode_image_flattens_alpha_and_rejects_bad_bytes() -> None:
         decode_image(b"definitely not an image", source="x.png")
     with pytest.raises(DocumentError, match="pixel limit"):
         decode_image(data, max_pixels=100)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data): a decompression bomb probe."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_applies_before_pillows_bomb_warning() -> None:
+    # 100 MP sits between Pillow's warning (89 MP) and error (179 MP) thresholds
+    with pytest.raises(DocumentError, match="pixel limit"):
+        decode_image(_png_header_only(10_000, 10_000), max_pixels=40_000_000)
+    with pytest.raises(DocumentError, match="unreadable image"):
+        decode_image(_png_header_only(50_000, 50_000), max_pixels=40_000_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,18 +176,23 @@ def decode_image(
     Raises DocumentError naming `source` for corrupt, truncated or oversized images.
     """
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            probe.verify()  # structural check; catches many corrupt files cheaply
-        img = Image.open(io.BytesIO(data))
-        if max_pixels is not None and img.width * img.height > max_pixels:
-            raise DocumentError(
-                f"image is {img.width}x{img.height}, over the {max_pixels}-pixel limit",
-                file=source,
-            )
-        img.load()  # full decode: catches truncated data
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # our own limit applies below; Pillow's would pre-empt it
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                if max_pixels is not None and probe.width * probe.height > max_pixels:
+                    raise DocumentError(
+                        f"image is {probe.width}x{probe.height}, over the {max_pixels}-pixel limit",
+                        file=source,
+                    )
+                probe.verify()  # structural check; catches many corrupt files cheaply
+            img = Image.open(io.BytesIO(data))
+            img.load()  # full decode: catches truncated data
     except DocumentError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (
+        Exception
+    ) as e:  # Pillow raises many types on malformed input (IndexError, struct.error...)
         raise DocumentError(f"unreadable image ({type(e).__name__}: {e})", file=source) from e
     if img.mode in ("RGBA", "LA", "P", "PA"):
         rgba = img.convert("RGBA")

@@ -53,6 +53,11 @@ class BlobStore:
         sha, _, ext = name.partition(".")
         return self.path(sha, ext)
 
+    def remove(self, sha256: str) -> None:
+        """Delete the blob with this hash, whatever its extension (a no-op if absent)."""
+        for path in (self.root / sha256[:2]).glob(f"{sha256}.*"):
+            path.unlink(missing_ok=True)
+
     def iter_names(self) -> Iterator[tuple[str, Path]]:
         """(sha256, path) of every stored blob; skips temporary files."""
         if not self.root.exists():
@@ -84,4 +89,10 @@ class BlobStore:
         return removed
 
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for _, p in self.iter_names())
+        total = 0
+        for _, path in self.iter_names():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:  # deleted meanwhile by the writer
+                continue
+        return total

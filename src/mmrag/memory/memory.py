@@ -343,12 +343,11 @@ class Memory:
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents; they are gone from results at once and their blobs collected."""
         self._require_writer()
-        with self._lock:
+        with self._lock:  # held while unlinking, so an add of the same image cannot interleave
             seqs, orphans = self.store.delete(list(ids))
             self._sync()
-        for name, path in self.blobs.iter_names():
-            if name in orphans:
-                path.unlink(missing_ok=True)
+            for sha in orphans:
+                self.blobs.remove(sha)
         return len(seqs)
 
     # --- reads --------------------------------------------------------------------------
