@@ -5,7 +5,8 @@ documents in the same batches, with every image already decoded in memory (text 
 image tower, combination). Measured: `ingest(memory, read_sources([jsonl]), batch_size=B)`
 into a fresh memory, which also reads the JSONL and the image files, hashes them, decodes
 them, writes the blobs (fsync each), inserts into SQLite and updates and saves the index.
-The figure of merit is pipeline time / model time on the same documents; the goal is < 1.2.
+The figure of merit is pipeline time / model time on the same documents (the median over
+interleaved repeats of each adjacent pair's ratio); the goal is < 1.2.
 
 Run: .venv/bin/python benchmarks/bench_ingest.py [--quick] [--out FILE]
 """
@@ -34,8 +35,8 @@ from mmrag.memory.memory import Memory, ensure_memory
 
 DEFAULT_DATA = WORK.parent / "data" / "emoji"
 GOAL_MAX_OVERHEAD = 0.20  # the pipeline may cost at most 20% on top of the model
-QUICK = {"n_docs": 96, "batch_size": 16, "repeats": 1, "encoder": "hashing"}
-FULL = {"n_docs": 1000, "batch_size": 64, "repeats": 3, "encoder": "lite"}
+QUICK = {"n_docs": 96, "batch_size": 16, "repeats": 2, "encoder": "hashing"}
+FULL = {"n_docs": 1000, "batch_size": 64, "repeats": 5, "encoder": "lite"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--repeats",
         type=int,
-        help=f"timed runs of each side, interleaved; the best is reported ({FULL['repeats']})",
+        help="timed runs of each side, interleaved; the median paired ratio is the result "
+        f"({FULL['repeats']})",
     )
     p.add_argument("--encoder", help=f"registry name of the encoder ({FULL['encoder']})")
     p.add_argument("--encoder-path", help="checkpoint folder (default: the shipped one)")
@@ -245,8 +247,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     docs, images = load_decoded(subset)
     batch = args.batch_size
 
-    # Warm-up: one batch through the model, one through a small ingest (imports, SQLite, FAISS).
-    model_pass(encoder, docs[:batch], images[:batch], batch)
+    # Warm-up: a full model pass (every batch shape: oneDNN primitives, allocator) and a
+    # one-batch ingest (imports, SQLite, FAISS). Without it the first pairs run slower.
+    model_pass(encoder, docs, images, batch)
     warm = write_subset(subset, min(batch, len(docs)), work / "ingest-warmup" / "documents.jsonl")
     pipeline_pass(warm, work / "ingest-warmup-memory", encoder, spec, batch)
 
@@ -261,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quiet = meter.report()
     n = len(docs)
     best_model, best_pipe = min(model_s), min(pipe_s)
-    ratio = best_pipe / best_model
+    paired = [p / m for p, m in zip(pipe_s, model_s, strict=True)]
+    ratio = statistics.median(paired)
     result: dict[str, Any] = {
         "benchmark": "ingest",
         "machine": machine_info(),
@@ -293,9 +297,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "added": added,
         },
         "ratio": {
+            "estimator": "median over the repeats of pipeline time / model time of each "
+            "adjacent (model, pipeline) pair: robust to slow drift in machine speed",
+            "paired": [round(x, 4) for x in paired],
             "pipeline_time_over_model_time": round(ratio, 4),
             "overhead": round(ratio - 1, 4),
-            "median_overhead": round(statistics.median(pipe_s) / statistics.median(model_s) - 1, 4),
+            "best_of_overhead": round(best_pipe / best_model - 1, 4),
+            "median_of_each_overhead": round(
+                statistics.median(pipe_s) / statistics.median(model_s) - 1, 4
+            ),
             "goal_max_overhead": GOAL_MAX_OVERHEAD,
             "pass": ratio - 1 < GOAL_MAX_OVERHEAD,
         },

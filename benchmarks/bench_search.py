@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="IVF lists at sizes >= 1M; 0 keeps the library default 4*sqrt(N), whose k-means "
         f"on N points takes many minutes on 2 cores ({FULL['ivf_nlist_1m']})",
     )
+    p.add_argument(
+        "--hnsw-ef-construction",
+        type=int,
+        default=0,
+        help="HNSW efConstruction; 0 keeps the library default "
+        f"({IndexConfig().hnsw_ef_construction})",
+    )
     p.add_argument("--centres", type=int, help=f"mixture centres ({FULL['centres']})")
     p.add_argument(
         "--noise", type=float, help=f"mixture noise norm relative to a centre ({FULL['noise']})"
@@ -169,22 +176,35 @@ def _read_gbps(buf: Vecs, vec: Vecs, kernel: Callable[[Vecs, Vecs], object], thr
     return buf.nbytes / seconds / 1e9
 
 
+GEMM_SHAPES = ((1024, 256, 8192), (2048, 2048, 2048))  # (M, K, N): search-like K = D, square
+
+
+def _gemm_gflops(a: Vecs, b: Vecs) -> float:
+    a @ b  # warm-up (BLAS threads start)
+    return 2 * a.size * b.shape[1] / _best_of(lambda: a @ b, 5) / 1e9
+
+
 def machine_bounds(mb: int, cores: int) -> dict[str, Any]:
     """Streaming read bandwidth (NumPy, a buffer far larger than the caches) and SGEMM
-    throughput, on 1 thread and on all cores. The fastest kernel sets each bound, so the
-    bounds are as tight as NumPy can make them."""
+    throughput, on 1 thread and on all cores. The fastest kernel or shape sets each bound,
+    so the bounds are as tight as NumPy can make them."""
     buf = np.ones((mb * 2**20 // (4 * 256), 256), np.float32)  # written: pages resident
     vec = np.ones(256, np.float32)
-    a = np.ones((2048, 256), np.float32)
-    b = np.ones((256, 4096), np.float32)
-    out: dict[str, Any] = {"buffer_mib": mb, "kernels_gbps": {}, "sgemm_gflops": {}}
+    gemms = [(np.ones((m, k), np.float32), np.ones((k, n), np.float32)) for m, k, n in GEMM_SHAPES]
+    out: dict[str, Any] = {"buffer_mib": mb, "kernels_gbps": {}, "gemm_gflops": {}}
+    out["sgemm_gflops"] = {}  # the fastest shape, per thread count
     for threads in sorted({1, cores}):
         gbps = {name: _read_gbps(buf, vec, k, threads) for name, k in READ_KERNELS.items()}
         with threadpool_limits(limits=threads):
-            gemm_s = _best_of(lambda: a @ b, 5)
-        out["kernels_gbps"][f"{threads}_thread"] = {k: round(v, 2) for k, v in gbps.items()}
-        out[f"read_gbps_{threads}_thread"] = round(max(gbps.values()), 2)
-        out["sgemm_gflops"][f"{threads}_thread"] = round(2 * a.size * b.shape[1] / gemm_s / 1e9, 1)
+            rates = {
+                f"{m}x{k}x{n}": _gemm_gflops(a, b)
+                for (m, k, n), (a, b) in zip(GEMM_SHAPES, gemms, strict=True)
+            }
+        key = f"{threads}_thread"
+        out["kernels_gbps"][key] = {k: round(v, 2) for k, v in gbps.items()}
+        out[f"read_gbps_{key}"] = round(max(gbps.values()), 2)
+        out["gemm_gflops"][key] = {k: round(v, 1) for k, v in rates.items()}
+        out["sgemm_gflops"][key] = round(max(rates.values()), 1)
     return out
 
 
@@ -465,9 +485,10 @@ def bench_size(
     flat_row = runner.measure("flat", faiss_search(flat), {}, flat_s)
     numpy_row = _measure_numpy(runner, ids, base, cores)
 
-    hnsw, hnsw_s = _timed_build(
-        lambda: FaissIndex.build(dim, IndexConfig(kind="hnsw"), ids, base), cores
-    )
+    hnsw_config = IndexConfig(kind="hnsw")
+    if args.hnsw_ef_construction:
+        hnsw_config = hnsw_config.replace(hnsw_ef_construction=args.hnsw_ef_construction)
+    hnsw, hnsw_s = _timed_build(lambda: FaissIndex.build(dim, hnsw_config, ids, base), cores)
     log.info(
         "HNSW (M %d, efConstruction %d) built in %.1f s",
         hnsw.config.hnsw_m,
@@ -542,7 +563,9 @@ def memory_layer(
     bare: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """`Memory.search_vectors` over the same vectors (flat, and HNSW with its default
-    efSearch) against the bare `FaissIndex` rows of the same configuration."""
+    efSearch) against the bare `FaissIndex` rows of the same configuration, and against the
+    memory's own index object (for HNSW the memory's graph, built in 1,000-vector steps,
+    is not the bare one's)."""
     out: dict[str, Any] = {}
     docs = [Document.of(text=f"benchmark vector {i}") for i in range(len(base))]
     kinds: tuple[Literal["flat", "hnsw"], ...] = ("flat", "hnsw")
@@ -563,6 +586,9 @@ def memory_layer(
             stored = memory.get([d.id for d in docs])
             position = {s.seq: i for i, s in enumerate(stored) if s is not None}
             row = runner.measure(f"memory/{kind}", _memory_search(memory, position), {}, load_s)
+            with memory._lock:
+                own = memory._sync()  # the memory's own FaissIndex: the same graph, unwrapped
+            own_row = runner.measure(f"memory/{kind}/index", faiss_search(own), {}, 0.0)
         finally:
             memory.close()
         shutil.rmtree(path)
@@ -571,6 +597,13 @@ def memory_layer(
             "single_p50_ratio": round(row["single"]["p50_ms"] / bare_row["single"]["p50_ms"], 3),
             "single_p50_added_ms": round(row["single"]["p50_ms"] - bare_row["single"]["p50_ms"], 4),
             "batched_qps_ratio": round(row["batched"]["qps"] / bare_row["batched"]["qps"], 3),
+        }
+        row["vs_own_index"] = {  # same index object, so only the memory layer differs
+            "index_single_p50_ms": own_row["single"]["p50_ms"],
+            "index_batched_qps": own_row["batched"]["qps"],
+            "single_p50_ratio": round(row["single"]["p50_ms"] / own_row["single"]["p50_ms"], 3),
+            "single_p50_added_ms": round(row["single"]["p50_ms"] - own_row["single"]["p50_ms"], 4),
+            "batched_qps_ratio": round(row["batched"]["qps"] / own_row["batched"]["qps"], 3),
         }
         out[kind] = row
     return out
@@ -629,6 +662,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base, queries, meta = search_data.synthetic(
                 n, args.n_queries, dim, args.centres, args.noise, args.seed
             )
+        size_meter = QuietMeter()
         size_result, runner = bench_size(n, base, queries, meta, args, bounds, cores)
         if i == 0:
             default_ef = IndexConfig().hnsw_ef_search
@@ -639,6 +673,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 or (r["index"] == "hnsw" and r["params"]["hnsw_ef_search"] == default_ef)
             }
             size_result["memory_layer"] = memory_layer(base, runner, encoder, spec, args.work, bare)
+        size_result["quiet"] = size_meter.report()
         results.append(size_result)
         del base, queries
         gc.collect()
