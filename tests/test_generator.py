@@ -170,3 +170,15 @@ def test_parameter_count_of_the_small_preset() -> None:
         == 6 * (4 * 192 * 192 + 3 * 192 * 512 + 2 * 192) + 192
     )
     assert small.num_parameters() - small.num_parameters(embeddings=False) == 2 * 1600 * 192
+
+
+def test_embeds_input_equals_ids_input() -> None:
+    torch.manual_seed(0)
+    model = Generator(GeneratorConfig.preset("tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        by_ids = model(ids)
+        by_embeds = model(embeds=model.embed(ids))
+    torch.testing.assert_close(by_ids, by_embeds)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, embeds=model.embed(ids))

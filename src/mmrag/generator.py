@@ -255,25 +255,33 @@ class Generator(nn.Module):
 
     def forward(
         self,
-        ids: torch.Tensor,
+        ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids (B, T) int64; attention_mask (B, T) bool (True = real token, False = padding);
-        with `cache`, the T tokens continue the cached ones and are appended to the cache."""
-        b, t = ids.shape
+        with `cache`, the T tokens continue the cached ones and are appended to the cache.
+        `embeds` (B, T, D) replaces `ids` with input vectors (soft prompts, e.g. GILL's mapper
+        output); exactly one of the two is given."""
+        if (ids is None) == (embeds is None):
+            raise ValueError("pass exactly one of ids and embeds")
+        x = self.embed(ids) if ids is not None else embeds  # (B, T, D)
+        assert x is not None
+        b, t = x.shape[:2]
+        device = x.device
         start = cache.length if cache is not None else 0
         if start + t > (cache.capacity if cache is not None else self.config.max_seq_len):
             raise ValueError(f"sequence of {start + t} tokens exceeds the cache / max_seq_len")
         real = (
             attention_mask.to(torch.bool)
             if attention_mask is not None
-            else torch.ones(b, t, dtype=torch.bool, device=ids.device)
+            else torch.ones(b, t, dtype=torch.bool, device=device)
         )  # (B, T)
         first = (
             cache.next_position
             if cache is not None
-            else torch.zeros(b, dtype=torch.long, device=ids.device)
+            else torch.zeros(b, dtype=torch.long, device=device)
         )
         positions = (first[:, None] + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         if int(positions.max()) >= self.config.max_seq_len:
@@ -283,7 +291,6 @@ class Generator(nn.Module):
         mask = None
         if cache is not None or attention_mask is not None:
             mask = self._mask(real, cache, start)  # (B, 1, T, S)
-        x = self.embed(ids)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
             x = block(x, cos, sin, mask, kv, start)  # (B, T, D)
