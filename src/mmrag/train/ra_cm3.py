@@ -1,0 +1,604 @@
+"""Training RA-CM3 (`mmrag train ra-cm3`) and its vanilla baseline (`--retrieval off`).
+
+Each step draws K from {0, 1, 2} (RA) or K = 0 (vanilla), then fills a fixed budget of
+`tokens_per_step` tokens with documents in a seeded epoch order, each prefixed by K of its
+precomputed retrievals (ra_cm3_data.py), so both models take the same number of steps over
+the same number of tokens: identical compute (RA-CM3 section 4 compares at equal compute).
+The retrieval-augmented model sees fewer main documents per step, because the retrieved ones
+take part of the budget. Loss: `L_main + alpha * L_retr` (section 3.3, alpha = 0.1), each a
+mean over its tokens.
+
+Files in `--out`: the model (`generator/`, `tokenizer/`, `vq/` copied from `--vq`,
+`ra_cm3.json`: loadable with `mmrag.ra_cm3.RACM3.from_pretrained`), the prepared data
+(`corpus.safetensors`, `split.json`, `memory/` of the training documents,
+`retrieval.safetensors`, `val_retrieval.safetensors`), `train_state.safetensors` (resume),
+`train-config.json` and `metrics.json`. Running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shlex
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.nn import functional
+from tqdm import tqdm
+
+from mmrag.checkpoints import checkpoint_dir
+from mmrag.config import Config, ConfigError, RetrieverConfig
+from mmrag.encoders.base import EncoderSpec
+from mmrag.generator import Generator, GeneratorConfig
+from mmrag.memory.ingest import ingest
+from mmrag.memory.memory import ensure_memory
+from mmrag.ra_cm3 import RACM3Config
+from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
+from mmrag.train import distributed
+from mmrag.train.distributed import DistEnv
+from mmrag.train.ra_cm3_data import (
+    CORPUS_FILE,
+    RETRIEVAL_FILE,
+    Corpus,
+    Example,
+    ModeRates,
+    build_corpus,
+    build_sequence,
+    collate,
+    heldout_variants,
+    load_retrieval,
+    precompute_retrieval,
+    read_pairs,
+    save_retrieval,
+)
+from mmrag.train.state import load_state, read_meta, save_state
+from mmrag.vq import VQModel
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.safetensors"
+TRAIN_CONFIG_FILE = "train-config.json"
+METRICS_FILE = "metrics.json"
+SPLIT_FILE = "split.json"
+VAL_RETRIEVAL_FILE = "val_retrieval.safetensors"
+RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "save_every"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RACM3TrainConfig(Config):
+    """What `mmrag train ra-cm3` does; `retrieval=False` is the vanilla baseline."""
+
+    preset_prefix: ClassVar[str] = "train-ra-cm3"
+
+    generator: GeneratorConfig = dataclasses.field(
+        default_factory=lambda: GeneratorConfig.preset("small")
+    )
+    # Text BPE size and sentinels; image_codes / image_tokens are taken from the VQ.
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    retrieval: bool = True
+    k_choices: tuple[int, ...] = (0, 1, 2)
+    retriever: RetrieverConfig = dataclasses.field(
+        default_factory=lambda: RetrieverConfig.preset("training")
+    )
+    query_variants: int = 4  # precomputed queries per document: text, image, text, image
+    alpha: float = 0.1  # weight of L_retr
+    uncond_rate: float = 0.1
+    caption_rate: float = 0.2
+    span_rate: float = 0.2
+    tokens_per_step: int = 3200
+    steps: int = 1500
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    holdout: float = 0.3  # fraction of multi-variant groups that give up one variant
+    group_key: str = "base"
+    seed: int = 0
+    eval_every: int = 100
+    save_every: int = 100
+    val_docs: int = 64
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.tokens_per_step < 1 or self.lr <= 0:
+            raise ConfigError("RACM3TrainConfig: steps, tokens_per_step >= 1; lr > 0")
+        if not self.k_choices or min(self.k_choices) < 0:
+            raise ConfigError("RACM3TrainConfig: k_choices must be non-empty and >= 0")
+        if max(self.k_choices) > self.retriever.k:
+            raise ConfigError("RACM3TrainConfig: max(k_choices) exceeds retriever.k")
+        rates = (self.uncond_rate, self.caption_rate, self.span_rate)
+        if min(rates) < 0 or sum(rates) > 1:
+            raise ConfigError("RACM3TrainConfig: mode rates must be >= 0 and sum to <= 1")
+        if not 0.0 <= self.holdout < 1.0 or self.query_variants < 1 or self.alpha < 0:
+            raise ConfigError("RACM3TrainConfig: holdout in [0, 1), query_variants >= 1")
+        if min(self.eval_every, self.save_every, self.val_docs) < 1:
+            raise ConfigError("RACM3TrainConfig: eval_every, save_every, val_docs >= 1")
+
+    @property
+    def modes(self) -> ModeRates:
+        return ModeRates(self.uncond_rate, self.caption_rate, self.span_rate)
+
+
+def lr_at(step: int, config: RACM3TrainConfig) -> float:
+    """Linear warm-up then cosine decay from `lr` to `lr * min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+# --- preparation ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Prepared:
+    corpus: Corpus
+    tokenizer: MultimodalTokenizer
+    train_rows: np.ndarray
+    heldout_rows: np.ndarray
+    found: torch.Tensor | None  # (len(train_rows), variants, k) corpus indices, -1 = none
+    val_found: torch.Tensor | None  # (len(val rows), 1, k)
+    grid: int
+
+
+def prepare(
+    data: Sequence[Path],
+    out: Path,
+    config: RACM3TrainConfig,
+    vq_dir: Path,
+    encoder: EncoderSpec,
+    progress: bool = True,
+) -> Prepared:
+    """Code the corpus, split it, train the BPE, build the memory of training documents and
+    precompute retrievals; every product is cached in `out` and reused when present."""
+    vq = VQModel.from_pretrained(vq_dir)
+    if not (out / "vq" / "config.json").is_file():
+        shutil.copytree(vq_dir, out / "vq", dirs_exist_ok=True)
+    docs = None
+    if (out / CORPUS_FILE).is_file():
+        corpus = Corpus.load(out / CORPUS_FILE)
+    else:
+        docs = read_pairs(data, config.group_key)
+        corpus = build_corpus(docs, vq, config.group_key, progress)
+        corpus.save(out / CORPUS_FILE)
+    held = heldout_variants(corpus.groups, config.holdout, config.seed)
+    train = np.setdiff1d(np.arange(len(corpus)), held)
+    split = {"train": train.tolist(), "heldout": held.tolist()}
+    split["heldout_ids"] = [corpus.ids[i] for i in held]
+    (out / SPLIT_FILE).write_text(json.dumps(split) + "\n", encoding="utf-8")
+    tok_config = config.tokenizer.replace(
+        image_codes=vq.config.codebook_size, image_tokens=vq.config.tokens_per_image
+    )
+    if (out / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer = MultimodalTokenizer.from_pretrained(out / "tokenizer")
+    else:
+        tokenizer = MultimodalTokenizer.train([corpus.captions[i] for i in train], tok_config)
+        tokenizer.save_pretrained(out / "tokenizer")
+    found = val_found = None
+    if config.retrieval:
+        found, val_found = _retrievals(out, corpus, train, held, config, encoder, docs, progress)
+    return Prepared(corpus, tokenizer, train, held, found, val_found, vq.config.grid_size)
+
+
+def _retrievals(
+    out: Path,
+    corpus: Corpus,
+    train: np.ndarray,
+    held: np.ndarray,
+    config: RACM3TrainConfig,
+    encoder: EncoderSpec,
+    docs: Sequence[Any] | None,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if (out / RETRIEVAL_FILE).is_file() and (out / VAL_RETRIEVAL_FILE).is_file():
+        return load_retrieval(out / RETRIEVAL_FILE)[1], load_retrieval(out / VAL_RETRIEVAL_FILE)[1]
+    with ensure_memory(out / "memory", encoder) as memory:
+        if len(memory) < len(train):
+            if docs is None:
+                raise ConfigError(f"{out / 'memory'} is incomplete; delete it and {CORPUS_FILE}")
+            ingest(memory, [docs[i] for i in train], progress=progress)
+        rows = train.tolist()
+        found, scores = precompute_retrieval(
+            memory, corpus, rows, config.retriever, config.query_variants, config.seed, progress
+        )
+        save_retrieval(out / RETRIEVAL_FILE, rows, found, scores)
+        val_rows = held[: config.val_docs].tolist()
+        val_config = config.retriever.replace(query_dropout=0.0)
+        val_found, val_scores = precompute_retrieval(
+            memory, corpus, val_rows, val_config, 1, config.seed, progress=False
+        )
+        save_retrieval(out / VAL_RETRIEVAL_FILE, val_rows, val_found, val_scores)
+    share = float((found[:, :, 0] >= 0).float().mean())
+    logger.info(
+        "retrieval: %.1f%% of queries found a document; mean top score %.3f",
+        100 * share,
+        float(scores[:, :, 0].mean()),
+    )
+    return found, val_found
+
+
+# --- batches and loss -----------------------------------------------------------------------
+
+
+class Batcher:
+    """Step -> a list of examples filling `tokens_per_step` (rows x padded width), a pure
+    function of (seed, step, cursor): a resumed run sees the very batches it would have."""
+
+    def __init__(self, prep: Prepared, config: RACM3TrainConfig) -> None:
+        self.prep, self.config = prep, config
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _row(self, cursor: int) -> int:
+        n = len(self.prep.train_rows)
+        epoch = cursor // n
+        if self._perm is None or self._perm[0] != epoch:
+            g = np.random.default_rng([self.config.seed, 17, epoch])
+            self._perm = (epoch, g.permutation(n))
+        return int(self._perm[1][cursor % n])
+
+    def batch(self, step: int, cursor: int) -> tuple[list[Example], int]:
+        """The examples of `step` starting at document `cursor`, and the next cursor."""
+        cfg, prep = self.config, self.prep
+        rng = np.random.default_rng([cfg.seed, step])
+        k = int(rng.choice(cfg.k_choices)) if cfg.retrieval else 0
+        batch: list[Example] = []
+        width = 0
+        while True:
+            pos = self._row(cursor)
+            retrieved: list[int] = []
+            if k and prep.found is not None:
+                variant = int(rng.integers(prep.found.shape[1]))
+                retrieved = [int(j) for j in prep.found[pos, variant, :k] if j >= 0]
+            main = int(prep.train_rows[pos])
+            mode = cfg.modes.draw(rng)
+            ex = build_sequence(prep.tokenizer, prep.corpus, main, retrieved, mode, rng, prep.grid)
+            wider = max(width, len(ex.ids))
+            if batch and (len(batch) + 1) * wider > cfg.tokens_per_step:
+                return batch, cursor
+            batch.append(ex)
+            width, cursor = wider, cursor + 1
+
+
+def token_nll(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token NLL (B, T - 1) of right-padded ids (B, T)."""
+    logits = model(ids[:, :-1])  # (B, T-1, V)
+    flat = functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
+    return flat.view(ids.shape[0], -1)  # (B, T-1)
+
+
+def ra_loss(
+    nll: torch.Tensor, main: torch.Tensor, retrieved: torch.Tensor, alpha: float, env: DistEnv
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`L_main + alpha * L_retr`, each normalised by its global token count (all ranks)."""
+    counts = distributed.global_sum(torch.stack([main.sum(), retrieved.sum()]).float(), env)
+    main_sum, retr_sum = (nll * main).sum(), (nll * retrieved).sum()
+    loss = main_sum / counts[0].clamp(min=1)
+    if counts[1] > 0:
+        loss = loss + alpha * retr_sum / counts[1]
+    stats = {"main_tokens": float(counts[0]), "retrieved_tokens": float(counts[1])}
+    return loss, stats
+
+
+@torch.no_grad()
+def validate(
+    model: Generator, prep: Prepared, config: RACM3TrainConfig, device: torch.device
+) -> dict[str, float]:
+    """Held-out NLL per image code (plain mode: caption [+ retrieval] -> image) and per caption
+    token (caption mode: image [+ retrieval] -> caption)."""
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng([config.seed, 2**31])  # apart from step seeds
+    rows = prep.heldout_rows[: config.val_docs]
+    tok = prep.tokenizer
+    sums = {"image": [0.0, 0], "caption": [0.0, 0]}
+    for r, main in enumerate(rows.tolist()):
+        retrieved: list[int] = []
+        if prep.val_found is not None:
+            retrieved = [int(j) for j in prep.val_found[r, 0] if j >= 0]
+        for mode, key in (("plain", "image"), ("caption", "caption")):
+            ex = build_sequence(tok, prep.corpus, main, retrieved, mode, rng, prep.grid)
+            batch = collate([ex], tok.pad_id)
+            ids = batch["ids"].to(device)
+            nll = token_nll(model, ids)[0]
+            targets = ids[0, 1:]
+            kind = (
+                tok.image_offset <= targets
+                if key == "image"
+                else ((tok.text_offset <= targets) & (targets < tok.image_offset))
+            )
+            chosen = batch["main"][0].to(device) & kind
+            sums[key][0] += float(nll[chosen].sum())
+            sums[key][1] += int(chosen.sum())
+    model.train(was_training)
+    return {f"val_{k}_nll": s / max(1, n) for k, (s, n) in sums.items()}
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def _check_sizes(prep: Prepared, config: RACM3TrainConfig) -> None:
+    tok, gen = prep.tokenizer, config.generator
+    if gen.vocab_size < tok.vocab_size:
+        raise ConfigError(
+            f"generator.vocab_size {gen.vocab_size} < the tokenizer's {tok.vocab_size}"
+        )
+    longest = 1 + (max(config.k_choices) + 1) * (tok.config.image_tokens + 40) + 8
+    if config.retrieval and gen.max_seq_len < longest:
+        raise ConfigError(f"generator.max_seq_len {gen.max_seq_len} < ~{longest} tokens needed")
+
+
+def write_model(out: Path, model: Generator, config: RACM3TrainConfig) -> None:
+    """The loadable model folder: generator weights and the inference config."""
+    model.save_pretrained(out / "generator")
+    RACM3Config(trained_with_retrieval=config.retrieval).save(out / "ra_cm3.json")
+
+
+def train_ra_cm3(
+    data: Sequence[Path],
+    out: Path,
+    config: RACM3TrainConfig,
+    vq_dir: Path | None = None,
+    encoder: EncoderSpec | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train (or resume) and return the final metrics row."""
+    env = distributed.setup(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        prep = prepare(
+            data, out, config, vq_dir or checkpoint_dir("vq"), encoder or EncoderSpec(), progress
+        )
+    distributed.barrier(env)
+    if not env.is_main:
+        prep = prepare(
+            data, out, config, vq_dir or checkpoint_dir("vq"), encoder or EncoderSpec(), False
+        )
+    _check_sizes(prep, config)
+    torch.manual_seed(config.seed)
+    model = Generator(config.generator).to(env.device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
+    step, cursor, history, tokens = 0, 0, list[dict[str, float]](), 0
+    if (out / STATE_FILE).is_file():
+        _check_resumable(out / STATE_FILE, config)
+        meta = load_state(out / STATE_FILE, model, optimizer)
+        step, cursor, history, tokens = (
+            meta["step"],
+            meta["cursor"],
+            meta["history"],
+            meta["tokens"],
+        )
+        logger.info("resuming %s at step %d of %d", out, step, config.steps)
+    if env.is_main:
+        config.save(out / TRAIN_CONFIG_FILE)
+    wrapped = distributed.wrap(model, env)
+    batcher = Batcher(prep, config)
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        desc="ra-cm3",
+        unit="step",
+        disable=not (progress and env.is_main),
+    )
+    while step < config.steps:
+        examples, cursor = batcher.batch(step, cursor)
+        batch = collate(examples, prep.tokenizer.pad_id)
+        part = distributed.shard(len(examples), env)
+        ids = batch["ids"][part].to(env.device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        nll = token_nll(wrapped, ids)
+        loss, stats = ra_loss(
+            nll,
+            batch["main"][part].to(env.device),
+            batch["retrieved"][part].to(env.device),
+            config.alpha,
+            env,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        (loss * env.loss_scale).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        step, tokens = step + 1, tokens + batch["ids"].numel()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", docs=len(examples))
+        if env.is_main and (step % config.eval_every == 0 or step == config.steps):
+            row = {
+                "step": float(step),
+                "loss": loss.item(),
+                "tokens": float(tokens),
+                "docs_in_step": float(len(examples)),
+                **stats,
+                **validate(model, prep, config, env.device),
+            }
+            history.append(row)
+            logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()})
+        if env.is_main and (step % config.save_every == 0 or step == config.steps):
+            meta = {
+                "step": step,
+                "cursor": cursor,
+                "history": history,
+                "tokens": tokens,
+                "config": config.to_dict(),
+            }
+            save_state(out / STATE_FILE, model, optimizer, meta)
+            write_model(out, model, config)
+    bar.close()
+    final = history[-1] if history else {"step": float(step)}
+    if env.is_main:
+        _write_metrics(out, final, history, prep, config, data)
+    distributed.teardown(env)
+    return final
+
+
+def _check_resumable(path: Path, config: RACM3TrainConfig) -> None:
+    saved, now = read_meta(path)["config"], config.to_dict()
+    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"{path} was written with a different configuration ({', '.join(changed)}); "
+            "use the same settings, or another --out to start afresh"
+        )
+
+
+def _write_metrics(
+    out: Path,
+    final: dict[str, float],
+    history: list[dict[str, float]],
+    prep: Prepared,
+    config: RACM3TrainConfig,
+    data: Sequence[Path],
+) -> None:
+    metrics = {
+        "final": final,
+        "history": history,
+        "counts": {
+            "corpus": len(prep.corpus),
+            "train": len(prep.train_rows),
+            "heldout": len(prep.heldout_rows),
+        },
+        "parameters": Generator(config.generator).num_parameters(),
+        "train_config": config.to_dict(),
+        "data": [str(p) for p in data],
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+# --- command line ---------------------------------------------------------------------------
+
+FLAGS: dict[str, tuple[type, str]] = {
+    "steps": (int, "optimizer steps in all; a resumed run continues up to this count"),
+    "tokens_per_step": (int, "token budget of one step (rows x padded width), both models"),
+    "lr": (float, "peak AdamW learning rate (warm-up, then cosine decay to lr * min_lr_ratio)"),
+    "alpha": (float, "weight of the loss on the retrieved documents (L_main + alpha L_retr)"),
+    "holdout": (float, "fraction of multi-variant groups that give up one held-out variant"),
+    "seed": (int, "seed of the split, the initialisation, the batches and the query dropout"),
+    "eval_every": (int, "steps between held-out validations"),
+    "save_every": (int, "steps between checkpoints (model + training state)"),
+    "val_docs": (int, "held-out documents scored at each validation"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = RACM3TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="mmrag train ra-cm3",
+        description=(
+            "Train the RA-CM3 generator on image + caption documents, each prefixed by K in "
+            "{0, 1, 2} documents retrieved from a memory of the training documents (relevance "
+            "cap 0.9, self-exclusion, redundancy skipping, 20%% query dropout), loss L_main + "
+            "0.1 L_retr. --retrieval off trains the vanilla baseline with identical steps and "
+            "tokens. Writes a model folder loadable by mmrag generate (--model). Running the "
+            "same command again resumes."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="JSONL files or folders holding documents.jsonl (e.g. .cache/data/emoji)",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--retrieval",
+        choices=["on", "off"],
+        default="on",
+        help="on: RA-CM3; off: the vanilla baseline (default on)",
+    )
+    p.add_argument(
+        "--preset",
+        default="small",
+        metavar="NAME",
+        help="generator preset (presets/generator-NAME.json; default small); ignored with --config",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON_FILE",
+        help="a full RACM3TrainConfig JSON (e.g. a run's train-config.json)",
+    )
+    for name, (kind, text) in FLAGS.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            metavar=kind.__name__.upper(),
+            help=f"{text} (default {getattr(defaults, name)})",
+        )
+    p.add_argument(
+        "--vq",
+        type=Path,
+        metavar="DIR",
+        help="VQ image tokenizer folder (default: the shipped checkpoints/vq)",
+    )
+    p.add_argument(
+        "--encoder", default="lite", help="retriever encoder for the training memory (default lite)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; use 1 on shared cores)",
+    )
+    p.add_argument("--device", help="torch device (default cpu; cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RACM3TrainConfig:
+    if args.config:
+        config = RACM3TrainConfig.load(args.config)
+    else:
+        config = RACM3TrainConfig(generator=GeneratorConfig.preset(args.preset))
+    changes: dict[str, Any] = {f: getattr(args, f) for f in FLAGS if getattr(args, f) is not None}
+    changes["retrieval"] = args.retrieval == "on"
+    return config.replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logger.info("command: %s", shlex.join(["mmrag", "train", "ra-cm3", *argv]))
+    try:
+        final = train_ra_cm3(
+            args.data,
+            args.out,
+            config,
+            args.vq,
+            EncoderSpec(name=args.encoder),
+            args.device,
+            not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    logger.info("final: %s", json.dumps(final))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""RA-CM3 trainer on a tiny synthetic set: data preparation, sequences, loss, resume, vanilla."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from mmrag.config import RetrieverConfig
+from mmrag.encoders.base import EncoderSpec
+from mmrag.generator import GeneratorConfig
+from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
+from mmrag.train.distributed import DistEnv
+from mmrag.train.ra_cm3 import (
+    STATE_FILE,
+    Batcher,
+    RACM3TrainConfig,
+    main,
+    prepare,
+    ra_loss,
+    train_ra_cm3,
+)
+from mmrag.train.ra_cm3_data import (
+    Corpus,
+    blank_patches,
+    build_sequence,
+    caption_span,
+    heldout_variants,
+)
+from mmrag.vq import VQConfig, VQModel
+
+COLOURS = [(220, 20, 20), (20, 160, 40), (30, 60, 220), (240, 200, 20)]
+SHAPES = ("disc", "square", "bar")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_dataset(folder: Path) -> Path:
+    """12 documents: 4 colour groups (metadata base) x 3 shapes on white."""
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i, rgb in enumerate(COLOURS):
+        for shape in SHAPES:
+            img = Image.new("RGB", (32, 32), (255, 255, 255))
+            draw = ImageDraw.Draw(img)
+            box = (6, 6, 26, 26) if shape != "bar" else (4, 12, 28, 20)
+            (draw.ellipse if shape == "disc" else draw.rectangle)(box, fill=rgb)
+            file = f"images/{i}-{shape}.png"
+            img.save(folder / file)
+            parts = [{"image": file}, {"text": f"a {shape} of colour {i}"}]
+            meta = {"base": f"c{i}", "name": f"{shape} {i}"}
+            lines.append(json.dumps({"parts": parts, "metadata": meta}))
+    (folder / "documents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def vq_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    VQModel(VQConfig.preset("tiny")).save_pretrained(tmp_path / "vq")
+    return tmp_path / "vq"
+
+
+def tiny_config(**changes: object) -> RACM3TrainConfig:
+    base = RACM3TrainConfig(
+        generator=GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=384),
+        tokenizer=TokenizerConfig(text_vocab_size=270, bpe_min_frequency=1),
+        retriever=RetrieverConfig.preset("training").replace(relevance_cap=None),
+        query_variants=2,
+        tokens_per_step=400,
+        steps=4,
+        warmup_steps=1,
+        holdout=0.5,
+        eval_every=2,
+        save_every=2,
+        val_docs=2,
+    )
+    return base.replace(**changes)
+
+
+HASHING = EncoderSpec(name="hashing")
+
+
+def test_heldout_variants_keep_siblings() -> None:
+    groups = ["a", "a", "a", "b", "b", "c", None]
+    held = heldout_variants(groups, fraction=1.0, seed=0)
+    held_groups = [groups[i] for i in held]
+    assert sorted(held_groups) == ["a", "b"]  # one per multi-member group, none from c / None
+    for i in held:
+        assert sum(1 for g in groups if g == groups[i]) - 1 >= 1  # a sibling stays
+
+
+def test_prepare_codes_splits_and_retrieves(dataset: Path, vq_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config()
+    prep = prepare([dataset], tmp_path / "run", config, vq_dir, HASHING, progress=False)
+    assert len(prep.corpus) == 12
+    assert prep.corpus.codes.shape == (12, VQConfig.preset("tiny").tokens_per_image)
+    assert len(prep.heldout_rows) == 2  # half of the 4 groups give up one variant
+    assert set(prep.train_rows) | set(prep.heldout_rows) == set(range(12))
+    assert prep.found is not None and prep.found.shape == (10, 2, 2)
+    for pos, row in enumerate(prep.train_rows):
+        found = {int(j) for j in prep.found[pos].flatten() if j >= 0}
+        assert int(row) not in found  # self-exclusion
+        assert not found & set(prep.heldout_rows.tolist())  # memory holds training docs only
+    again = Corpus.load(tmp_path / "run" / "corpus.safetensors")
+    assert torch.equal(again.codes, prep.corpus.codes) and again.ids == prep.corpus.ids
+
+
+def test_sequences_modes_round_trip(dataset: Path, vq_dir: Path, tmp_path: Path) -> None:
+    prep = prepare([dataset], tmp_path / "run", tiny_config(), vq_dir, HASHING, progress=False)
+    tok, corpus = prep.tokenizer, prep.corpus
+    rng = np.random.default_rng(0)
+    plain = build_sequence(tok, corpus, 0, [1, 2], "plain", rng, prep.grid)
+    main_doc, retrieved = tok.decode(plain.ids)
+    assert main_doc == corpus.coded(0) and retrieved == [corpus.coded(1), corpus.coded(2)]
+    assert any(plain.retrieved) and plain.main[-1] and not plain.main[0]
+    uncond = build_sequence(tok, corpus, 0, [1], "uncond", rng, prep.grid)
+    assert tok.decode(uncond.ids) == (corpus.coded(0, caption=False), [])
+    for mode in ("caption", "spans"):
+        for _ in range(5):
+            ex = build_sequence(tok, corpus, 3, [4], mode, rng, prep.grid)
+            assert any(t in tok.sentinel_ids for t in ex.ids)
+            assert tok.decode(tok.causal_unmask(ex.ids))[0] == corpus.coded(3)
+            assert len(ex.main) == len(ex.ids) == len(ex.retrieved)
+    caption = build_sequence(tok, corpus, 3, [], "caption", rng, prep.grid)
+    tail = caption.ids[caption.ids.index(tok.sentinel_ids[0], 3) + 1 : -1]
+    assert tok.decode_text(tail) == corpus.captions[3]  # the caption is generated last
+    a, b = caption_span(tok, tok.encode(corpus.coded(3)).ids)
+    assert b > a
+
+
+def test_batches_fill_the_token_budget(dataset: Path, vq_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tokens_per_step=600)
+    prep = prepare([dataset], tmp_path / "run", config, vq_dir, HASHING, progress=False)
+    batcher = Batcher(prep, config)
+    cursor = 0
+    for step in range(6):
+        examples, nxt = batcher.batch(step, cursor)
+        width = max(len(e.ids) for e in examples)
+        assert len(examples) * width <= 600 or len(examples) == 1
+        assert nxt == cursor + len(examples)
+        again, _ = batcher.batch(step, cursor)
+        assert [e.ids for e in again] == [e.ids for e in examples]  # pure function of step
+        cursor = nxt
+
+
+def test_ra_loss_weights_main_and_retrieved() -> None:
+    nll = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    main = torch.tensor([[False, False, True, True]])
+    retrieved = torch.tensor([[True, True, False, False]])
+    loss, stats = ra_loss(nll, main, retrieved, alpha=0.1, env=DistEnv())
+    assert loss.item() == pytest.approx(3.5 + 0.1 * 1.5)
+    assert stats == {"main_tokens": 2.0, "retrieved_tokens": 2.0}
+    only_main, _ = ra_loss(nll, main, torch.zeros_like(retrieved), 0.1, DistEnv())
+    assert only_main.item() == pytest.approx(3.5)
+
+
+def test_train_resumes_exactly_and_vanilla_sees_no_retrieval(
+    dataset: Path, vq_dir: Path, tmp_path: Path
+) -> None:
+    config = tiny_config()
+    full = train_ra_cm3([dataset], tmp_path / "full", config, vq_dir, HASHING, progress=False)
+    assert np.isfinite(full["loss"]) and full["step"] == 4
+    train_ra_cm3(
+        [dataset], tmp_path / "cut", config.replace(steps=2), vq_dir, HASHING, progress=False
+    )
+    resumed = train_ra_cm3([dataset], tmp_path / "cut", config, vq_dir, HASHING, progress=False)
+    assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-6)
+    a = load_file(str(tmp_path / "full" / "generator" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "generator" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / STATE_FILE).is_file()
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]] == [2.0, 4.0]
+    assert metrics["history"][-1]["main_tokens"] > 0
+
+    vanilla = train_ra_cm3(
+        [dataset],
+        tmp_path / "vanilla",
+        config.replace(retrieval=False),
+        vq_dir,
+        HASHING,
+        progress=False,
+    )
+    assert vanilla["retrieved_tokens"] == 0 and vanilla["step"] == 4
+    assert not (tmp_path / "vanilla" / "memory").exists()
+    ra_tokens = metrics["history"][-1]["tokens"]
+    assert abs(vanilla["tokens"] - ra_tokens) <= 0.5 * ra_tokens  # same budget per step
+
+
+def test_main_cli_trains_on_a_tiny_budget(dataset: Path, vq_dir: Path, tmp_path: Path) -> None:
+    config_file = tmp_path / "config.json"
+    tiny_config(steps=2).save(config_file)
+    rc = main(
+        [
+            "--data",
+            str(dataset),
+            "--out",
+            str(tmp_path / "cli"),
+            "--config",
+            str(config_file),
+            "--vq",
+            str(vq_dir),
+            "--encoder",
+            "hashing",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert (tmp_path / "cli" / "ra_cm3.json").is_file()
+    assert MultimodalTokenizer.from_pretrained(tmp_path / "cli" / "tokenizer").vocab_size <= 320
+
+
+def test_blank_patches_blanks_the_requested_share() -> None:
+    image = Image.new("RGB", (16, 16), (0, 0, 0))
+    out = np.asarray(blank_patches(image, 0.25, np.random.default_rng(0)))
+    assert (out == 255).all(axis=-1).mean() == pytest.approx(0.25)
