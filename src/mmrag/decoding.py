@@ -1,0 +1,171 @@
+"""Sampling from the generator: temperature and nucleus sampling, modality constraints,
+classifier-free guidance, batched KV-cached decoding, and sequence scores for reranking.
+
+Classifier-free guidance (Ho & Salimans 2022; on image tokens as in CM3Leon, Yu et al. 2023):
+every conditional row has an unconditional twin (its prompt without the caption and the
+retrieved documents) decoded in the same batch; the next token is sampled from
+`uncond + s * (cond - uncond)` and appended to both rows, so the twins stay aligned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional
+
+from mmrag.generator import Generator, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn. temperature 0 = greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("Sampling: temperature >= 0 and top_p in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("Sampling: top_k >= 1")
+
+
+@dataclasses.dataclass
+class Decoded:
+    """New tokens per row and their mean NLL under the (guided, constrained) model at
+    temperature 1: the perplexity used to rerank samples."""
+
+    tokens: list[list[int]]
+    mean_nll: list[float]
+
+
+def allowed_mask(
+    vocab_size: int, ranges: Sequence[tuple[int, int]], extra: Sequence[int] = ()
+) -> torch.Tensor:
+    """(V,) bool: True for ids in any [start, end) range or in `extra`."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    for start, end in ranges:
+        mask[start:end] = True
+    mask[list(extra)] = True
+    return mask
+
+
+def sample_next(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy, or temperature + top-k + nucleus sampling."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > sampling.top_p  # keep the smallest nucleus
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> ids (B, T) left-padded and attention_mask (B, T)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p) :] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def decode(
+    model: Generator,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    allowed: torch.Tensor | None = None,
+    sampling: Sampling | None = None,
+    uncond_prompts: Sequence[Sequence[int]] | None = None,
+    guidance: float = 1.0,
+    stop_id: int | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Decoded:
+    """Continue every prompt by up to `max_new_tokens` tokens drawn from `allowed` (V,) ids.
+
+    With `uncond_prompts` (one per prompt) and `guidance` != 1, classifier-free guidance.
+    A row stops after `stop_id` (included in its tokens). `use_cache=False` recomputes the
+    whole sequence at every step: the reference the KV cache is benchmarked against.
+    """
+    sampling = sampling or Sampling()
+    guided = uncond_prompts is not None and guidance != 1.0
+    rows = list(prompts) + (list(uncond_prompts) if guided and uncond_prompts else [])
+    b = len(prompts)
+    ids, mask = left_pad(rows, pad_id)
+    device = model.device
+    ids, mask = ids.to(device), mask.to(device)
+    cache: KVCache | None = None
+    if use_cache:
+        cache = model.new_cache(len(rows), ids.shape[1] + max_new_tokens)
+    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (R, V)
+    out = [[] for _ in range(b)]  # type: list[list[int]]
+    nll = torch.zeros(b, dtype=torch.float64)
+    done = torch.zeros(b, dtype=torch.bool)
+    bias = None
+    if allowed is not None:
+        bias = torch.zeros(allowed.shape[0], device=device).masked_fill(
+            ~allowed.to(device), float("-inf")
+        )
+    for step in range(max_new_tokens):
+        scores = logits[:b]
+        if guided:
+            scores = logits[b:] + guidance * (logits[:b] - logits[b:])  # (B, V)
+        if bias is not None:
+            scores = scores + bias
+        token = sample_next(scores.float(), sampling, generator)  # (B,)
+        logp = functional.log_softmax(scores.float(), -1).gather(-1, token[:, None]).squeeze(-1)
+        for r in range(b):
+            if not done[r]:
+                out[r].append(int(token[r]))
+                nll[r] -= float(logp[r])
+        if stop_id is not None:
+            done |= (token == stop_id).cpu()
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        step_tokens = torch.cat([token, token[: len(rows) - b]])[:, None]  # (R, 1)
+        if cache is not None:
+            logits = model(step_tokens, cache=cache)[:, -1]
+        else:
+            ids = torch.cat([ids, step_tokens], dim=1)
+            mask = torch.cat([mask, torch.ones_like(step_tokens, dtype=torch.bool)], dim=1)
+            logits = model(ids, attention_mask=mask)[:, -1]
+    mean = [float(nll[r]) / max(1, len(out[r])) for r in range(b)]
+    return Decoded(out, mean)
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: Generator,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_id: int = 0,
+) -> list[float]:
+    """Mean NLL per token of each continuation given its prompt (one batched forward pass)."""
+    rows = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
+    ids, mask = left_pad(rows, pad_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    logp = functional.log_softmax(model(ids, attention_mask=mask)[:, :-1].float(), -1)  # (B,T-1,V)
+    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    width = ids.shape[1]
+    out = []
+    for r, c in enumerate(continuations):
+        n = len(c)
+        out.append(-float(token_logp[r, width - 1 - n :].sum()) / max(1, n))
+    return out
