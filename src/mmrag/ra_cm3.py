@@ -8,11 +8,27 @@ of the documents it was conditioned on).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
+import numpy as np
+import torch
+from PIL import Image
+
+from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
+from mmrag.decoding import Sampling, allowed_mask, decode
+from mmrag.encoders.base import l2_normalize
+from mmrag.generator import Generator
+from mmrag.memory.memory import Memory
+from mmrag.retrieval import Retriever
+from mmrag.tokenizer import CodedDocument, ImageCodes, MultimodalTokenizer, code_document
+from mmrag.vq import VQModel
 
 CONFIG_FILE = "ra_cm3.json"
+MASK = "<mask>"  # the placeholder a user writes in a caption to infill
 
 
 def _inference_retriever() -> RetrieverConfig:
@@ -44,3 +60,340 @@ class RACM3Config(Config):
             raise ConfigError("RACM3Config: guidance >= 0, temperatures > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("RACM3Config: top_p in (0, 1]")
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """A document the output was conditioned on: retrieved (with its retrieval score) or
+    pinned by the user (scored against the query for transparency)."""
+
+    id: str
+    score: float
+    source: Literal["retrieved", "pinned"]
+    text: str = ""
+    image: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "score": round(self.score, 6), "source": self.source}
+
+
+@dataclasses.dataclass
+class ImageOutput:
+    """A generated image, its evidence, and every sample's dual-encoder score (the kept one
+    is the best)."""
+
+    image: Image.Image
+    evidence: list[Evidence]
+    scores: list[float]
+    codes: list[int]
+
+    def to_json(self, output: str) -> dict[str, Any]:
+        return {
+            "output": output,
+            "evidence": [e.to_json() for e in self.evidence],
+            "scores": [round(s, 6) for s in self.scores],
+        }
+
+
+@dataclasses.dataclass
+class CaptionOutput:
+    """A generated caption, its evidence, and every sampled caption with its perplexity."""
+
+    text: str
+    evidence: list[Evidence]
+    candidates: list[tuple[str, float]]
+
+    @property
+    def perplexity(self) -> float:
+        return min(p for _, p in self.candidates)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.text,
+            "evidence": [e.to_json() for e in self.evidence],
+            "candidates": [{"text": t, "perplexity": round(p, 4)} for t, p in self.candidates],
+        }
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class RACM3:
+    """Generator + tokenizer + VQ, retrieving from `memory` (None: no retrieval possible)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        tokenizer: MultimodalTokenizer,
+        vq: VQModel,
+        config: RACM3Config | None = None,
+        memory: Memory | None = None,
+    ) -> None:
+        if generator.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError("the generator's vocabulary is smaller than the tokenizer's")
+        if tokenizer.config.image_tokens != vq.config.tokens_per_image:
+            raise ValueError("the tokenizer and the VQ disagree on tokens per image")
+        self.generator, self.tokenizer, self.vq = generator.eval(), tokenizer, vq.eval()
+        self.config = config or RACM3Config()
+        self.memory = memory
+        self.retriever = Retriever(memory, self.config.retriever) if memory is not None else None
+        self.grid = vq.config.grid_size
+        tok = tokenizer
+        self.image_allowed = allowed_mask(
+            generator.config.vocab_size, [(tok.image_offset, tok.vocab_size)]
+        )
+        self.text_allowed = allowed_mask(
+            generator.config.vocab_size, [(tok.text_offset, tok.image_offset)], [tok.eos_id]
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path | None = None,
+        memory: Memory | None = None,
+        device: torch.device | str = "cpu",
+    ) -> RACM3:
+        """Load a model folder (`mmrag train ra-cm3 --out`); default: the shipped checkpoint."""
+        src = Path(directory) if directory is not None else checkpoint_dir("ra-cm3")
+        for sub in ("generator", "tokenizer", "vq"):
+            if not (src / sub).is_dir():
+                raise FileNotFoundError(f"{src} is not an RA-CM3 model folder (no {sub}/)")
+        config = RACM3Config.load(src / CONFIG_FILE) if (src / CONFIG_FILE).is_file() else None
+        return cls(
+            Generator.from_pretrained(src / "generator", device),
+            MultimodalTokenizer.from_pretrained(src / "tokenizer"),
+            VQModel.from_pretrained(src / "vq", device),
+            config,
+            memory,
+        )
+
+    def with_memory(self, memory: Memory | None) -> RACM3:
+        """The same weights retrieving from another memory (e.g. one updated after training)."""
+        return RACM3(self.generator, self.tokenizer, self.vq, self.config, memory)
+
+    # -- evidence ---------------------------------------------------------------------------
+
+    def evidence(
+        self,
+        text: str | None = None,
+        image: Image.Image | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        k: int | None = None,
+    ) -> list[Evidence]:
+        """The documents to condition on: pinned `demos` (memory ids) in place of retrieval,
+        else the top-k retrieved for the text and/or image, else none."""
+        if not demos and (not retrieval or self.retriever is None):
+            return []
+        if self.memory is None or self.retriever is None:
+            raise ValueError("pinned demonstrations need a memory to read them from")
+        query = self.retriever.encode(text, image)
+        if demos:
+            found = self.memory.get(list(demos))
+            missing = [d for d, f in zip(demos, found, strict=True) if f is None]
+            if missing:
+                raise KeyError(f"pinned documents not in the memory: {', '.join(missing)}")
+            docs = [f for f in found if f is not None]
+            scores = self.memory.vectors([d.seq for d in docs]) @ query
+            return [
+                Evidence(d.id, float(s), "pinned", d.text, d.image)
+                for d, s in zip(docs, scores, strict=True)
+            ]
+        hits = self.retriever.search_vectors(query[None], k or self.config.retriever.k)[0]
+        return [Evidence(h.id, h.score, "retrieved", h.text, h.image) for h in hits]
+
+    def _coded(self, evidence: Sequence[Evidence]) -> list[CodedDocument]:
+        if not evidence:
+            return []
+        assert self.memory is not None
+        docs = self.memory.get([e.id for e in evidence])
+        return [code_document(d.to_document(), self.vq) for d in docs if d is not None]
+
+    def _prefix(self, evidence: list[Evidence], room: int) -> tuple[list[int], list[Evidence]]:
+        """`<bos> m1 <sep> m2 <sep>` fitting in `room` tokens: the lowest-ranked documents are
+        dropped first when the prompt would not fit."""
+        tok = self.tokenizer
+        docs = [[*tok.encode_document(c), tok.sep_id] for c in self._coded(evidence)]
+        while 1 + sum(map(len, docs)) > room and docs:
+            docs.pop()
+        return [tok.bos_id, *(t for d in docs for t in d)], evidence[: len(docs)]
+
+    def _room(self, main_tokens: int) -> int:
+        room = self.generator.config.max_seq_len - main_tokens
+        if room < 1:
+            raise ValueError(
+                f"the request needs {main_tokens} tokens; the model holds "
+                f"{self.generator.config.max_seq_len}"
+            )
+        return room
+
+    # -- caption -> image ---------------------------------------------------------------------
+
+    def generate_image(
+        self,
+        caption: str,
+        samples: int | None = None,
+        guidance: float | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        seed: int = 0,
+    ) -> ImageOutput:
+        """Draw `samples` images for `caption` with classifier-free guidance and keep the one
+        the memory's dual encoder scores highest against the caption."""
+        cfg, tok = self.config, self.tokenizer
+        samples = samples or cfg.samples
+        guidance = cfg.guidance if guidance is None else guidance
+        evidence = self.evidence(caption, None, retrieval, demos)
+        main = [tok.img_alt_id, *tok.encode_text(caption), tok.src_id]
+        prefix, evidence = self._prefix(evidence, self._room(len(main) + tok.config.image_tokens))
+        prompt = prefix + main
+        uncond = [tok.bos_id, tok.img_src_id]
+        decoded = decode(
+            self.generator,
+            [prompt] * samples,
+            tok.config.image_tokens,
+            self.image_allowed,
+            Sampling(cfg.temperature, cfg.top_p),
+            [uncond] * samples,
+            guidance,
+            pad_id=tok.pad_id,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        grids = [[t - tok.image_offset for t in row] for row in decoded.tokens]
+        images = self.vq.decode_images(torch.tensor(grids).view(samples, self.grid, self.grid))
+        scores = self.image_text_scores(images, caption)
+        best = int(np.argmax(scores)) if scores else 0
+        return ImageOutput(images[best], evidence, scores, grids[best])
+
+    def image_text_scores(self, images: Sequence[Image.Image], caption: str) -> list[float]:
+        """The memory's dual-encoder score of each image against the caption (empty without a
+        memory: then samples are not reranked)."""
+        if self.memory is None:
+            return [0.0] * len(images)
+        encoder = self.memory.encoder
+        text = l2_normalize(encoder.encode_text([caption]))[0]
+        return [float(s) for s in l2_normalize(encoder.encode_image(list(images))) @ text]
+
+    # -- image -> caption ---------------------------------------------------------------------
+
+    def generate_caption(
+        self,
+        image: Image.Image,
+        samples: int | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        seed: int = 0,
+    ) -> CaptionOutput:
+        """Sample captions as the infilling of the alt text and keep the lowest perplexity."""
+        tok = self.tokenizer
+        codes = tok.encode_image(ImageCodes.of(self.vq.encode_images([image])[0]))
+        sentinel = tok.sentinel_ids[0]
+        main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
+        return self._caption(main, image, retrieval, demos, samples, seed, prefix_text=None)
+
+    def infill_caption(
+        self,
+        image: Image.Image,
+        caption: str,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        samples: int | None = None,
+        seed: int = 0,
+    ) -> CaptionOutput:
+        """Fill the one `<mask>` in `caption` (e.g. "woman dancing: <mask> skin tone")."""
+        if caption.count(MASK) != 1:
+            raise ValueError(f"the caption must contain {MASK} exactly once")
+        tok = self.tokenizer
+        left, right = caption.split(MASK)
+        codes = tok.encode_image(ImageCodes.of(self.vq.encode_images([image])[0]))
+        sentinel = tok.sentinel_ids[0]
+        main = [
+            tok.img_alt_id,
+            *tok.encode_text(left),
+            sentinel,
+            *tok.encode_text(right),
+            tok.src_id,
+            *codes,
+            tok.close_id,
+            sentinel,
+        ]
+        out = self._caption(main, image, retrieval, demos, samples, seed, prefix_text=left)
+        out.text = left + out.text + right
+        out.candidates = [(left + t + right, p) for t, p in out.candidates]
+        return out
+
+    def _caption(
+        self,
+        main: list[int],
+        image: Image.Image,
+        retrieval: bool,
+        demos: Sequence[str],
+        samples: int | None,
+        seed: int,
+        prefix_text: str | None,
+    ) -> CaptionOutput:
+        cfg, tok = self.config, self.tokenizer
+        samples = samples or cfg.caption_samples
+        evidence = self.evidence(prefix_text, image, retrieval, demos)
+        prefix, evidence = self._prefix(evidence, self._room(len(main) + cfg.max_caption_tokens))
+        decoded = decode(
+            self.generator,
+            [prefix + main] * samples,
+            cfg.max_caption_tokens,
+            self.text_allowed,
+            Sampling(cfg.caption_temperature, cfg.top_p),
+            stop_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        texts = [tok.decode_text([t for t in row if t != tok.eos_id]) for row in decoded.tokens]
+        candidates = sorted(
+            {t: math.exp(n) for t, n in zip(texts, decoded.mean_nll, strict=True)}.items(),
+            key=lambda c: c[1],
+        )
+        return CaptionOutput(candidates[0][0], evidence, candidates)
+
+    # -- image infilling ------------------------------------------------------------------------
+
+    def infill_image(
+        self,
+        image: Image.Image,
+        rows: tuple[int, int],
+        caption: str | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        seed: int = 0,
+    ) -> ImageOutput:
+        """Regenerate the band of VQ grid rows [rows[0], rows[1]) of `image` (each row is
+        image_size / grid pixels high) given the rest of the image and optionally a caption;
+        the rest of the image keeps its codes."""
+        top, bottom = rows
+        if not 0 <= top < bottom <= self.grid:
+            raise ValueError(f"rows must satisfy 0 <= top < bottom <= {self.grid}")
+        cfg, tok = self.config, self.tokenizer
+        codes = tok.encode_image(ImageCodes.of(self.vq.encode_images([image])[0]))
+        a, b = top * self.grid, bottom * self.grid
+        sentinel = tok.sentinel_ids[0]
+        head = (
+            [tok.img_alt_id, *tok.encode_text(caption), tok.src_id] if caption else [tok.img_src_id]
+        )
+        main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
+        evidence = self.evidence(caption, image, retrieval, demos)
+        prefix, evidence = self._prefix(evidence, self._room(len(main) + b - a))
+        decoded = decode(
+            self.generator,
+            [prefix + main],
+            b - a,
+            self.image_allowed,
+            Sampling(cfg.temperature, cfg.top_p),
+            pad_id=tok.pad_id,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        filled = [*codes[:a], *decoded.tokens[0], *codes[b:]]
+        grid = [t - tok.image_offset for t in filled]
+        out = self.vq.decode_images(torch.tensor(grid).view(1, self.grid, self.grid))[0]
+        scores = self.image_text_scores([out], caption) if caption else [0.0]
+        return ImageOutput(out, evidence, scores, grid)

@@ -1,0 +1,156 @@
+"""RA-CM3 on tiny random parts: evidence, constraints, guidance, infilling, pinned demos."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmrag.documents import Document
+from mmrag.generator import Generator, GeneratorConfig
+from mmrag.memory.ingest import ingest
+from mmrag.memory.memory import Memory
+from mmrag.ra_cm3 import MASK, RACM3, RACM3Config
+from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
+from mmrag.vq import VQConfig, VQModel
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(max_seq_len: int = 384, memory: Memory | None = None) -> RACM3:
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig.preset("tiny"))
+    captions = ["a red square", "a green square", "a blue disc", "a yellow bar"] * 3
+    tok_config = TokenizerConfig(
+        text_vocab_size=270,
+        bpe_min_frequency=1,
+        image_codes=vq.config.codebook_size,
+        image_tokens=vq.config.tokens_per_image,
+    )
+    tok = MultimodalTokenizer.train(captions, tok_config)
+    gen = Generator(GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=max_seq_len))
+    config = RACM3Config(samples=2, caption_samples=3, max_caption_tokens=8)
+    return RACM3(gen, tok, vq, config, memory)
+
+
+@pytest.fixture
+def memory(hashing_memory: Memory, color_docs: list[Document]) -> Memory:
+    ingest(hashing_memory, color_docs, progress=False)
+    return hashing_memory
+
+
+@pytest.fixture
+def query_image(make_png) -> Image.Image:  # type: ignore[no-untyped-def]
+    return Image.open(io.BytesIO(make_png((200, 30, 30), pattern=3))).convert("RGB")
+
+
+def test_generate_image_returns_best_sample_and_evidence(memory: Memory) -> None:
+    model = build(memory=memory)
+    out = model.generate_image("a red square", seed=1)
+    assert out.image.size == (16, 16)
+    assert len(out.scores) == 2
+    assert len(out.codes) == model.tokenizer.config.image_tokens
+    assert all(0 <= c < model.tokenizer.config.image_codes for c in out.codes)
+    assert 1 <= len(out.evidence) <= 2
+    assert {e.id for e in out.evidence} <= {d.id for d in memory.get_by_seq(list(range(1, 7))) if d}
+    assert all(e.source == "retrieved" for e in out.evidence)
+    scores = [e.score for e in out.evidence]
+    assert scores == sorted(scores, reverse=True)
+    best = model.image_text_scores([out.image], "a red square")[0]
+    assert best == pytest.approx(max(out.scores), abs=1e-5)
+    again = model.generate_image("a red square", seed=1)
+    assert again.codes == out.codes  # seeded
+
+
+def test_no_retrieval_and_pinned_demos(memory: Memory, color_docs: list[Document]) -> None:
+    model = build(memory=memory)
+    assert model.generate_image("a red square", retrieval=False).evidence == []
+    pinned = [color_docs[4].id, color_docs[1].id]
+    out = model.generate_image("a red square", demos=pinned)
+    assert [e.id for e in out.evidence] == pinned
+    assert all(e.source == "pinned" for e in out.evidence)
+    with pytest.raises(KeyError, match="not in the memory"):
+        model.generate_image("a red square", demos=["0" * 32])
+    assert out.to_json("x.png")["evidence"][0]["id"] == pinned[0]
+
+
+def test_retrieval_changes_the_conditioning(memory: Memory) -> None:
+    model = build(memory=memory)
+    with_ret = model.generate_image("a red square", guidance=1.0, seed=3)
+    without = model.generate_image("a red square", guidance=1.0, seed=3, retrieval=False)
+    assert with_ret.codes != without.codes
+
+
+def test_prompt_drops_low_ranked_documents_to_fit(memory: Memory) -> None:
+    tokens = 64 + 8  # one document or the main request is ~70 tokens
+    model = build(max_seq_len=2 * tokens + 16, memory=memory)
+    out = model.generate_image("a red square")
+    assert len(out.evidence) == 1  # the second retrieved document did not fit
+    with pytest.raises(ValueError, match="tokens"):
+        build(max_seq_len=40, memory=memory).generate_image("a red square")
+
+
+def test_generate_caption_reranks_by_perplexity(memory: Memory, query_image: Image.Image) -> None:
+    model = build(memory=memory)
+    out = model.generate_caption(query_image, seed=0)
+    perplexities = [p for _, p in out.candidates]
+    assert perplexities == sorted(perplexities) and out.text == out.candidates[0][0]
+    assert out.perplexity == perplexities[0] and out.perplexity > 1
+    assert len(out.evidence) >= 1
+    assert out.to_json()["output"] == out.text
+
+
+def test_infill_image_keeps_the_codes_outside_the_band(
+    memory: Memory, query_image: Image.Image
+) -> None:
+    model = build(memory=memory)
+    grid = model.grid
+    before = model.vq.encode_images([query_image])[0].reshape(-1).tolist()
+    out = model.infill_image(query_image, (2, 5), caption="a red square")
+    assert out.codes[: 2 * grid] == before[: 2 * grid]
+    assert out.codes[5 * grid :] == before[5 * grid :]
+    with pytest.raises(ValueError, match="rows"):
+        model.infill_image(query_image, (5, 5))
+
+
+def test_infill_caption_keeps_the_given_words(memory: Memory, query_image: Image.Image) -> None:
+    model = build(memory=memory)
+    out = model.infill_caption(query_image, f"a {MASK} square", retrieval=False)
+    assert out.text.startswith("a ") and out.text.endswith(" square")
+    assert all(t.startswith("a ") for t, _ in out.candidates)
+    with pytest.raises(ValueError, match="exactly once"):
+        model.infill_caption(query_image, "no mask here")
+
+
+def test_without_memory_nothing_is_retrieved(query_image: Image.Image) -> None:
+    model = build()
+    assert model.generate_image("a red square").evidence == []
+    assert model.generate_caption(query_image).evidence == []
+    with pytest.raises(ValueError, match="memory"):
+        model.generate_image("a red square", demos=["x"])
+
+
+def test_from_pretrained_round_trip(tmp_path: Path, memory: Memory) -> None:
+    model = build(memory=memory)
+    model.generator.save_pretrained(tmp_path / "generator")
+    model.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model.vq.save_pretrained(tmp_path / "vq")
+    model.config.save(tmp_path / "ra_cm3.json")
+    loaded = RACM3.from_pretrained(tmp_path, memory)
+    assert loaded.config == model.config
+    assert (
+        loaded.generate_image("a blue disc", seed=2).codes
+        == model.generate_image("a blue disc", seed=2).codes
+    )
+    with pytest.raises(FileNotFoundError, match="model folder"):
+        RACM3.from_pretrained(tmp_path / "generator")
