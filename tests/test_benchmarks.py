@@ -141,3 +141,24 @@ def test_report_renders_both(
     assert out.count("\n| numpy | - |") == 2  # one summary row per size
     assert "Memory.search_vectors" in out
     assert "<details>" in out
+
+
+def test_generate_quick(tmp_path: Path) -> None:
+    """The generation benchmark's quick mode: the cache beats recomputation, sane JSON."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        bench_generate = importlib.import_module("bench_generate")
+        out = tmp_path / "generate.json"
+        assert bench_generate.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    single = result["single_image"]
+    assert len(single["cached_s"]) == len(single["recompute_s"]) == 2
+    assert single["speedup_median_paired"] > 1.0
+    assert {(r["batch"], r["guidance"]) for r in result["throughput"]} == {
+        (1, False),
+        (1, True),
+        (2, False),
+        (2, True),
+    }
+    assert all(r["images_per_s"] > 0 for r in result["throughput"])
+    assert result["config"]["model"] == "random tiny"

@@ -1,0 +1,167 @@
+"""RA-CM3 generation speed: one image (all its tokens) with the KV cache against the same model
+recomputing the whole sequence at every step, in one run; then batched throughput.
+
+The prompt is what `RACM3.generate_image` builds: K = 2 retrieved documents (each an image
+with its caption) and the caption, then exactly one image's worth of tokens constrained to
+image codes. The model is the shipped `checkpoints/ra-cm3` when present (speed does not
+depend on the weights, only on the sizes), else a randomly initialised `small` generator.
+Decoding is greedy-free sampling (temperature 1, top-p 0.9), guidance off for the cache
+comparison (guidance doubles the rows: it is measured in the throughput table).
+
+Goals (issue 3): the cache >= 10x faster than recomputation, and < 1 s per image for `small`
+on 2 cores.
+
+Run: .venv/bin/python benchmarks/bench_generate.py [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from machine import RESULTS, QuietMeter, machine_info, write_json
+from mmrag.checkpoints import CheckpointNotFoundError, checkpoint_dir
+from mmrag.decoding import Sampling, allowed_mask, decode
+from mmrag.generator import Generator, GeneratorConfig
+
+GOAL_SPEEDUP = 10.0
+GOAL_SECONDS_PER_IMAGE = 1.0
+QUICK = {"preset": "tiny", "image_tokens": 32, "prompt_tokens": 24, "repeats": 2, "batches": "1,2"}
+FULL = {
+    "preset": "small",
+    "image_tokens": 256,
+    "prompt_tokens": 545,
+    "repeats": 3,
+    "batches": "1,4,8",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="tiny model, short sequences (tests)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--out", type=Path, help="result JSON (default: benchmarks/results/generate[-quick].json)"
+    )
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        setattr(args, key, value)
+    args.out = args.out or RESULTS / ("generate-quick.json" if args.quick else "generate.json")
+    return args
+
+
+def load_model(preset: str) -> tuple[Generator, str]:
+    if preset == "small":
+        try:
+            return Generator.from_pretrained(
+                checkpoint_dir("ra-cm3") / "generator"
+            ), "checkpoints/ra-cm3"
+        except CheckpointNotFoundError:
+            pass
+    torch.manual_seed(0)
+    return Generator(GeneratorConfig.preset(preset)).eval(), f"random {preset}"
+
+
+def time_decode(
+    model: Generator,
+    prompts: list[list[int]],
+    n: int,
+    allowed: torch.Tensor,
+    use_cache: bool,
+    uncond: list[list[int]] | None = None,
+) -> float:
+    start = time.perf_counter()
+    decode(
+        model,
+        prompts,
+        n,
+        allowed,
+        Sampling(top_p=0.9),
+        uncond,
+        3.0 if uncond else 1.0,
+        generator=torch.Generator().manual_seed(0),
+        use_cache=use_cache,
+    )
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, source = load_model(args.preset)
+    vocab = model.config.vocab_size
+    n = args.image_tokens
+    allowed = allowed_mask(vocab, [(vocab - 512 if vocab > 1024 else vocab // 2, vocab)])
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(20, vocab, (args.prompt_tokens,), generator=g).tolist()
+    meter = QuietMeter()
+    time_decode(model, [prompt], 8, allowed, True)  # warm-up
+    cached, full = [], []
+    for _ in range(args.repeats):  # interleaved, so load changes hit both sides
+        cached.append(time_decode(model, [prompt], n, allowed, True))
+        full.append(time_decode(model, [prompt], n, allowed, False))
+    paired = [f / c for f, c in zip(full, cached, strict=True)]
+    throughput = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        for guided in (False, True):
+            uncond = [[1, 7]] * b if guided else None
+            seconds = time_decode(model, [prompt] * b, n, allowed, True, uncond)
+            throughput.append(
+                {
+                    "batch": b,
+                    "guidance": guided,
+                    "seconds": round(seconds, 3),
+                    "images_per_s": round(b / seconds, 3),
+                }
+            )
+    single = statistics.median(cached)
+    return {
+        "benchmark": "generate",
+        "machine": machine_info(),
+        "config": {
+            "model": source,
+            "parameters": model.num_parameters(),
+            "image_tokens": n,
+            "prompt_tokens": args.prompt_tokens,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "quick": args.quick,
+        },
+        "single_image": {
+            "cached_s": [round(x, 3) for x in cached],
+            "recompute_s": [round(x, 3) for x in full],
+            "speedup_median_paired": round(statistics.median(paired), 2),
+            "seconds_per_image_cached": round(single, 3),
+        },
+        "goals": {
+            "speedup": GOAL_SPEEDUP,
+            "seconds_per_image": GOAL_SECONDS_PER_IMAGE,
+            "pass_speedup": statistics.median(paired) >= GOAL_SPEEDUP,
+            "pass_seconds": single < GOAL_SECONDS_PER_IMAGE,
+        },
+        "throughput": throughput,
+        "quiet": meter.report(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    write_json(args.out, result)
+    s = result["single_image"]
+    print(
+        f"one image: {s['seconds_per_image_cached']} s cached, {s['speedup_median_paired']}x "
+        f"faster than recomputation; quiet={result['quiet']['quiet']} -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
