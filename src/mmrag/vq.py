@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -286,16 +286,28 @@ class Quantized:
     perplexity: torch.Tensor  # scalar, exp(entropy of the batch's code histogram)
 
 
+class RankSync(Protocol):
+    """How a data-parallel trainer combines batch statistics over its ranks
+    (`mmrag.train.distributed.Collectives`)."""
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+
 class EMAQuantizer(nn.Module):
     """Nearest-code lookup; in training mode also the EMA codebook update and dead-code restarts.
 
     Buffers: `codebook` (K, D); `ema_count` (K) running assignments per step; `ema_sum` (K, D)
     running sum of the assigned encoder outputs. `codebook = ema_sum / smoothed ema_count`.
+    With `sync` set (data-parallel training) the counts and sums are summed over ranks and
+    restarts draw from every rank's rows, so each rank's codebook equals a one-process run's.
     """
 
     def __init__(self, config: VQConfig) -> None:
         super().__init__()
         self.config = config
+        self.sync: RankSync | None = None
         k, d = config.codebook_size, config.code_dim
         codebook = torch.randn(k, d) / math.sqrt(d)
         self.codebook: torch.Tensor
@@ -323,21 +335,27 @@ class EMAQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
         codes = self.nearest(flat.detach())  # (B*h*w,)
         one_hot = functional.one_hot(codes, self.config.codebook_size).to(flat.dtype)  # (N, K)
+        counts = one_hot.sum(0)  # (K,)
+        total = torch.tensor(float(len(flat)), device=flat.device)
         if self.training:
-            self._ema_update(flat.detach(), one_hot)
-            self.restart_dead_codes(flat.detach())
+            sums = one_hot.T @ flat.detach()  # (K, D)
+            rows = flat.detach()
+            if self.sync is not None:
+                counts, sums, total = map(self.sync.sum, (counts, sums, total))
+                rows = self.sync.gather(rows)  # (N over all ranks, D)
+            self._ema_update(counts, sums)
+            self.restart_dead_codes(rows)
         z_q = self.codebook[codes].view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
         commitment = self.config.commitment * functional.mse_loss(z, z_q.detach())
-        probs = one_hot.mean(0)
+        probs = counts / total
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         z_q = z + (z_q - z).detach()  # straight-through estimator
         return Quantized(z_q, codes.view(b, h, w), commitment, perplexity)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, one_hot: torch.Tensor) -> None:
+    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """Fold this step's assignment counts (K,) and summed encoder outputs (K, D) in."""
         decay, k = self.config.ema_decay, self.config.codebook_size
-        counts = one_hot.sum(0)  # (K,)
-        sums = one_hot.T @ flat  # (K, D)
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
         # Laplace smoothing keeps codes with a tiny count finite (Sonnet VectorQuantizerEMA).

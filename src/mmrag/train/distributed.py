@@ -9,6 +9,12 @@ the same seeded generator and keeps its own contiguous slice (`shard`); the loss
 is normalised by the *global* count of targets (`global_sum`), and DDP averages the
 gradients over ranks, so the trainer multiplies its loss by `world_size` to turn DDP's mean
 back into the global sum (`DistEnv.loss_scale`). Only rank 0 writes checkpoints and logs.
+
+Losses that couple the items of a batch need more than their own shard: a contrastive loss
+scores every text against every image, so each rank gathers the whole batch's embeddings
+with gradients (`gather_rows`) and computes its own rows of the logits; statistics such as a
+VQ codebook's EMA counts are summed over ranks (`Collectives`) so every rank's copy stays
+identical to the one-process run.
 """
 
 from __future__ import annotations
@@ -65,12 +71,13 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
-    """DDP around `model` in a distributed job; the model itself otherwise."""
+def wrap(model: nn.Module, env: DistEnv, **ddp_options: Any) -> nn.Module:
+    """DDP around `model` in a distributed job (with `ddp_options`, e.g. broadcast_buffers);
+    the model itself otherwise."""
     if not env.distributed:
         return model
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_options)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -100,3 +107,35 @@ def global_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def gather_rows(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0 in rank order (so the shards of a global
+    batch come back in batch order); row counts may differ by rank. Gradients flow back to
+    each rank's own rows, summed over the ranks that used them."""
+    if not env.distributed:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    size = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(env.world_size)]
+    dist.all_gather(sizes, size)  # collectives need equal shapes: pad to the longest
+    counts = [int(s.item()) for s in sizes]
+    padding = x.new_zeros((max(counts) - len(x), *x.shape[1:]))
+    parts = all_gather(torch.cat([x, padding]))
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Collectives:
+    """Sum and gather over the job's ranks, for modules that keep batch statistics (the VQ
+    quantiser's `RankSync`); no gradients."""
+
+    env: DistEnv
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return global_sum(value, self.env)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return gather_rows(rows, self.env)

@@ -5,6 +5,10 @@ towers are locked, the cheapest variant: only two linear heads and CLIP's learna
 temperature train, with CLIP's symmetric InfoNCE loss (Radford et al. 2021, figure 3).
 Features are extracted once and cached by document id, so a run after the first takes
 seconds.
+
+Under `torchrun` each rank projects its shard of every global batch, gathers the others'
+embeddings with gradients and scores its own rows of the logits against the whole batch
+(`sharded_info_nce`), so N processes train the same heads as one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save
+from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
@@ -34,6 +39,16 @@ from mmrag.config import ConfigError, EncoderTrainConfig, LiteEncoderConfig
 from mmrag.data.datasets import documents_files
 from mmrag.documents import Document, DocumentError, Part, iter_jsonl
 from mmrag.encoders.lite import FINGERPRINT_VERSION, LiteEncoder, LiteHeads, backbone_identity
+from mmrag.train.distributed import (
+    DistEnv,
+    barrier,
+    gather_rows,
+    global_sum,
+    setup,
+    shard,
+    teardown,
+    wrap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +168,7 @@ def _write_cache(path: Path, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> 
         "image": np.stack([rows[i][0] for i in ids]).astype(np.float32),
         "text": np.stack([rows[i][1] for i in ids]).astype(np.float32),
     }
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks on other nodes may write their own
     tmp.write_bytes(save(tensors, metadata={"ids": json.dumps(ids)}))  # umask's mode, not 0600
     os.replace(tmp, path)
 
@@ -250,6 +265,62 @@ def info_nce(
     ) / 2
 
 
+class Projector(nn.Module):
+    """The heads as one forward pass (what DDP wraps): both projections and the scale."""
+
+    def __init__(self, heads: LiteHeads) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.heads
+        return h.project_image(image), h.project_text(text), h.logit_scale.exp()
+
+
+def sharded_info_nce(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    same: torch.Tensor,
+    rows: slice,
+    env: DistEnv,
+) -> torch.Tensor:
+    """This rank's share of `info_nce` over a global batch of B pairs: `image`, `text` are its
+    (b, D) embeddings (rows `rows` of the batch), `same` the batch's (B, B) mask. Its rows of
+    both logit matrices are scored against every rank's embeddings, normalised by B; summed
+    over ranks this is exactly `info_nce` of the whole batch."""
+    all_image = gather_rows(image, env)  # (B, D)
+    all_text = gather_rows(text, env)  # (B, D)
+    total = len(all_image)
+    target = torch.arange(rows.start, rows.stop)  # (b,) positions in the batch
+    not_self = target[:, None] != torch.arange(total)[None, :]  # (b, B)
+    t2i = (scale * text @ all_image.T).masked_fill(same[rows] & not_self, float("-inf"))
+    i2t = (scale * image @ all_text.T).masked_fill(same[:, rows].T & not_self, float("-inf"))
+    loss = functional.cross_entropy(t2i, target, reduction="sum") + functional.cross_entropy(
+        i2t, target, reduction="sum"
+    )
+    return loss / (2 * total)
+
+
+def batch_loss(
+    model: nn.Module,
+    heads: LiteHeads,
+    train: Split,
+    batch: torch.Tensor,
+    same: torch.Tensor,
+    env: DistEnv,
+) -> torch.Tensor:
+    """The loss of one global batch (indices into `train`): `info_nce` in one process, this
+    rank's share of it (`sharded_info_nce`) under torchrun."""
+    if not env.distributed:
+        return info_nce(heads, train.image[batch], train.text[batch], same[batch][:, batch])
+    rows = shard(len(batch), env)
+    image, text, scale = model(train.image[batch[rows]], train.text[batch[rows]])
+    return sharded_info_nce(image, text, scale, same[batch][:, batch], rows, env)
+
+
 def _optimizer(heads: LiteHeads, config: EncoderTrainConfig, steps: int) -> tuple[Any, Any]:
     # CLIP does not decay the temperature; only the projection matrices.
     groups = [
@@ -291,11 +362,18 @@ def make_split(
 
 
 def fit_heads(
-    train: Split, val: Split | None, config: EncoderTrainConfig, progress: bool = True
+    train: Split,
+    val: Split | None,
+    config: EncoderTrainConfig,
+    progress: bool = True,
+    env: DistEnv | None = None,
 ) -> tuple[LiteHeads, list[dict[str, float]]]:
-    """Train from the seeded initialisation; return the best-on-validation (or last) heads."""
+    """Train from the seeded initialisation; return the best-on-validation (or last) heads.
+    Every rank of a torchrun job draws the same batches and ends with the same heads."""
+    env = env or DistEnv()
     torch.manual_seed(config.seed)
     heads = LiteHeads(config.encoder, temperature_init=config.temperature_init)
+    model = wrap(Projector(heads), env)
     n = len(train.text)
     steps_per_epoch = max(1, n // config.batch_size + (n % config.batch_size >= 2))
     opt, schedule = _optimizer(heads, config, steps_per_epoch * config.epochs)
@@ -303,7 +381,8 @@ def fit_heads(
     same_all = torch.from_numpy(train.matches)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    for epoch in tqdm(range(1, config.epochs + 1), desc="epochs", disable=not progress):
+    epochs = range(1, config.epochs + 1)
+    for epoch in tqdm(epochs, desc="epochs", disable=not (progress and env.is_main)):
         heads.train()
         perm = torch.randperm(n, generator=generator)
         total, batches = 0.0, 0
@@ -311,13 +390,13 @@ def fit_heads(
             b = perm[start : start + config.batch_size]
             if len(b) < 2:
                 continue
-            loss = info_nce(heads, train.image[b], train.text[b], same_all[b][:, b])
+            loss = batch_loss(model, heads, train, b, same_all, env)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * env.loss_scale).backward()
             opt.step()
             schedule.step()
             heads.clamp_()
-            total, batches = total + loss.item(), batches + 1
+            total, batches = total + global_sum(loss, env).item(), batches + 1
         heads.eval()
         row = {
             "epoch": float(epoch),
@@ -372,8 +451,10 @@ def train_encoder(
     config: EncoderTrainConfig,
     cache_dir: Path | None = None,
     progress: bool = True,
+    env: DistEnv | None = None,
 ) -> dict[str, float]:
-    """Train the `lite` heads on `data` and write a loadable checkpoint to `out`.
+    """Train the `lite` heads on `data` and write a loadable checkpoint to `out` (rank 0 of
+    a torchrun job writes; every rank returns the metrics).
 
     `config.holdout` of the `config.group_key` groups are held out for the test metrics; the
     same fraction of the remaining groups is carved off for validation (best epoch). With
@@ -383,10 +464,14 @@ def train_encoder(
     pairs = load_pairs(data, config.group_key)
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 documents with text and an image, found {len(pairs)}")
+    env = env or DistEnv()
     encoder = LiteEncoder(config.encoder, batch_size=EXTRACT_BATCH)
-    image_feats, text_feats = extract_features(
-        pairs, encoder, cache_dir or default_cache_dir(), progress
-    )
+    cache = cache_dir or default_cache_dir()
+    if env.is_main:  # rank 0 fills the cache; the others then read it
+        image_feats, text_feats = extract_features(pairs, encoder, cache, progress)
+    barrier(env)
+    if not env.is_main:
+        image_feats, text_feats = extract_features(pairs, encoder, cache, progress=False)
     train_idx, val_idx, test_idx = three_way_split(pairs.groups, config.holdout, config.seed)
     indices = {"train": train_idx, "validation": val_idx, "heldout": test_idx}
     splits = {
@@ -397,11 +482,14 @@ def train_encoder(
     if train is None or len(train.text) < 2:
         raise ValueError("fewer than 2 training pairs are left after the held-out split")
     with torch_threads(FIT_THREADS):
-        heads, history = fit_heads(train, splits["validation"], config, progress)
+        heads, history = fit_heads(train, splits["validation"], config, progress, env)
         report = evaluate(heads, config, splits)
     counts = pairs.counts | {name: len(idx) for name, idx in indices.items()}
     best_epoch = max(history, key=lambda r: r.get("val_mean_recall", r["epoch"]))["epoch"]
     trained = LiteEncoder(config.encoder, heads)
+    flat = {f"{part}_{k}": v for part, scores in report.items() for k, v in scores.items()}
+    if not env.is_main:
+        return flat | {"best_epoch": best_epoch}
     trained.save_pretrained(out)
     metrics = {
         "encoder": "lite",
@@ -410,6 +498,7 @@ def train_encoder(
         "best_epoch": best_epoch,
         "final_logit_scale": heads.logit_scale.exp().item(),
         "seed": config.seed,
+        "processes": env.world_size,
         "data": [str(p) for p in data],
         "counts": counts,
         "train_config": config.to_dict(),
@@ -417,7 +506,6 @@ def train_encoder(
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out / RECIPE_FILE).write_text(recipe(data, out, config, report, counts), encoding="utf-8")
-    flat = {f"{part}_{k}": v for part, scores in report.items() for k, v in scores.items()}
     logger.info("wrote %s: %s", out, {k: round(v, 4) for k, v in flat.items() if "r1" in k})
     return flat | {"best_epoch": best_epoch}
 
@@ -504,7 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train the projection heads of the offline `lite` encoder (frozen EfficientNet-Lite0 "
             "and MiniLM towers) contrastively on documents that have both a caption and an image. "
-            "Writes config.json, model.safetensors, metrics.json and RECIPE.md to --out."
+            "Writes config.json, model.safetensors, metrics.json and RECIPE.md to --out. "
+            "Runs data-parallel under torchrun (torchrun --nproc-per-node N -m "
+            "mmrag.train.encoder ...) with the same result as one process."
         ),
     )
     p.add_argument(
@@ -562,15 +652,24 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except (ConfigError, OSError) as e:
         parser.error(str(e))
+    env = setup()
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        level = logging.INFO if env.is_main else logging.WARNING  # one rank tells the story
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         train_encoder(
-            args.data, args.out, config, cache_dir=args.cache_dir, progress=not args.no_progress
+            args.data,
+            args.out,
+            config,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+            env=env,
         )
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
+    finally:
+        teardown(env)
     return 0
 
 

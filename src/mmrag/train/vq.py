@@ -9,6 +9,10 @@ Files in `--out`: `config.json` + `model.safetensors` (the tokenizer, loadable w
 `VQModel.from_pretrained`), `train_state.safetensors` (optimizer moments, RNG state, step,
 history and a copy of the weights, so a run resumes from this one file even if it died
 between two writes), `train-config.json` and `metrics.json`.
+
+Under `torchrun` every rank builds the same global batch and trains on its shard (DDP); each
+rank's loss is its shard's share of the global mean, and the codebook's EMA statistics and
+restart candidates are combined over ranks, so N processes end with the one-process weights.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from tqdm import tqdm
 from mmrag.config import Config, ConfigError
 from mmrag.data.datasets import documents_files
 from mmrag.documents import DocumentError, iter_jsonl
+from mmrag.train.distributed import Collectives, DistEnv, global_sum, setup, shard, teardown, wrap
 from mmrag.vq import PerceptualLoss, VQConfig, VQModel, psnr, square_resize
 
 logger = logging.getLogger(__name__)
@@ -279,12 +284,17 @@ def train_vq(
     device: torch.device | str = "cpu",
     progress: bool = True,
     images: ImageSet | None = None,
+    env: DistEnv | None = None,
 ) -> dict[str, float]:
     """Train (or resume, when `out` holds a training state) and return the final metrics.
 
-    `images` skips reading `data` (tests, or callers that already hold the pixels).
+    `images` skips reading `data` (tests, or callers that already hold the pixels). In a
+    torchrun job (`env`) rank 0 writes the files and evaluates; `device` is the rank's own.
     """
-    out, device = Path(out), torch.device(device)
+    env = env or DistEnv()
+    out, device = Path(out), env.device if env.distributed else torch.device(device)
+    if config.batch_size < env.world_size:
+        raise ValueError(f"batch_size {config.batch_size} < {env.world_size} processes")
     out.mkdir(parents=True, exist_ok=True)
     images = images or load_images(data, config.vq.image_size, config.group_key)
     train_idx, held_idx = split_holdout(images.groups, config.holdout, config.seed)
@@ -294,6 +304,10 @@ def train_vq(
 
     torch.manual_seed(config.seed)
     model = VQModel(config.vq).to(device).train()
+    if env.distributed:
+        model.quantize.sync = Collectives(env)
+    # The codebook buffers are kept equal by `sync`, not by DDP's broadcast from rank 0.
+    ddp = wrap(model, env, broadcast_buffers=False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
     )
@@ -302,37 +316,47 @@ def train_vq(
     if (out / STATE_FILE).is_file():
         step, history = load_state(out, model, optimizer, config)
         logger.info("resuming %s at step %d of %d", out, step, config.steps)
-    config.save(out / TRAIN_CONFIG_FILE)
+    if env.is_main:
+        config.save(out / TRAIN_CONFIG_FILE)
     order = BatchOrder(len(train_pixels), config.batch_size, config.seed)
-    bar = tqdm(total=config.steps, initial=step, desc="vq", unit="step", disable=not progress)
+    rows = shard(config.batch_size, env)  # this rank's slice of every global batch
+    share = (rows.stop - rows.start) / config.batch_size  # of the global mean
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        desc="vq",
+        unit="step",
+        disable=not (progress and env.is_main),
+    )
     while step < config.steps:
         x = to_unit(train_pixels[order.indices(step)])  # (B, 3, S, S)
         if config.hflip:
             flips = order.flips(step)
             x[flips] = x[flips].flip(-1)
-        x = x.to(device)
+        x = x[rows].to(device)  # (B / world, 3, S, S)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        result = model(x)
+        result = ddp(x)
         mse = functional.mse_loss(result.recon, x)
         loss = mse + result.commitment_loss
         if perceptual is not None:
             loss = loss + config.perceptual_weight * perceptual(result.recon, x)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share * env.loss_scale).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         step += 1
         bar.update(1)
         bar.set_postfix(mse=f"{mse.item():.4f}", ppl=f"{result.perplexity.item():.0f}")
         if step % config.eval_every == 0 or step == config.steps:
-            row = {"step": float(step), "loss": loss.item(), "mse": mse.item()}
+            row = {"step": float(step), "loss": global_sum(loss * share, env).item()}
+            row |= {"mse": global_sum(mse * share, env).item()}
             row |= {"perplexity": result.perplexity.item(), "ema_usage": model.quantize.usage()}
-            if len(eval_pixels):
+            if len(eval_pixels) and env.is_main:
                 row |= {f"heldout_{k}": v for k, v in evaluate(model, eval_pixels, device).items()}
             history.append(row)
             logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()})
-        if step % config.save_every == 0 or step == config.steps:
+        if env.is_main and (step % config.save_every == 0 or step == config.steps):
             save_state(out, model, optimizer, step, config, history)
     bar.close()
     final = history[-1] if history else {"step": float(step)}
@@ -345,9 +369,11 @@ def train_vq(
             "heldout_scored": len(eval_pixels),
         },
         "train_config": config.to_dict(),
+        "processes": env.world_size,
         "data": [str(p) for p in data],
     }
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if env.is_main:
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return final
 
 
@@ -380,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
             "images of document collections. Writes config.json + model.safetensors (the "
             "tokenizer), train_state.safetensors (to resume), metrics.json to --out. Running "
             "the same command again resumes from the state file; the result is the same as an "
-            "uninterrupted run."
+            "uninterrupted run. Runs data-parallel under torchrun (torchrun --nproc-per-node N "
+            "-m mmrag.train.vq ...) with the same result as one process."
         ),
     )
     p.add_argument(
@@ -419,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch CPU threads (default: torch's choice, all cores)",
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu or cuda:0 (default: cpu; under torchrun, each rank's own "
+        "GPU when there are GPUs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -447,14 +479,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
+    env = setup(args.device)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        level = logging.INFO if env.is_main else logging.WARNING  # one rank tells the story
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logger.info("command: %s", command_line(argv))
     try:
-        final = train_vq(args.data, args.out, config, args.device, not args.no_progress)
+        final = train_vq(args.data, args.out, config, env.device, not args.no_progress, env=env)
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
+    finally:
+        teardown(env)
     logger.info("final: %s", json.dumps(final))
     return 0
 
