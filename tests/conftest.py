@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw
 
+from mmrag.config import RetrieverConfig
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
+from mmrag.generator import GeneratorConfig
 from mmrag.memory.memory import Memory, ensure_memory
+from mmrag.tokenizer import TokenizerConfig
+from mmrag.train.ra_cm3 import RACM3TrainConfig
+from mmrag.vq import VQConfig, VQModel
 
 COLORS = {
     "red": (230, 20, 20),
@@ -58,3 +65,58 @@ def hashing_memory(memory_path: Path) -> Iterator[Memory]:
     memory = ensure_memory(memory_path, EncoderSpec(name="hashing"))
     yield memory
     memory.close()
+
+
+# --- RA-CM3: a tiny image + caption collection, a tiny VQ and a tiny training config ---------
+
+SHAPE_COLOURS = [(220, 20, 20), (20, 160, 40), (30, 60, 220), (240, 200, 20)]
+SHAPES = ("disc", "square", "bar")
+
+
+def write_shapes_dataset(folder: Path) -> Path:
+    """12 documents: 4 colour groups (metadata base) x 3 shapes on white."""
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i, rgb in enumerate(SHAPE_COLOURS):
+        for shape in SHAPES:
+            img = Image.new("RGB", (32, 32), (255, 255, 255))
+            draw = ImageDraw.Draw(img)
+            box = (6, 6, 26, 26) if shape != "bar" else (4, 12, 28, 20)
+            (draw.ellipse if shape == "disc" else draw.rectangle)(box, fill=rgb)
+            file = f"images/{i}-{shape}.png"
+            img.save(folder / file)
+            parts = [{"image": file}, {"text": f"a {shape} of colour {i}"}]
+            meta = {"base": f"c{i}", "name": f"{shape} {i}"}
+            lines.append(json.dumps({"parts": parts, "metadata": meta}))
+    (folder / "documents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def shapes_dataset(tmp_path: Path) -> Path:
+    return write_shapes_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_vq_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    VQModel(VQConfig.preset("tiny")).save_pretrained(tmp_path / "vq")
+    return tmp_path / "vq"
+
+
+def tiny_ra_cm3_config(**changes: object) -> RACM3TrainConfig:
+    """A few steps of a tiny generator over 64-token images (the tiny VQ's 8 x 8 grid)."""
+    base = RACM3TrainConfig(
+        generator=GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=384),
+        tokenizer=TokenizerConfig(text_vocab_size=270, bpe_min_frequency=1),
+        retriever=RetrieverConfig.preset("training").replace(relevance_cap=None),
+        query_variants=2,
+        tokens_per_step=400,
+        steps=4,
+        warmup_steps=1,
+        holdout=0.5,
+        eval_every=2,
+        save_every=2,
+        val_docs=2,
+    )
+    return base.replace(**changes)

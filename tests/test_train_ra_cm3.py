@@ -9,18 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
-from mmrag.config import RetrieverConfig
+from conftest import tiny_ra_cm3_config
 from mmrag.encoders.base import EncoderSpec
-from mmrag.generator import GeneratorConfig
-from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
+from mmrag.tokenizer import MultimodalTokenizer
 from mmrag.train.distributed import DistEnv
 from mmrag.train.ra_cm3 import (
     STATE_FILE,
     Batcher,
-    RACM3TrainConfig,
     main,
     prepare,
     ra_loss,
@@ -33,10 +31,7 @@ from mmrag.train.ra_cm3_data import (
     caption_span,
     heldout_variants,
 )
-from mmrag.vq import VQConfig, VQModel
-
-COLOURS = [(220, 20, 20), (20, 160, 40), (30, 60, 220), (240, 200, 20)]
-SHAPES = ("disc", "square", "bar")
+from mmrag.vq import VQConfig
 
 
 @pytest.fixture(autouse=True)
@@ -47,52 +42,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def write_dataset(folder: Path) -> Path:
-    """12 documents: 4 colour groups (metadata base) x 3 shapes on white."""
-    (folder / "images").mkdir(parents=True)
-    lines = []
-    for i, rgb in enumerate(COLOURS):
-        for shape in SHAPES:
-            img = Image.new("RGB", (32, 32), (255, 255, 255))
-            draw = ImageDraw.Draw(img)
-            box = (6, 6, 26, 26) if shape != "bar" else (4, 12, 28, 20)
-            (draw.ellipse if shape == "disc" else draw.rectangle)(box, fill=rgb)
-            file = f"images/{i}-{shape}.png"
-            img.save(folder / file)
-            parts = [{"image": file}, {"text": f"a {shape} of colour {i}"}]
-            meta = {"base": f"c{i}", "name": f"{shape} {i}"}
-            lines.append(json.dumps({"parts": parts, "metadata": meta}))
-    (folder / "documents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+@pytest.fixture
+def dataset(shapes_dataset: Path) -> Path:
+    return shapes_dataset
 
 
 @pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return write_dataset(tmp_path / "data")
+def vq_dir(tiny_vq_dir: Path) -> Path:
+    return tiny_vq_dir
 
 
-@pytest.fixture
-def vq_dir(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    VQModel(VQConfig.preset("tiny")).save_pretrained(tmp_path / "vq")
-    return tmp_path / "vq"
-
-
-def tiny_config(**changes: object) -> RACM3TrainConfig:
-    base = RACM3TrainConfig(
-        generator=GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=384),
-        tokenizer=TokenizerConfig(text_vocab_size=270, bpe_min_frequency=1),
-        retriever=RetrieverConfig.preset("training").replace(relevance_cap=None),
-        query_variants=2,
-        tokens_per_step=400,
-        steps=4,
-        warmup_steps=1,
-        holdout=0.5,
-        eval_every=2,
-        save_every=2,
-        val_docs=2,
-    )
-    return base.replace(**changes)
+tiny_config = tiny_ra_cm3_config
 
 
 HASHING = EncoderSpec(name="hashing")

@@ -1,0 +1,329 @@
+"""`mmrag eval ra-cm3`: does retrieval help? RA-CM3 against the vanilla model trained with the
+same compute, on emoji variants held out of training whose siblings stay in the memory.
+
+Systems, each on the same held-out documents:
+- `ra-cm3`: the retrieval-augmented model, retrieving K = 2 from the memory of training
+  documents (the held-out variants are not in it; their siblings are);
+- `ra-cm3 (no retrieval)`: the same weights with nothing retrieved (an ablation);
+- `vanilla`: the baseline trained with `--retrieval off`, identical steps and tokens;
+- `retrieval only`: the top retrieved document's image / caption returned as the output
+  (the paper's retrieval baseline).
+
+Metrics: caption -> image FID (on the declared EfficientNet-Lite0 extractor, see
+eval/metrics.py) against the held-out ground-truth images, and the `lite` dual-encoder
+image-caption score; image -> caption CIDEr-D against the true caption. The knowledge test
+adds documents whose names the model never saw ("a <made-up word>", each paired with an
+existing image) to a copy of the memory *after* training, then draws each name: a hit is a
+generated image whose nearest candidate image (same extractor, cosine) is the paired one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from mmrag.documents import Document
+from mmrag.eval.metrics import (
+    FID_EXTRACTOR,
+    cider,
+    dual_encoder_scores,
+    fid_features,
+    frechet_distance,
+    nearest_is_right,
+)
+from mmrag.memory.ingest import ingest
+from mmrag.memory.memory import Memory
+from mmrag.ra_cm3 import RACM3
+from mmrag.train.ra_cm3_data import CORPUS_FILE, Corpus
+
+logger = logging.getLogger(__name__)
+
+SYLLABLES = (
+    "bla",
+    "dro",
+    "fen",
+    "gor",
+    "kip",
+    "lum",
+    "mox",
+    "nar",
+    "pel",
+    "quo",
+    "rin",
+    "sav",
+    "tuk",
+    "vey",
+    "wim",
+    "zor",
+)
+
+
+def made_up_names(n: int, seed: int) -> list[str]:
+    """`n` distinct pseudo-words of three syllables (never emoji names)."""
+    rng = np.random.default_rng(seed)
+    names: list[str] = []
+    while len(names) < n:
+        word = "".join(rng.choice(SYLLABLES, size=3))
+        if word not in names:
+            names.append(word)
+    return names
+
+
+def _load(path: str) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    n: int = 100  # held-out documents scored
+    samples: int = 2  # images per caption (reranked by the dual encoder)
+    caption_samples: int = 4  # captions per image (reranked by perplexity)
+    guidance: float = 3.0
+    knowledge: int = 20  # made-up names
+    seed: int = 0
+    progress: bool = True
+
+
+def caption_to_image(
+    model: RACM3, captions: Sequence[str], retrieval: bool, settings: Settings, desc: str
+) -> list[Image.Image]:
+    return [
+        model.generate_image(
+            caption,
+            settings.samples,
+            settings.guidance,
+            retrieval=retrieval,
+            seed=settings.seed + i,
+        ).image
+        for i, caption in enumerate(tqdm(captions, desc=desc, disable=not settings.progress))
+    ]
+
+
+def image_to_caption(
+    model: RACM3, images: Sequence[Image.Image], retrieval: bool, settings: Settings, desc: str
+) -> list[str]:
+    return [
+        model.generate_caption(
+            image, settings.caption_samples, retrieval=retrieval, seed=settings.seed + i
+        ).text
+        for i, image in enumerate(tqdm(images, desc=desc, disable=not settings.progress))
+    ]
+
+
+def retrieval_only(
+    model: RACM3, captions: Sequence[str], images: Sequence[Image.Image]
+) -> tuple[list[Image.Image], list[str]]:
+    """The top retrieved document's image for each caption, its caption for each image."""
+    drawn, written = [], []
+    for caption in captions:
+        top = model.evidence(caption, None, k=1)
+        blank = Image.new("RGB", (64, 64), "white")
+        drawn.append(_load(top[0].image) if top and top[0].image else blank)
+    for image in images:
+        top = model.evidence(None, image, k=1)
+        written.append(top[0].text if top else "")
+    return drawn, written
+
+
+def score_system(
+    encoder: Any,
+    drawn: Sequence[Image.Image],
+    written: Sequence[str],
+    captions: Sequence[str],
+    reference_feats: np.ndarray,
+) -> dict[str, float]:
+    return {
+        "fid": frechet_distance(fid_features(drawn), reference_feats),
+        "dual_encoder_score": float(dual_encoder_scores(encoder, drawn, captions).mean()),
+        "cider": cider(written, [[c] for c in captions]),
+    }
+
+
+def knowledge_test(
+    model: RACM3,
+    vanilla: RACM3,
+    memory_dir: Path,
+    corpus: Corpus,
+    rows: Sequence[int],
+    settings: Settings,
+) -> dict[str, float]:
+    """New names added to a copy of the memory after training; hit rate of the paired image."""
+    candidates = [_load(corpus.image_paths[i]) for i in rows]
+    cand_feats = fid_features(candidates)
+    captions = [f"a {name}" for name in made_up_names(len(rows), settings.seed)]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "memory"
+        shutil.copytree(memory_dir, copy)
+        with Memory.open(copy, mode="a") as memory:
+            docs = [
+                Document.of(text=c, image=corpus.image_paths[i], metadata={"knowledge": True})
+                for c, i in zip(captions, rows, strict=True)
+            ]
+            ingest(memory, docs, progress=False)
+            updated = model.with_memory(memory)
+            runs = {
+                "ra-cm3": caption_to_image(updated, captions, True, settings, "knowledge ra"),
+                "ra-cm3 (no retrieval)": caption_to_image(
+                    updated, captions, False, settings, "knowledge no retrieval"
+                ),
+                "vanilla": caption_to_image(
+                    vanilla.with_memory(memory), captions, False, settings, "knowledge vanilla"
+                ),
+            }
+    right = list(range(len(rows)))
+    hits = {
+        name: float(nearest_is_right(fid_features(images), cand_feats, right).mean())
+        for name, images in runs.items()
+    }
+    return hits | {"chance": 1.0 / len(rows), "names": float(len(rows))}
+
+
+def evaluate(
+    ra_dir: Path, vanilla_dir: Path, memory_dir: Path | None, settings: Settings
+) -> dict[str, Any]:
+    """Every system on the first `settings.n` held-out variants; see the module docstring."""
+    corpus = Corpus.load(ra_dir / CORPUS_FILE)
+    split = json.loads((ra_dir / "split.json").read_text(encoding="utf-8"))
+    rows = split["heldout"][: settings.n]
+    captions = [corpus.captions[i] for i in rows]
+    truth = [_load(corpus.image_paths[i]) for i in rows]
+    reference = fid_features(truth)
+    memory_dir = memory_dir or ra_dir / "memory"
+    results: dict[str, dict[str, float]] = {}
+    with Memory.open(memory_dir) as memory:
+        ra = RACM3.from_pretrained(ra_dir, memory)
+        vanilla = RACM3.from_pretrained(vanilla_dir, memory)
+        runs = [
+            ("ra-cm3", ra, True),
+            ("ra-cm3 (no retrieval)", ra, False),
+            ("vanilla", vanilla, False),
+        ]
+        for name, model, retrieval in runs:
+            drawn = caption_to_image(model, captions, retrieval, settings, name)
+            written = image_to_caption(model, truth, retrieval, settings, name)
+            results[name] = score_system(memory.encoder, drawn, written, captions, reference)
+            logger.info("%s: %s", name, results[name])
+        drawn, written = retrieval_only(ra, captions, truth)
+        results["retrieval only"] = score_system(
+            memory.encoder, drawn, written, captions, reference
+        )
+        step = max(1, len(split["train"]) // settings.knowledge)
+        paired = split["train"][::step][: settings.knowledge]
+        knowledge = knowledge_test(ra, vanilla, memory_dir, corpus, paired, settings)
+    return {
+        "systems": results,
+        "knowledge": knowledge,
+        "heldout_documents": len(rows),
+        "fid_extractor": FID_EXTRACTOR,
+        "settings": dataclasses.asdict(settings),
+        "models": {"ra": str(ra_dir), "vanilla": str(vanilla_dir), "memory": str(memory_dir)},
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table for the README."""
+    lines = [
+        f"| system | FID ({FID_EXTRACTOR}) lower is better | dual-encoder score | CIDEr-D "
+        "| knowledge hits |",
+        "|---|---|---|---|---|",
+    ]
+    knowledge = result["knowledge"]
+    for name, m in result["systems"].items():
+        hits = knowledge.get(name)
+        cell = f"{hits:.2f}" if hits is not None else "-"
+        lines.append(
+            f"| {name} | {m['fid']:.1f} | {m['dual_encoder_score']:.3f} | "
+            f"{100 * m['cider']:.1f} | {cell} |"
+        )
+    lines.append(
+        f"\n{result['heldout_documents']} held-out emoji variants; knowledge test: "
+        f"{int(knowledge['names'])} made-up names, chance {knowledge['chance']:.2f}."
+    )
+    return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(
+        prog="mmrag eval ra-cm3",
+        description="RA-CM3 vs the vanilla model (same compute) on held-out emoji variants: "
+        "caption -> image FID (EfficientNet-Lite0 features) and dual-encoder score, "
+        "image -> caption CIDEr-D, and the knowledge test (names added after training).",
+    )
+    p.add_argument("--ra", required=True, type=Path, help="RA-CM3 run folder (train ra-cm3 --out)")
+    p.add_argument(
+        "--vanilla", required=True, type=Path, help="vanilla run folder (--retrieval off)"
+    )
+    p.add_argument("--memory", type=Path, help="memory to retrieve from (default: RA/memory)")
+    p.add_argument("--n", type=int, default=d.n, help=f"held-out documents scored (default {d.n})")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=d.samples,
+        help=f"images sampled per caption, reranked (default {d.samples})",
+    )
+    p.add_argument(
+        "--caption-samples",
+        type=int,
+        default=d.caption_samples,
+        help=f"captions sampled per image, reranked (default {d.caption_samples})",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=d.guidance,
+        help=f"classifier-free guidance scale (default {d.guidance})",
+    )
+    p.add_argument(
+        "--knowledge",
+        type=int,
+        default=d.knowledge,
+        help=f"made-up names in the knowledge test (default {d.knowledge})",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of names and sampling")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=Path("runs/eval-ra-cm3.json"), help="results JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings(
+        args.n,
+        args.samples,
+        args.caption_samples,
+        args.guidance,
+        args.knowledge,
+        args.seed,
+        not args.no_progress,
+    )
+    result = evaluate(args.ra, args.vanilla, args.memory, settings)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""`mmrag eval ra-cm3` end to end on two tiny runs (RA and vanilla) and a hashing memory."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_ra_cm3_config
+from mmrag.encoders.base import EncoderSpec
+from mmrag.eval.ra_cm3 import Settings, evaluate, made_up_names, main, markdown
+from mmrag.train.ra_cm3 import train_ra_cm3
+
+HASHING = EncoderSpec(name="hashing")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def runs(shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    config = tiny_ra_cm3_config(steps=2)
+    ra, vanilla = tmp_path / "ra", tmp_path / "vanilla"
+    train_ra_cm3([shapes_dataset], ra, config, tiny_vq_dir, HASHING, progress=False)
+    train_ra_cm3(
+        [shapes_dataset],
+        vanilla,
+        config.replace(retrieval=False),
+        tiny_vq_dir,
+        HASHING,
+        progress=False,
+    )
+    return ra, vanilla
+
+
+def test_made_up_names_are_distinct_and_seeded() -> None:
+    names = made_up_names(30, seed=0)
+    assert len(set(names)) == 30 and names == made_up_names(30, seed=0)
+    assert names != made_up_names(30, seed=1)
+
+
+@pytest.mark.pretrained  # the FID extractor is the packaged EfficientNet-Lite0
+@pytest.mark.slow
+def test_evaluate_scores_every_system(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    ra, vanilla = runs
+    settings = Settings(
+        n=2, samples=1, caption_samples=2, guidance=2.0, knowledge=3, progress=False
+    )
+    result = evaluate(ra, vanilla, None, settings)
+    systems = result["systems"]
+    assert set(systems) == {"ra-cm3", "ra-cm3 (no retrieval)", "vanilla", "retrieval only"}
+    for metrics in systems.values():
+        assert metrics["fid"] >= 0 and math.isfinite(metrics["fid"])
+        assert -1 <= metrics["dual_encoder_score"] <= 1
+        assert metrics["cider"] >= 0
+    knowledge = result["knowledge"]
+    assert knowledge["chance"] == pytest.approx(1 / 3)
+    assert all(0 <= knowledge[k] <= 1 for k in ("ra-cm3", "ra-cm3 (no retrieval)", "vanilla"))
+    assert "EfficientNet-Lite0" in markdown(result)
+    # The retrieval-only baseline returns a stored training image; the held-out one is absent.
+    assert result["heldout_documents"] == 2
+
+    out = tmp_path / "eval.json"
+    rc = main(
+        [
+            "--ra",
+            str(ra),
+            "--vanilla",
+            str(vanilla),
+            "--n",
+            "2",
+            "--samples",
+            "1",
+            "--caption-samples",
+            "1",
+            "--knowledge",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0 and json.loads(out.read_text())["knowledge"]["names"] == 2
