@@ -153,7 +153,7 @@ def test_generate_quick(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     single = result["single_image"]
     assert len(single["cached_s"]) == len(single["recompute_s"]) == 2
-    assert single["speedup_median_paired"] > 1.0
+    assert single["speedup_median_paired"] > 1.2  # 224 tokens: recomputation is quadratic
     assert {(r["batch"], r["guidance"]) for r in result["throughput"]} == {
         (1, False),
         (1, True),

@@ -155,3 +155,17 @@ def test_shipped_heads_load_by_default_and_match_captions_to_photos() -> None:
     captions = ["coffee in a cup", "a cat", "a rocket", "the flag of Japan"]
     sims = shipped.encode_image(photos) @ shipped.encode_text(captions).T  # (2, 4)
     assert sims.argmax(axis=1).tolist() == [0, 1]
+
+
+@pytest.mark.pretrained
+def test_text_encoding_is_thread_safe(encoder: LiteEncoder) -> None:
+    """The Rust tokenizer raises "Already borrowed" when two threads use it at once; the
+    tower serialises tokenisation, so concurrent callers (the server) need no lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"a picture of thing number {i} on a white background" for i in range(16)]
+    expected = encoder.encode_text(texts)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: encoder.encode_text(texts), range(12)))
+    for got in results:
+        np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class TextTower:
         self.device = torch.device(device)
         self.path = text_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self._tokenizer_lock = threading.Lock()
         # transformers 5 draws a "Loading weights" bar; callers show their own progress.
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
@@ -155,7 +157,8 @@ class TextTower:
         # bit-identical whatever else is encoded with it (padding changed rows by ~1e-7).
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-        ids = self.tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+        with self._tokenizer_lock:  # the Rust tokenizer refuses concurrent use ("Already borrowed")
+            ids = self.tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
         by_length: dict[int, list[int]] = {}
         for row, tokens in enumerate(ids):
             by_length.setdefault(len(tokens), []).append(row)
