@@ -14,9 +14,10 @@ from PIL import Image, ImageDraw
 from mmrag.config import RetrieverConfig
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
-from mmrag.generator import GeneratorConfig
+from mmrag.generator import Generator, GeneratorConfig
 from mmrag.memory.memory import Memory, ensure_memory
-from mmrag.tokenizer import TokenizerConfig
+from mmrag.ra_cm3 import RACM3, RACM3Config
+from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
 from mmrag.train.ra_cm3 import RACM3TrainConfig
 from mmrag.vq import VQConfig, VQModel
 
@@ -120,3 +121,20 @@ def tiny_ra_cm3_config(**changes: object) -> RACM3TrainConfig:
         val_docs=2,
     )
     return base.replace(**changes)
+
+
+def build_tiny_racm3(max_seq_len: int = 384, memory: Memory | None = None) -> RACM3:
+    """A random RA-CM3 on 16 px images (64 codes each) retrieving from `memory`."""
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig.preset("tiny"))
+    captions = ["a red square", "a green square", "a blue disc", "a yellow bar"] * 3
+    tok_config = TokenizerConfig(
+        text_vocab_size=270,
+        bpe_min_frequency=1,
+        image_codes=vq.config.codebook_size,
+        image_tokens=vq.config.tokens_per_image,
+    )
+    tok = MultimodalTokenizer.train(captions, tok_config)
+    gen = Generator(GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=max_seq_len))
+    config = RACM3Config(samples=2, caption_samples=3, max_caption_tokens=8)
+    return RACM3(gen, tok, vq, config, memory)

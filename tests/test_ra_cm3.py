@@ -10,13 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import build_tiny_racm3
 from mmrag.documents import Document
-from mmrag.generator import Generator, GeneratorConfig
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
-from mmrag.ra_cm3 import MASK, RACM3, RACM3Config
-from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
-from mmrag.vq import VQConfig, VQModel
+from mmrag.ra_cm3 import MASK, RACM3
 
 
 @pytest.fixture(autouse=True)
@@ -27,20 +25,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def build(max_seq_len: int = 384, memory: Memory | None = None) -> RACM3:
-    torch.manual_seed(0)
-    vq = VQModel(VQConfig.preset("tiny"))
-    captions = ["a red square", "a green square", "a blue disc", "a yellow bar"] * 3
-    tok_config = TokenizerConfig(
-        text_vocab_size=270,
-        bpe_min_frequency=1,
-        image_codes=vq.config.codebook_size,
-        image_tokens=vq.config.tokens_per_image,
-    )
-    tok = MultimodalTokenizer.train(captions, tok_config)
-    gen = Generator(GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=max_seq_len))
-    config = RACM3Config(samples=2, caption_samples=3, max_caption_tokens=8)
-    return RACM3(gen, tok, vq, config, memory)
+build = build_tiny_racm3
 
 
 @pytest.fixture

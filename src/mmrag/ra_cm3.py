@@ -23,6 +23,7 @@ from mmrag.decoding import Sampling, allowed_mask, decode
 from mmrag.encoders.base import l2_normalize
 from mmrag.generator import Generator
 from mmrag.memory.memory import Memory
+from mmrag.memory.store import Filters
 from mmrag.retrieval import Retriever
 from mmrag.tokenizer import CodedDocument, ImageCodes, MultimodalTokenizer, code_document
 from mmrag.vq import VQModel
@@ -183,6 +184,7 @@ class RACM3:
         retrieval: bool = True,
         demos: Sequence[str] = (),
         k: int | None = None,
+        filters: Filters | None = None,
     ) -> list[Evidence]:
         """The documents to condition on: pinned `demos` (memory ids) in place of retrieval,
         else the top-k retrieved for the text and/or image, else none."""
@@ -202,7 +204,7 @@ class RACM3:
                 Evidence(d.id, float(s), "pinned", d.text, d.image)
                 for d, s in zip(docs, scores, strict=True)
             ]
-        hits = self.retriever.search_vectors(query[None], k or self.config.retriever.k)[0]
+        hits = self.retriever.search_vectors(query[None], k or self.config.retriever.k, filters)[0]
         return [Evidence(h.id, h.score, "retrieved", h.text, h.image) for h in hits]
 
     def _coded(self, evidence: Sequence[Evidence]) -> list[CodedDocument]:
@@ -240,13 +242,16 @@ class RACM3:
         retrieval: bool = True,
         demos: Sequence[str] = (),
         seed: int = 0,
+        k: int | None = None,
+        filters: Filters | None = None,
     ) -> ImageOutput:
         """Draw `samples` images for `caption` with classifier-free guidance and keep the one
-        the memory's dual encoder scores highest against the caption."""
+        the memory's dual encoder scores highest against the caption. `k` and `filters`
+        change what is retrieved (default: the model config's k, no filters)."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.samples
         guidance = cfg.guidance if guidance is None else guidance
-        evidence = self.evidence(caption, None, retrieval, demos)
+        evidence = self.evidence(caption, None, retrieval, demos, k, filters)
         main = [tok.img_alt_id, *tok.encode_text(caption), tok.src_id]
         prefix, evidence = self._prefix(evidence, self._room(len(main) + tok.config.image_tokens))
         prompt = prefix + main
@@ -286,13 +291,16 @@ class RACM3:
         retrieval: bool = True,
         demos: Sequence[str] = (),
         seed: int = 0,
+        k: int | None = None,
+        filters: Filters | None = None,
     ) -> CaptionOutput:
         """Sample captions as the infilling of the alt text and keep the lowest perplexity."""
         tok = self.tokenizer
         codes = tok.encode_image(ImageCodes.of(self.vq.encode_images([image])[0]))
         sentinel = tok.sentinel_ids[0]
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
-        return self._caption(main, image, retrieval, demos, samples, seed, prefix_text=None)
+        evidence = self.evidence(None, image, retrieval, demos, k, filters)
+        return self._caption(main, evidence, samples, seed)
 
     def infill_caption(
         self,
@@ -320,24 +328,17 @@ class RACM3:
             tok.close_id,
             sentinel,
         ]
-        out = self._caption(main, image, retrieval, demos, samples, seed, prefix_text=left)
+        evidence = self.evidence(left.strip() or None, image, retrieval, demos)
+        out = self._caption(main, evidence, samples, seed)
         out.text = left + out.text + right
         out.candidates = [(left + t + right, p) for t, p in out.candidates]
         return out
 
     def _caption(
-        self,
-        main: list[int],
-        image: Image.Image,
-        retrieval: bool,
-        demos: Sequence[str],
-        samples: int | None,
-        seed: int,
-        prefix_text: str | None,
+        self, main: list[int], evidence: list[Evidence], samples: int | None, seed: int
     ) -> CaptionOutput:
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.caption_samples
-        evidence = self.evidence(prefix_text, image, retrieval, demos)
         prefix, evidence = self._prefix(evidence, self._room(len(main) + cfg.max_caption_tokens))
         decoded = decode(
             self.generator,

@@ -1,11 +1,10 @@
 """What the generation endpoints call: small Protocols, and which ones a server has.
 
-RA-CM3 (caption → image, image → caption) and FROMAGe / GILL (chat with retrieved and
-generated images) are not built yet. Their endpoints exist with their final request and
-response schemas and answer 501 until an implementation is wired in, e.g.::
+RA-CM3 (caption → image, image → caption: `server/ra_cm3_backend.py`) and FROMAGe / GILL
+(chat with retrieved and generated images) plug in here; an endpoint whose capability is
+missing answers 501, e.g. the RA-CM3 ones are wired with::
 
-    create_app(path, capabilities=lambda memory, retriever: Capabilities(
-        image_generator=RACM3Images(model, retriever)))
+    create_app(path, capabilities=ra_cm3_capabilities(model_dir))
 
 Each implementation does its own retrieval (it owns the strategy: RA-CM3 section 3.2,
 FROMAGe's [RET]) and returns the documents it used, so every output carries its evidence.
@@ -93,12 +92,12 @@ class Capabilities:
 CapabilitiesFactory = Callable[[Memory, Retriever], Capabilities]
 
 MISSING = {
-    "image_generation": "image generation is not available: the RA-CM3 generator "
-    "(caption → image) is not part of this mmrag build yet. This endpoint's request and "
-    "response schemas are final; it answers 501 until a generator is configured.",
-    "captioning": "captioning is not available: the RA-CM3 generator (image → caption) is "
-    "not part of this mmrag build yet. This endpoint's request and response schemas are "
-    "final; it answers 501 until a captioner is configured.",
+    "image_generation": "image generation is not available: this server was started "
+    "without an RA-CM3 model (caption → image). Start it with `mmrag serve MEMORY "
+    "--generator DIR`, or with the shipped checkpoints/ra-cm3 present.",
+    "captioning": "captioning is not available: this server was started without an RA-CM3 "
+    "model (image → caption). Start it with `mmrag serve MEMORY --generator DIR`, or with "
+    "the shipped checkpoints/ra-cm3 present.",
     "chat": "chat is not available: the FROMAGe / GILL adapters (a frozen language model "
     "with retrieved and generated images) are not part of this mmrag build yet. This "
     "endpoint's request and response schemas are final; it answers 501 until a chat model "
