@@ -130,7 +130,7 @@ def test_from_pretrained_round_trip(tmp_path: Path, memory: Memory) -> None:
     model.generator.save_pretrained(tmp_path / "generator")
     model.tokenizer.save_pretrained(tmp_path / "tokenizer")
     model.vq.save_pretrained(tmp_path / "vq")
-    model.config.save(tmp_path / "ra_cm3.json")
+    model.config.save(tmp_path / "config.json")
     loaded = RACM3.from_pretrained(tmp_path, memory)
     assert loaded.config == model.config
     assert (

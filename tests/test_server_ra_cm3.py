@@ -22,7 +22,7 @@ def save_model(folder: Path) -> Path:
     model.generator.save_pretrained(folder / "generator")
     model.tokenizer.save_pretrained(folder / "tokenizer")
     model.vq.save_pretrained(folder / "vq")
-    model.config.save(folder / "ra_cm3.json")
+    model.config.save(folder / "config.json")
     return folder
 
 

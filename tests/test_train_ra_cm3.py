@@ -184,7 +184,7 @@ def test_main_cli_trains_on_a_tiny_budget(dataset: Path, vq_dir: Path, tmp_path:
         ]
     )
     assert rc == 0
-    assert (tmp_path / "cli" / "ra_cm3.json").is_file()
+    assert (tmp_path / "cli" / "config.json").is_file()
     assert MultimodalTokenizer.from_pretrained(tmp_path / "cli" / "tokenizer").vocab_size <= 320
 
 

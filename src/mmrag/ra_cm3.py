@@ -28,7 +28,7 @@ from mmrag.retrieval import Retriever
 from mmrag.tokenizer import CodedDocument, ImageCodes, MultimodalTokenizer, code_document
 from mmrag.vq import VQModel
 
-CONFIG_FILE = "ra_cm3.json"
+CONFIG_FILE = "config.json"  # beside generator/, tokenizer/, vq/
 MASK = "<mask>"  # the placeholder a user writes in a caption to infill
 
 

@@ -9,7 +9,7 @@ take part of the budget. Loss: `L_main + alpha * L_retr` (section 3.3, alpha = 0
 mean over its tokens.
 
 Files in `--out`: the model (`generator/`, `tokenizer/`, `vq/` copied from `--vq`,
-`ra_cm3.json`: loadable with `mmrag.ra_cm3.RACM3.from_pretrained`), the prepared data
+`config.json`: loadable with `mmrag.ra_cm3.RACM3.from_pretrained`), the prepared data
 (`corpus.safetensors`, `split.json`, `memory/` of the training documents,
 `retrieval.safetensors`, `val_retrieval.safetensors`), `train_state.safetensors` (resume),
 `train-config.json` and `metrics.json`. Running the same command again resumes.
@@ -40,6 +40,7 @@ from mmrag.encoders.base import EncoderSpec
 from mmrag.generator import Generator, GeneratorConfig
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import ensure_memory
+from mmrag.ra_cm3 import CONFIG_FILE as RACM3_CONFIG_FILE
 from mmrag.ra_cm3 import RACM3Config
 from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
 from mmrag.train import distributed
@@ -341,7 +342,7 @@ def _check_sizes(prep: Prepared, config: RACM3TrainConfig) -> None:
 def write_model(out: Path, model: Generator, config: RACM3TrainConfig) -> None:
     """The loadable model folder: generator weights and the inference config."""
     model.save_pretrained(out / "generator")
-    RACM3Config(trained_with_retrieval=config.retrieval).save(out / "ra_cm3.json")
+    RACM3Config(trained_with_retrieval=config.retrieval).save(out / RACM3_CONFIG_FILE)
 
 
 def train_ra_cm3(
