@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image
 
 from mmrag.checkpoints import CheckpointNotFoundError
+from mmrag.documents import load_image
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import RACM3, Evidence
 
@@ -36,7 +37,7 @@ def data_uri(image: Image.Image, size: int = 96) -> str:
 def _evidence(items: list[Evidence]) -> list[dict[str, Any]]:
     rows = []
     for e in items:
-        thumb = data_uri(Image.open(e.image)) if e.image else ""
+        thumb = data_uri(load_image(e.image)) if e.image else ""
         rows.append({"id": e.id, "score": e.score, "text": f"evidence: {e.text}", "thumb": thumb})
     return rows
 
@@ -75,7 +76,7 @@ def generation_sections(memory: Memory, find: Any, progress: bool = True) -> lis
         anchor = find(memory, "emoji", emoji)
         if anchor is None or anchor.image is None:
             continue
-        image = Image.open(anchor.image).convert("RGB")
+        image = load_image(anchor.image)
         cap_ret = model.generate_caption(image, seed=0)
         cap_none = model.generate_caption(image, seed=0, retrieval=False)
         results = [

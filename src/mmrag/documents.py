@@ -161,6 +161,11 @@ class Document:
         return cls(parts=tuple(parts), metadata=dict(metadata or {}))
 
 
+def load_image(path: str | Path) -> Image.Image:
+    """An image file, fully decoded to RGB (the file is closed); DocumentError if unreadable."""
+    return decode_image(_read_file(path), source=str(path))
+
+
 def _read_file(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mmrag.documents import Document
+from mmrag.documents import Document, load_image
 from mmrag.eval.metrics import (
     FID_EXTRACTOR,
     cider,
@@ -83,7 +83,7 @@ def made_up_names(n: int, seed: int) -> list[str]:
 
 
 def _load(path: str) -> Image.Image:
-    return Image.open(path).convert("RGB")
+    return load_image(path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from mmrag.config import RetrieverConfig
 from mmrag.data.datasets import documents_files
-from mmrag.documents import Document, DocumentError, iter_jsonl
+from mmrag.documents import Document, DocumentError, iter_jsonl, load_image
 from mmrag.encoders.base import l2_normalize
 from mmrag.memory.memory import Memory
 from mmrag.retrieval import Retriever, drop_query_tokens
@@ -168,7 +168,7 @@ def query_vectors(
     out = []
     for start in range(0, len(rows), 64):
         chunk = rows[start : start + 64]
-        images = [Image.open(corpus.image_paths[i]) for i in chunk]
+        images = [load_image(corpus.image_paths[i]) for i in chunk]
         out.append(encoder.encode_image([blank_patches(im, dropout, rng) for im in images]))
     return l2_normalize(np.concatenate(out))
 
