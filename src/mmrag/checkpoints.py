@@ -16,6 +16,12 @@ PRODUCERS: dict[str, str] = {
         "mmrag train encoder --data .cache/data/emoji .cache/data/photos "
         "--out checkpoints/lite-encoder --holdout 0 --seed 0 --epochs 30 --batch-size 1024"
     ),
+    "ra-cm3": (
+        "mmrag data emoji .cache/data/emoji && mmrag train ra-cm3 --data .cache/data/emoji "
+        "--out .cache/runs/ra-cm3 --preset small --steps 900 --seed 0 --threads 1, then copy "
+        "its generator/, tokenizer/, vq/ and config.json to checkpoints/ra-cm3 (see "
+        "checkpoints/ra-cm3/RECIPE.md)"
+    ),
 }
 
 
