@@ -78,11 +78,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _table_options(image_column: str | None, text_column: str | None) -> dict[str, str]:
+    return {k: v for k, v in (("image_column", image_column), ("text_column", text_column)) if v}
+
+
 def _read_all(sources: Sequence[str], image_column: str | None, text_column: str | None) -> Any:
     """Chain the sources; column names apply to the CSV / Parquet tables among them."""
     from mmrag.data.readers import read_source
 
-    options = {k: v for k, v in (("image_column", image_column), ("text_column", text_column)) if v}
+    options = _table_options(image_column, text_column)
     for source in sources:
         is_table = source.lower().endswith((".csv", ".parquet"))
         yield from read_source(source, **(options if is_table else {}))
@@ -93,14 +97,32 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from mmrag.memory.memory import ensure_memory
 
     index = IndexConfig(kind=args.index) if args.index else None
-    with ensure_memory(args.memory, _encoder_spec(args), index) as memory:
-        report = ingest(
-            memory,
-            _read_all(args.sources, args.image_column, args.text_column),
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            update_metadata=args.update_metadata,
-        )
+    if args.ray_address and not args.ray:
+        raise CommandError("--ray-address needs --ray")
+    with ensure_memory(
+        args.memory, _encoder_spec(args), index, backend=args.backend, uri=args.uri
+    ) as memory:
+        if args.ray:
+            from mmrag.memory.ray_ingest import RayIngestConfig, ray_ingest
+
+            report = ray_ingest(
+                memory,
+                args.sources,
+                RayIngestConfig(
+                    address=args.ray_address, workers=args.ray_workers, batch_size=args.batch_size
+                ),
+                progress=not args.no_progress,
+                update_metadata=args.update_metadata,
+                table_options=_table_options(args.image_column, args.text_column),
+            )
+        else:
+            report = ingest(
+                memory,
+                _read_all(args.sources, args.image_column, args.text_column),
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+                update_metadata=args.update_metadata,
+            )
         count = len(memory)
     if args.json:
         _print_json({**report.to_dict(), "count": count})
@@ -275,6 +297,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="vector index kind (default: flat, exact; an existing memory switches "
         "and rebuilds when this differs)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["embedded", "milvus"],
+        default=None,
+        help="where a new memory keeps documents and vectors: embedded (SQLite + FAISS in "
+        "the folder, the default) or milvus (a Milvus collection at --uri); recorded in the "
+        "manifest, so search, info, delete and serve find it",
+    )
+    p.add_argument(
+        "--uri",
+        default=None,
+        help="Milvus URI for --backend milvus: a local file ending in .db is milvus-lite "
+        "(default: MEMORY/milvus.db), http://HOST:19530 a Milvus server (token from "
+        "$MILVUS_TOKEN)",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="read, decode and encode as a Ray Data pipeline (encoder actors); this process "
+        "still writes the memory, so the result equals a plain ingest",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join with --ray (default: start a local Ray instance)",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        help="encoder actors with --ray (default: the cluster's free CPUs less half a CPU "
+        "left for reading and decoding, at least 1)",
     )
     p.add_argument(
         "--image-column",

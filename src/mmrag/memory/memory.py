@@ -10,6 +10,10 @@ Layout::
 
 Any number of processes may read while one writes; readers catch their in-memory index up
 with the store's change log before every search.
+
+That is the embedded backend. With `backend="milvus"` the manifest names a Milvus URI and
+collection that hold the documents, metadata and vectors instead of SQLite and the index
+cache (`mmrag.memory.milvus`); the blobs, the manifest and the write lock stay in the folder.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -44,6 +48,7 @@ INDEX = "index.bin"
 LOCK = "write.lock"
 MANIFEST_FORMAT = 1
 CHECKPOINT_EVERY_S = 60.0
+BACKENDS = ("embedded", "milvus")
 
 
 class MemoryFolderError(RuntimeError):
@@ -64,6 +69,12 @@ class Manifest(Config):
     count: int = 0
     created: float = 0.0
     updated: float = 0.0
+    # Where documents and vectors live: "embedded" (SQLite + FAISS in the folder) or
+    # "milvus" (the collection `collection` at `uri`; a `.db` path is milvus-lite, relative
+    # paths are relative to the folder).
+    backend: Literal["embedded", "milvus"] = "embedded"
+    uri: str = ""
+    collection: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,26 +150,44 @@ class Memory:
         self._encoder = encoder
         self._lock = threading.RLock()
         self._write_lock = _WriteLock(root / LOCK) if mode == "a" else None
-        self.store = Store(root / DATABASE, manifest.dim, readonly=mode == "r")
         self.blobs = BlobStore(root / BLOBS)
+        self._last_checkpoint = time.monotonic()
+        try:
+            self._open_documents()
+        except BaseException:
+            if self._write_lock is not None:
+                self._write_lock.release()
+            raise
+
+    def _open_documents(self) -> None:
+        """The embedded backend: SQLite and the FAISS index cache."""
+        self.store = Store(self.root / DATABASE, self.manifest.dim, readonly=self.mode == "r")
         self._index: FaissIndex | None = None
         self._generation = -1
         self._max_seq = 0
         self._dirty = False
-        self._last_checkpoint = time.monotonic()
-        if mode == "a":
+        if self.mode == "a":
             self.blobs.collect(self.store.referenced_blobs())  # leftovers of a killed writer
 
     # --- opening ------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, path: str | Path, encoder: Encoder, spec: EncoderSpec, index: IndexConfig | None = None
+        cls,
+        path: str | Path,
+        encoder: Encoder,
+        spec: EncoderSpec,
+        index: IndexConfig | None = None,
+        backend: str = "embedded",
+        uri: str | None = None,
     ) -> Memory:
+        """A new memory in `path`. `backend="milvus"` keeps documents and vectors in Milvus
+        at `uri` (default: `milvus.db`, a milvus-lite file in the folder)."""
         root = Path(path)
         if (root / MANIFEST).exists():
             raise MemoryFolderError(f"{root} already holds a memory; open it instead")
         if spec.name != encoder.name:
             raise ValueError(f"spec names encoder {spec.name!r} but got {encoder.name!r}")
+        located = _locate_backend(root, backend, uri)
         root.mkdir(parents=True, exist_ok=True)
         now = time.time()
         manifest = Manifest(
@@ -168,9 +197,10 @@ class Memory:
             index=index or IndexConfig(),
             created=now,
             updated=now,
+            **located,
         )
         atomic_write(root / MANIFEST, (manifest.to_json() + "\n").encode())
-        return cls(root, manifest, "a", encoder)
+        return _memory_class(manifest)(root, manifest, "a", encoder)
 
     @classmethod
     def open(
@@ -192,11 +222,13 @@ class Memory:
             raise MemoryFolderError(f"{root}: manifest format {manifest.format} is not supported")
         if encoder is not None:
             cls._check_encoder(root, manifest, encoder)
-        memory = cls(root, manifest, mode, encoder)
-        if index is not None and index != manifest.index:
+        reindex = index is not None and index != manifest.index
+        if reindex:
             if mode != "a":
                 raise MemoryFolderError("changing the index configuration needs write mode")
-            memory.manifest = manifest.replace(index=index)
+            manifest = manifest.replace(index=index)
+        memory = _memory_class(manifest)(root, manifest, mode, encoder)
+        if reindex:
             memory._write_manifest()
         return memory
 
@@ -331,10 +363,15 @@ class Memory:
             )
         with self._lock:
             inserted = self.store.insert(rows)
-            self._sync()
-            if time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S:
-                self.checkpoint()
+            self._after_write()
         return [id_ for id_, _ in inserted]
+
+    def _after_write(self) -> None:
+        """Catch the index cache up with a write and checkpoint now and then (callers hold
+        `self._lock`)."""
+        self._sync()
+        if time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S:
+            self.checkpoint()
 
     def update_metadata(self, updates: Mapping[str, Mapping[str, Any]]) -> int:
         self._require_writer()
@@ -345,7 +382,7 @@ class Memory:
         self._require_writer()
         with self._lock:  # held while unlinking, so an add of the same image cannot interleave
             seqs, orphans = self.store.delete(list(ids))
-            self._sync()
+            self._after_write()
             for sha in orphans:
                 self.blobs.remove(sha)
         return len(seqs)
@@ -356,6 +393,12 @@ class Memory:
 
     def contains(self, ids: Sequence[str]) -> set[str]:
         return self.store.existing_ids(list(ids))
+
+    def ids(self) -> Iterator[str]:
+        """Every stored document id, in no particular order (one read snapshot)."""
+        with self.store.transaction(write=False) as con:
+            for (id_,) in con.execute("SELECT id FROM documents"):
+                yield id_
 
     def search_vectors(
         self, queries: NDArray[np.float32], k: int, filters: Filters | None = None
@@ -419,19 +462,62 @@ class Memory:
         return stats
 
 
+def _memory_class(manifest: Manifest) -> type[Memory]:
+    if manifest.backend == "milvus":
+        from mmrag.memory.milvus import MilvusMemory
+
+        return MilvusMemory
+    return Memory
+
+
+def _locate_backend(root: Path, backend: str, uri: str | None) -> dict[str, Any]:
+    """The manifest's backend fields for a new memory."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "embedded":
+        if uri:
+            raise ValueError("a URI applies to the milvus backend only")
+        return {}
+    from mmrag.memory.milvus import locate
+
+    return locate(root, uri)
+
+
+def _check_backend(root: Path, backend: str | None, uri: str | None) -> None:
+    """An existing memory keeps the backend and URI it was created with."""
+    manifest = Manifest.load(root / MANIFEST)
+    same_backend = backend is None or backend == manifest.backend
+    same_uri = uri is None or (
+        manifest.backend == "milvus" and _locate_backend(root, "milvus", uri)["uri"] == manifest.uri
+    )
+    if not (same_backend and same_uri):
+        where = f" at {manifest.uri}" if manifest.uri else ""
+        raise MemoryFolderError(
+            f"{root} is a {manifest.backend} memory{where}; its backend and URI cannot change "
+            "(ingest into a new memory instead)"
+        )
+
+
 def ensure_memory(
     path: str | Path,
     spec: EncoderSpec | None = None,
     index: IndexConfig | None = None,
     encoder: Encoder | None = None,
+    backend: str | None = None,
+    uri: str | None = None,
 ) -> Memory:
     """Open MEMORY for writing, creating it if it does not exist yet (with `spec`, by default
-    the `lite` encoder). An existing memory keeps its own encoder; a `spec` or `encoder`
-    given for it must match the manifest."""
+    the `lite` encoder, and `backend`, by default embedded). An existing memory keeps its own
+    encoder and backend; a `spec`, `encoder`, `backend` or `uri` given for it must match the
+    manifest."""
     root = Path(path)
     if (root / MANIFEST).exists():
+        if backend is not None or uri is not None:
+            _check_backend(root, backend, uri)
         if encoder is None and spec is not None:
             encoder = load_encoder(spec)
         return Memory.open(root, mode="a", encoder=encoder, index=index)
     spec = spec or EncoderSpec()
-    return Memory.create(root, encoder or load_encoder(spec), spec, index)
+    return Memory.create(
+        root, encoder or load_encoder(spec), spec, index, backend or "embedded", uri
+    )
