@@ -207,7 +207,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mmrag.train.vq import main as train_vq_main
 
         return train_vq_main(args.rest)
+    if args.what == "ra-cm3":
+        from mmrag.train.ra_cm3 import main as train_ra_cm3_main
+
+        return train_ra_cm3_main(args.rest)
+    if args.what == "fromage":
+        from mmrag.train.fromage import main as train_fromage_main
+
+        return train_fromage_main(args.rest)
     raise CommandError(f"unknown training target {args.what!r}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mmrag.generate_cli import main as generate_main
+
+    return generate_main([args.what, *args.rest])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.what == "ra-cm3":
+        from mmrag.eval.ra_cm3 import main as eval_ra_cm3_main
+
+        return eval_ra_cm3_main(args.rest)
+    raise CommandError(f"unknown evaluation {args.what!r}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -227,6 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig.load(args.config) if args.config else ServerConfig()
     if args.open_reads is not None:
         config = config.replace(open_reads=args.open_reads)
+    capabilities = _generation_capabilities(args)
     serve(
         args.memory,
         host=args.host,
@@ -235,8 +258,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config=config,
         encoder=_encoder_spec(args),
         access_log=not args.no_access_log,
+        capabilities=capabilities,
     )
     return EXIT_OK
+
+
+def _generation_capabilities(args: argparse.Namespace) -> Any:
+    """RA-CM3 for /generate/*: --generator DIR, else the shipped model when present."""
+    from mmrag.checkpoints import CheckpointNotFoundError, checkpoint_dir
+    from mmrag.server.ra_cm3_backend import ra_cm3_capabilities
+
+    if args.no_generator:
+        return None
+    if args.generator is None:
+        try:
+            checkpoint_dir("ra-cm3")
+        except CheckpointNotFoundError:
+            log.info("no RA-CM3 checkpoint: /generate/* answer 501")
+            return None
+    return ra_cm3_capabilities(args.generator)
 
 
 # --- the parser ----------------------------------------------------------------------------
@@ -403,11 +443,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "train",
         cmd_train,
-        "train a component: encoder (the lite heads) or vq (the image tokenizer); "
-        "`mmrag train NAME --help` lists its options",
+        "train a component: encoder (the lite heads), vq (the image tokenizer), ra-cm3 (the "
+        "generator; --retrieval off for the vanilla baseline), fromage (the "
+        "frozen-LM adapters); `mmrag train NAME --help` lists its options",
     )
-    p.add_argument("what", choices=["encoder", "vq"], help="what to train")
+    p.add_argument("what", choices=["encoder", "vq", "ra-cm3", "fromage"], help="what to train")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that trainer")
+
+    p = add(
+        "generate",
+        cmd_generate,
+        "generate with RA-CM3 from what MEMORY retrieves: image (caption -> image), caption "
+        "(image -> caption), infill-image, infill-caption; `mmrag generate WHAT --help`",
+    )
+    p.add_argument(
+        "what", choices=["image", "caption", "infill-image", "infill-caption"], help="what to make"
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options (see WHAT --help)")
+
+    p = add(
+        "eval",
+        cmd_eval,
+        "evaluate a model: ra-cm3 (retrieval vs none: FID, dual-encoder score, CIDEr, "
+        "knowledge test); `mmrag eval NAME --help` lists its options",
+    )
+    p.add_argument("what", choices=["ra-cm3"], help="what to evaluate")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that evaluation")
 
     p = add("demo", cmd_demo, "build the emoji + photos memory and write an HTML report")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -445,6 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_memory_writer_options(p)
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.add_argument(
+        "--generator",
+        default=None,
+        metavar="DIR",
+        help="RA-CM3 model folder for /generate/image and /generate/caption (default: the "
+        "shipped checkpoints/ra-cm3 when present)",
+    )
+    p.add_argument(
+        "--no-generator", action="store_true", help="do not load RA-CM3 (/generate/* answer 501)"
+    )
     return parser
 
 
