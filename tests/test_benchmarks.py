@@ -22,7 +22,7 @@ def bench() -> Iterator[dict[str, ModuleType]]:
         mp.syspath_prepend(str(BENCHMARKS))
         yield {
             name: importlib.import_module(name)
-            for name in ("bench_ingest", "bench_search", "report")
+            for name in ("bench_ingest", "bench_search", "bench_scale", "report")
         }
 
 
@@ -54,7 +54,7 @@ def _machine_ok(result: dict[str, Any]) -> None:
     assert quiet["other_cpu_fraction"] >= 0.0
 
 
-@pytest.mark.parametrize("name", ["bench_ingest", "bench_search", "report"])
+@pytest.mark.parametrize("name", ["bench_ingest", "bench_search", "bench_scale", "report"])
 def test_help_explains_options(
     bench: dict[str, ModuleType], name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -162,3 +162,36 @@ def test_generate_quick(tmp_path: Path) -> None:
     }
     assert all(r["images_per_s"] > 0 for r in result["throughput"])
     assert result["config"]["model"] == "random tiny"
+
+
+# Ray Data 2.60 warns about its own deprecated defaults when it builds its DataContext.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+def test_scale_quick(
+    bench: dict[str, ModuleType], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pytest.importorskip("ray")
+    pytest.importorskip("pymilvus")
+    tmp = tmp_path_factory.mktemp("scale")
+    out = tmp / "scale.json"
+    assert bench["bench_scale"].main(["--quick", "--out", str(out), "--work", str(tmp)]) == 0
+    result = json.loads(out.read_text())
+    _machine_ok(result)
+    ingest = result["ingest"]
+    assert ingest["same_documents"] is True  # Ray stored exactly what one process stored
+    for side in ("single", "ray"):
+        assert ingest[side]["docs_per_s"] > 0
+    pairs = [
+        s / r for s, r in zip(ingest["single"]["seconds"], ingest["ray"]["seconds"], strict=True)
+    ]
+    assert ingest["ratio"]["ray_speedup"] == pytest.approx(statistics.median(pairs), rel=1e-2)
+    rows = result["search"]["results"]
+    assert {(r["backend"], r["index"]) for r in rows} == {
+        (b, i) for b in ("embedded", "milvus") for i in ("flat", "hnsw")
+    }
+    for row in rows:
+        assert 0 < row["single"]["p50_ms"] <= row["single"]["p99_ms"]
+        assert row["folder_bytes_per_doc"] > 0
+        if row["index"] == "flat":  # both exact: the same top 10
+            assert row["recall_at_10"] == pytest.approx(1.0, abs=0.01)
+    for ratio in result["search"]["ratios"].values():
+        assert ratio["milvus_over_faiss_p50"] > 0
