@@ -192,3 +192,53 @@ def test_blank_patches_blanks_the_requested_share() -> None:
     image = Image.new("RGB", (16, 16), (0, 0, 0))
     out = np.asarray(blank_patches(image, 0.25, np.random.default_rng(0)))
     assert (out == 255).all(axis=-1).mean() == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_the_same_weights(
+    dataset: Path, vq_dir: Path, tmp_path: Path
+) -> None:
+    """2 CPU processes (gloo) with the same global batches == one process, token for token:
+    each rank takes a slice of the rows; the loss is normalised by global token counts."""
+    import os
+    import subprocess
+    import sys
+
+    config = tiny_config(steps=3, tokens_per_step=800, eval_every=3, save_every=3)
+    config_file = tmp_path / "config.json"
+    config.save(config_file)
+    common = [
+        "--data",
+        str(dataset),
+        "--config",
+        str(config_file),
+        "--vq",
+        str(vq_dir),
+        "--encoder",
+        "hashing",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    assert main([*common, "--out", str(tmp_path / "single")]) == 0
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mmrag.train.ra_cm3",
+        *common,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one = load_file(str(tmp_path / "single" / "generator" / "model.safetensors"))
+    two = load_file(str(tmp_path / "ddp" / "generator" / "model.safetensors"))
+    assert sorted(one) == sorted(two)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
