@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from mmrag.frozen_lm import (
     IMAGE_SLOT,
+    SHARED_MIN,
     FrozenLM,
     FrozenLMConfig,
     GenerateOptions,
     TokenRow,
+    shared_prefix,
 )
 from mmrag.lm_loading import tiny_language_model
 from mmrag.losses import contrastive, info_nce, masked_l2
@@ -202,3 +205,25 @@ def test_masked_l2_ignores_masked_slots() -> None:
     mask = torch.tensor([[True, True, False], [True, True, False]])
     assert float(masked_l2(a, b, mask)) == pytest.approx(1.0)
     assert float(masked_l2(a, b)) > 1000
+
+
+def test_special_states_share_a_common_beginning_exactly(
+    model: FrozenLM, features: torch.Tensor
+) -> None:
+    from mmrag.chat import Message, chat_row
+
+    system = Message("system", ["You are a helpful assistant."])
+    rows = [
+        chat_row(model, [system, Message("user", ["Show me a red heart."])]),
+        chat_row(model, [system, Message("user", ["What is this?", Image.new("RGB", (4, 4))])]),
+        chat_row(model, [system, Message("user", ["a cat face"])]),
+    ]
+    rows[1].images = [2]
+    assert shared_prefix(rows) >= SHARED_MIN
+    together = model.special_states(rows, [model.ret_id, model.img_ids[0]], features)
+    for i, row in enumerate(rows):
+        batch = model.assemble(
+            [TokenRow([*row.ids, model.ret_id, model.img_ids[0]], row.images)], features
+        )
+        h, _ = model.run(batch.embeds, batch.mask)
+        assert torch.allclose(together[i], h[0, -2:], atol=1e-5)

@@ -13,13 +13,8 @@ import torch
 from conftest import COLORS, png_bytes
 from mmrag.frozen_lm import FrozenLM, FrozenLMConfig
 from mmrag.lm_loading import tiny_language_model
-from mmrag.train.fromage import (
-    FromageTrainConfig,
-    caption_token_count,
-    load_pair_data,
-    plan_step,
-    train_fromage,
-)
+from mmrag.train.fromage import FromageTrainConfig, caption_token_count, plan_step, train_fromage
+from mmrag.train.pairs import load_pair_data
 
 pytestmark = pytest.mark.pretrained  # EfficientNet-Lite0 features (packaged weights)
 

@@ -215,6 +215,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mmrag.train.fromage import main as train_fromage_main
 
         return train_fromage_main(args.rest)
+    if args.what == "gill":
+        from mmrag.train.gill import main as train_gill_main
+
+        return train_gill_main(args.rest)
     raise CommandError(f"unknown training target {args.what!r}")
 
 
@@ -229,7 +233,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from mmrag.eval.ra_cm3 import main as eval_ra_cm3_main
 
         return eval_ra_cm3_main(args.rest)
+    if args.what == "fromage":
+        from mmrag.eval.fromage import main as eval_fromage_main
+
+        return eval_fromage_main(args.rest)
+    if args.what == "gill":
+        from mmrag.eval.gill import main as eval_gill_main
+
+        return eval_gill_main(args.rest)
     raise CommandError(f"unknown evaluation {args.what!r}")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mmrag.chat_cli import main as chat_main
+
+    return chat_main(args.rest)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -445,9 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
         "train a component: encoder (the lite heads), vq (the image tokenizer), ra-cm3 (the "
         "generator; --retrieval off for the vanilla baseline), fromage (the "
-        "frozen-LM adapters); `mmrag train NAME --help` lists its options",
+        "frozen-LM adapters), gill (image tokens, mapper, decision on top of fromage); "
+        "`mmrag train NAME --help` lists its options",
     )
-    p.add_argument("what", choices=["encoder", "vq", "ra-cm3", "fromage"], help="what to train")
+    p.add_argument(
+        "what", choices=["encoder", "vq", "ra-cm3", "fromage", "gill"], help="what to train"
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that trainer")
 
     p = add(
@@ -465,10 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         cmd_eval,
         "evaluate a model: ra-cm3 (retrieval vs none: FID, dual-encoder score, CIDEr, "
-        "knowledge test); `mmrag eval NAME --help` lists its options",
+        "knowledge test), fromage (contextual image retrieval R@k, captioning CIDEr), gill "
+        "(decision F1 and calibration, mapper, generated images); `mmrag eval NAME --help`",
     )
-    p.add_argument("what", choices=["ra-cm3"], help="what to evaluate")
+    p.add_argument("what", choices=["ra-cm3", "fromage", "gill"], help="what to evaluate")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that evaluation")
+
+    p = add(
+        "chat",
+        cmd_chat,
+        "chat over MEMORY (built with --encoder fromage) with the frozen LM: text and images "
+        "in, text and retrieved or generated images out; `mmrag chat MEMORY --help`",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="MEMORY and the chat options")
 
     p = add("demo", cmd_demo, "build the emoji + photos memory and write an HTML report")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

@@ -43,6 +43,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "adapters.safetensors"
 IMAGE_SLOT = -1  # in a token row: an image's k prefix vectors go here
 PAD_SLOT = -2  # in an assembled id grid: left padding
+SHARED_MIN = 8  # a common beginning this long is computed once per batch
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
 RET, IMG = "[RET]", "[IMG{}]"
 
@@ -150,6 +151,16 @@ class Generation:
 
     tokens: list[int] = dataclasses.field(default_factory=list)
     hidden: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+
+def shared_prefix(rows: Sequence[TokenRow]) -> int:
+    """Length of the longest image-free beginning all rows share, leaving each at least one
+    token of its own."""
+    first, n = rows[0].ids, 0
+    limit = min(len(r.ids) for r in rows) - 1
+    while n < limit and first[n] != IMAGE_SLOT and all(r.ids[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 # --- the trained parts ----------------------------------------------------------------------
@@ -348,15 +359,31 @@ class FrozenLM(nn.Module):
         batch_size: int = 32,
     ) -> torch.Tensor:
         """(N, n, H) hidden states of the new `tokens` fed after each row (e.g. `[RET]`, or
-        GILL's `[IMG0..r-1]`). Rows are batched by length, so little is padded."""
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+        GILL's `[IMG0..r-1]`). Rows are batched by their beginning and length, and a beginning
+        a whole batch shares (a chat template's system turn) runs once."""
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].ids[:4], len(rows[i].ids)))
         out = torch.zeros(len(rows), len(tokens), self.language_model.hidden_size)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = self.assemble([rows[i] for i in chunk], features)
-            _, state = self.run(batch.embeds, batch.mask)
+            _, state = self.prefill([rows[i] for i in chunk], features)
             out[chunk] = self.special_hidden(state, tokens).float().cpu()
         return out
+
+    def prefill(
+        self, rows: Sequence[TokenRow], features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LMState]:
+        """The last hidden state (B, H) and the KV state after `rows`; their longest common
+        image-free beginning (when at least SHARED_MIN tokens) is computed once."""
+        shared = shared_prefix(rows)
+        state = None
+        if shared >= SHARED_MIN and len(rows) > 1:
+            head = self.assemble([TokenRow(rows[0].ids[:shared])])
+            _, state = self.run(head.embeds, head.mask)
+            state = state.repeat(len(rows))
+            rows = [TokenRow(r.ids[shared:], r.images) for r in rows]
+        batch = self.assemble(rows, features)
+        hidden, state = self.run(batch.embeds, batch.mask, state)
+        return hidden[:, -1], state
 
     # --- generation ---------------------------------------------------------------------
 
@@ -476,4 +503,5 @@ class FrozenLM(nn.Module):
         config = FrozenLMConfig.load(Path(directory) / CONFIG_FILE)
         model = cls(config, lm or load_language_model(config, device))
         model.load_adapters(directory)
+        model.adapters.requires_grad_(False)  # inference; trainers enable what they train
         return model.to(device).eval()

@@ -26,7 +26,8 @@ from mmrag.losses import info_nce
 from mmrag.train.encoder import match_matrix
 
 if TYPE_CHECKING:
-    from mmrag.train.fromage import FromageTrainConfig, PairData
+    from mmrag.train.fromage import FromageTrainConfig
+    from mmrag.train.pairs import PairData
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,11 @@ def validation_recall(model: FrozenLM, data: PairData, index: np.ndarray) -> dic
 def training_contexts(
     model: FrozenLM, data: PairData, config: FromageTrainConfig
 ) -> tuple[list[TokenRow], np.ndarray]:
-    """Each training pair's query in every form the joint stage uses (plain, chat request,
-    interleaved after another pair), and the train position each context belongs to."""
+    """Each training pair's query as a plain caption, plus one of the joint stage's other
+    forms (a chat request, or the caption after another pair; seeded), and the train
+    position each context belongs to."""
     from mmrag.chat import REQUEST_TEMPLATES
-    from mmrag.train.fromage import query_row
+    from mmrag.train.pairs import query_row
 
     rng = np.random.default_rng([config.seed, 7])
     n = len(data.train)
@@ -84,7 +86,8 @@ def training_contexts(
     for pos, i in enumerate(data.train):
         partner = int(data.train[(pos + 1 + rng.integers(n - 1)) % n])
         template = int(rng.integers(len(REQUEST_TEMPLATES)))
-        for kind in ("plain", "chat", "interleaved"):
+        other = "chat" if rng.random() < 0.5 else "interleaved"
+        for kind in ("plain", other):
             rows.append(query_row(model, data, int(i), kind, partner, template))
             owner.append(pos)
     return rows, np.asarray(owner)

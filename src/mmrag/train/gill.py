@@ -1,0 +1,470 @@
+"""Training GILL on a trained FROMAGe (METHOD.md §3): resumable, torchrun-ready.
+
+FROMAGe's adapters stay frozen (the memory's vectors depend on them). Trained here:
+the `[IMG0..r-1]` rows, the `[IMG0]` retrieval head, the mapper, then the decision.
+
+Stage 1 (the LM in the loop, `steps`): a context (the caption, or a user's chat request for
+it) runs once without gradients; `[IMG0..r-1]` run after it with gradients. Losses: NLL of
+`[IMG0]` after the context (only `[IMG0]` is predicted; the rest are forced), InfoNCE between
+the `[IMG0]` query and FROMAGe's frozen `W_i v` (text -> every training image, image -> the
+batch), the mapper's L2 to the generator's own embeddings of the caption (divided by their
+mean square, so the scale does not depend on the generator) and its length cross-entropy.
+Stage 2 (`head_epochs`): the `[IMG]` rows frozen, their hidden states cached once per
+context, the retrieval head and the mapper fitted for many epochs (as FROMAGe's heads are;
+see train/retrieval_heads.py), keeping the epoch with the best validation loss.
+Stage 3: the retrieve-or-generate decision (train/gill_decision.py).
+
+Files in `--out`: the GILL checkpoint (`Gill.from_pretrained`), `train_state.safetensors`,
+`train-config.json`, `metrics.json`, `RECIPE.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+from tqdm import tqdm
+
+from mmrag.chat import REQUEST_TEMPLATES
+from mmrag.config import Config, ConfigError
+from mmrag.frozen_lm import FrozenLM
+from mmrag.gill import Gill, GillConfig, GillHeads, caption_targets, generator_fingerprint
+from mmrag.losses import contrastive, masked_l2
+from mmrag.train import distributed
+from mmrag.train.fromage import FromageTrainConfig, lr_at
+from mmrag.train.pairs import PairData, load_pair_data, query_row
+from mmrag.train.state import load_state, read_meta, save_state
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.safetensors"
+TRAIN_CONFIG_FILE = "train-config.json"
+METRICS_FILE = "metrics.json"
+RECIPE_FILE = "RECIPE.md"
+RESUMABLE_CHANGES = frozenset({"steps", "save_every"})
+
+
+@dataclasses.dataclass(frozen=True)
+class GillTrainConfig(Config):
+    preset_prefix: ClassVar[str] = "train-gill"
+
+    gill: GillConfig = dataclasses.field(default_factory=GillConfig)
+    fromage: str = ""  # the FROMAGe folder ("" = the shipped checkpoints/fromage)
+    seed: int = 0
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    chat_prob: float = 0.5  # contexts written as a user's chat request
+    nll_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    l2_weight: float = 1.0
+    length_weight: float = 0.1
+    save_every: int = 10
+    head_epochs: int = 40  # stage 2 (0: skip)
+    head_batch: int = 256
+    head_lr: float = 1e-3
+    present_fraction: float = 0.5  # decision: families of a split kept in its memory
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.batch_size < 2 or self.lr <= 0:
+            raise ConfigError("GillTrainConfig: steps >= 0, batch_size >= 2, lr > 0")
+        if not 0 < self.present_fraction < 1 or not 0 <= self.chat_prob <= 1:
+            raise ConfigError("GillTrainConfig: present_fraction in (0, 1), chat_prob in [0, 1]")
+
+
+@dataclasses.dataclass
+class GillData:
+    pairs: PairData
+    targets: torch.Tensor  # (N, Q, D) generator embeddings of each caption
+    lengths: torch.Tensor  # (N,)
+    target_scale: float  # mean square of the generator's embedding entries
+
+
+def load_gill_data(
+    data: Sequence[Path],
+    model: FrozenLM,
+    racm3: Any,
+    config: GillTrainConfig,
+    split: FromageTrainConfig,
+    cache_dir: Path | None,
+    progress: bool,
+) -> GillData:
+    pairs = load_pair_data(
+        data, model, split.holdout, split.group_key, split.seed, cache_dir, progress
+    )
+    targets, lengths = caption_targets(racm3, pairs.pairs.texts, config.gill.queries)
+    scale = float(racm3.generator.embed.weight.detach().pow(2).mean())
+    return GillData(pairs, targets, lengths, scale)
+
+
+def context_rows(
+    model: FrozenLM,
+    data: PairData,
+    pairs: Sequence[int] | np.ndarray,
+    chat: Sequence[bool],
+    templates: Sequence[int],
+) -> list[Any]:
+    return [
+        query_row(model, data, int(i), "chat" if c else "plain", int(i), t)
+        for i, c, t in zip(pairs, chat, templates, strict=True)
+    ]
+
+
+# --- the losses -------------------------------------------------------------------------------
+
+
+def head_losses(
+    model: FrozenLM,
+    heads: GillHeads,
+    data: GillData,
+    states: torch.Tensor,
+    pairs: torch.Tensor,
+    positions: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Retrieval and mapper losses (summed over rows) from [IMG] states (B, r, H)."""
+    pd = data.pairs
+    query = heads.query(states[:, 0])  # (B, R)
+    with torch.no_grad():
+        gallery = model.adapters.project_image(pd.features[pd.train])  # FROMAGe's W_i, frozen
+    images = gallery[positions]
+    scale = model.adapters.logit_scale.detach()
+    exclude = pd.duplicates[positions]
+    t2i = contrastive(query, gallery, scale, positions, exclude, reduction="sum")
+    i2t = contrastive(images, query, scale, exclude=exclude[:, positions], reduction="sum")
+    embeds = model.adapters.img_tokens[None].expand(len(states), -1, -1)
+    vectors, length_logits = heads.mapper(states, embeds)
+    lengths = data.lengths[pairs]
+    mask = torch.arange(vectors.shape[1])[None] < lengths[:, None]  # (B, Q)
+    l2 = masked_l2(vectors, data.targets[pairs], mask) / data.target_scale * len(states)
+    length = functional.cross_entropy(length_logits, lengths - 1, reduction="sum")
+    return {"contrastive": (t2i + i2t) / 2, "l2": l2, "length": length}
+
+
+class GillObjective(nn.Module):
+    def __init__(
+        self, model: FrozenLM, heads: GillHeads, data: GillData, config: GillTrainConfig
+    ) -> None:
+        super().__init__()
+        self.model, self.heads, self.data, self.config = model, heads, data, config
+
+    def forward(
+        self, positions: np.ndarray, chat: list[bool], templates: list[int], total: int
+    ) -> dict[str, torch.Tensor]:
+        model, cfg, pd = self.model, self.config, self.data.pairs
+        pairs = pd.train[positions]
+        rows = context_rows(model, pd, pairs, chat, templates)
+        with torch.no_grad():
+            last, state = model.prefill(rows)
+        target = torch.full((len(rows),), model.img_ids[0], dtype=torch.long)
+        nll = functional.cross_entropy(model.logits(last), target, reduction="sum")
+        states = model.special_hidden(state, list(model.img_ids))  # (b, r, H)
+        parts = head_losses(
+            model, self.heads, self.data, states, torch.as_tensor(pairs), torch.as_tensor(positions)
+        )
+        parts = {k: v / total for k, v in parts.items()} | {"nll": nll / total}
+        parts["loss"] = (
+            cfg.nll_weight * parts["nll"]
+            + cfg.contrastive_weight * parts["contrastive"]
+            + cfg.l2_weight * parts["l2"]
+            + cfg.length_weight * parts["length"]
+        )
+        return parts
+
+
+def plan(
+    data: GillData, config: GillTrainConfig, step: int
+) -> tuple[np.ndarray, list[bool], list[int]]:
+    rng = np.random.default_rng([config.seed, 11, step])
+    n = len(data.pairs.train)
+    positions = rng.choice(n, size=config.batch_size, replace=n < config.batch_size)
+    chat = [bool(c) for c in rng.random(config.batch_size) < config.chat_prob]
+    templates = [int(t) for t in rng.integers(len(REQUEST_TEMPLATES), size=config.batch_size)]
+    return positions, chat, templates
+
+
+# --- stage 2 ----------------------------------------------------------------------------------
+
+
+def cached_states(
+    model: FrozenLM, data: PairData, index: np.ndarray, seed: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """[IMG] states (C, r, H) of a plain and a chat context per pair, and each one's pair."""
+    rng = np.random.default_rng([seed, 13])
+    pairs = np.repeat(index, 2)
+    chat = [bool(j % 2) for j in range(len(pairs))]
+    templates = [int(t) for t in rng.integers(len(REQUEST_TEMPLATES), size=len(pairs))]
+    rows = context_rows(model, data, pairs, chat, templates)
+    return model.special_states(rows, list(model.img_ids)), pairs
+
+
+def fit_heads(
+    model: FrozenLM, heads: GillHeads, data: GillData, config: GillTrainConfig, progress: bool
+) -> list[dict[str, float]]:
+    pd = data.pairs
+    logger.info("caching [IMG] states of %d training contexts", 2 * len(pd.train))
+    states, pairs = cached_states(model, pd, pd.train, config.seed)
+    position = {int(i): p for p, i in enumerate(pd.train)}
+    positions = torch.tensor([position[int(i)] for i in pairs])
+    val_states, val_pairs = cached_states(model, pd, pd.validation[:256], config.seed + 1)
+    params = [p for n, p in heads.named_parameters() if not n.startswith("decision.")]
+    optimizer = torch.optim.AdamW(params, lr=config.head_lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    for epoch in tqdm(range(1, config.head_epochs + 1), desc="gill heads", disable=not progress):
+        perm = torch.randperm(len(states), generator=generator)
+        for start in range(0, len(perm), config.head_batch):
+            b = perm[start : start + config.head_batch]
+            parts = head_losses(
+                model, heads, data, states[b], torch.as_tensor(pairs[b.numpy()]), positions[b]
+            )
+            loss = (
+                config.contrastive_weight * parts["contrastive"]
+                + config.l2_weight * parts["l2"]
+                + config.length_weight * parts["length"]
+            ) / len(b)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        row = {"head_epoch": float(epoch)} | validation(model, heads, data, val_states, val_pairs)
+        history.append(row)
+        if best is None or row["val_l2"] + (1 - row["val_r1"]) < best[0]:
+            best = (row["val_l2"] + (1 - row["val_r1"]), copy.deepcopy(heads.state_dict()))
+    if best is not None:
+        heads.load_state_dict(best[1])
+    return history
+
+
+@torch.no_grad()
+def validation(
+    model: FrozenLM, heads: GillHeads, data: GillData, states: torch.Tensor, pairs: np.ndarray
+) -> dict[str, float]:
+    """Mapper relative L2, slot-token accuracy and length accuracy; [IMG0] -> image R@1 over
+    the validation images."""
+    from mmrag.train.retrieval_heads import recall, split_matches
+
+    pd = data.pairs
+    embeds = model.adapters.img_tokens[None].expand(len(states), -1, -1)
+    vectors, length_logits = heads.mapper(states, embeds)
+    idx = torch.as_tensor(pairs)
+    lengths = data.lengths[idx]
+    mask = torch.arange(vectors.shape[1])[None] < lengths[:, None]
+    l2 = float(masked_l2(vectors, data.targets[idx], mask)) / data.target_scale
+    index = np.unique(pairs)
+    position = {int(i): p for p, i in enumerate(index)}
+    gallery = model.adapters.project_image(pd.features[index])
+    matches = split_matches(pd, index)[[position[int(i)] for i in pairs]]
+    r = recall(heads.query(states[:, 0]) @ gallery.T, matches)
+    return {
+        "val_l2": l2,
+        "val_length_acc": float((length_logits.argmax(-1) + 1 == lengths).float().mean()),
+        "val_r1": r["r1"],
+        "val_r5": r["r5"],
+    }
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def gill_optimizer(
+    model: FrozenLM, heads: GillHeads, config: GillTrainConfig
+) -> torch.optim.Optimizer:
+    """AdamW over the [IMG] rows, the retrieval head and the mapper; FROMAGe stays frozen."""
+    for name, param in model.adapters.named_parameters():
+        param.requires_grad_(name == "img_tokens")
+    params = [model.adapters.img_tokens]
+    params += [p for n, p in heads.named_parameters() if not n.startswith("decision.")]
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+
+class _Trained(nn.Module):
+    """What a stage-1 state file holds: the [IMG] rows and the heads."""
+
+    def __init__(self, model: FrozenLM, heads: GillHeads) -> None:
+        super().__init__()
+        self.img_tokens = model.adapters.img_tokens
+        self.heads = heads
+
+
+def train_gill(
+    data: Sequence[Path],
+    out: Path,
+    config: GillTrainConfig,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    model: FrozenLM | None = None,
+    racm3: Any = None,
+) -> dict[str, Any]:
+    """Stages 1-3 (see the module docstring); resumes stage 1 from `out`'s state file.
+    `model` (a FROMAGe FrozenLM) and `racm3` skip loading the shipped ones (tests)."""
+    from mmrag.checkpoints import checkpoint_dir
+    from mmrag.ra_cm3 import RACM3
+    from mmrag.train.gill_decision import fit_decision
+
+    env = distributed.setup()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fromage_dir = Path(config.fromage) if config.fromage else checkpoint_dir("fromage")
+    model = model or FrozenLM.from_pretrained(fromage_dir, device=str(env.device))
+    racm3 = racm3 or RACM3.from_pretrained(config.gill.generator or None)
+    gill_config = config.gill.replace(
+        generator_dim=racm3.generator.config.dim, generator_fingerprint=generator_fingerprint(racm3)
+    )
+    split = FromageTrainConfig.load(fromage_dir / TRAIN_CONFIG_FILE)
+    gdata = load_gill_data(data, model, racm3, config, split, cache_dir, progress)
+    torch.manual_seed(config.seed)
+    heads = GillHeads(gill_config, model.language_model.hidden_size, model.config.retrieval_dim)
+    optimizer = gill_optimizer(model, heads, config)
+    trained = _Trained(model, heads)
+    meta: dict[str, Any] = {"step": 0, "history": []}
+    if (out / STATE_FILE).is_file():
+        saved = read_meta(out / STATE_FILE)["config"]
+        now = config.to_dict()
+        changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"{out / STATE_FILE} was written with other settings: {changed}")
+        meta |= load_state(out / STATE_FILE, trained, optimizer)
+    step, history = int(meta["step"]), list(meta["history"])
+    if env.is_main:
+        config.save(out / TRAIN_CONFIG_FILE)
+    objective = distributed.wrap(GillObjective(model, heads, gdata, config), env)
+    bar = tqdm(
+        total=config.steps, initial=step, desc="gill", disable=not (progress and env.is_main)
+    )
+    while step < config.steps:
+        positions, chat, templates = plan(gdata, config, step)
+        local = distributed.shard(config.batch_size, env)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.lr, config.warmup_steps, config.steps)
+        losses = objective(positions[local], chat[local], templates[local], config.batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        (losses["loss"] * env.loss_scale).backward()
+        optimizer.step()
+        model.rescale_new_tokens()
+        step += 1
+        row = {k: float(distributed.global_sum(v.detach(), env)) for k, v in losses.items()}
+        history.append(row | {"step": float(step)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if env.is_main and (step % config.save_every == 0 or step == config.steps):
+            state = {"step": step, "config": config.to_dict(), "history": history}
+            save_state(out / STATE_FILE, trained, optimizer, state)
+    bar.close()
+    model.adapters.img_tokens.requires_grad_(False)
+    head_history = fit_heads(model, heads, gdata, config, progress) if config.head_epochs else []
+    gill = Gill(model, heads, gill_config, racm3)
+    decision = fit_decision(gill, gdata.pairs, config, progress)
+    metrics = {
+        "final": history[-1] if history else {},
+        "head_final": head_history[-1] if head_history else {},
+        "decision": decision,
+        "train_config": config.to_dict(),
+        "data": [str(p) for p in data],
+        "history": history,
+        "head_history": head_history,
+    }
+    if env.is_main:
+        gill.save_pretrained(out)
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    distributed.teardown(env)
+    return metrics
+
+
+# --- command line -----------------------------------------------------------------------------
+
+FLAGS: dict[str, tuple[type, str]] = {
+    "fromage": (str, "the FROMAGe checkpoint GILL builds on (default: the shipped one)"),
+    "steps": (int, "stage-1 optimizer steps (the LM in the loop)"),
+    "batch_size": (int, "contexts per stage-1 step"),
+    "lr": (float, "peak AdamW learning rate of stage 1"),
+    "head_epochs": (int, "stage-2 epochs over cached [IMG] states (0: skip)"),
+    "seed": (int, "seed of every batch, context and the decision's family draw"),
+    "save_every": (int, "stage-1 steps between state files"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = GillTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="mmrag train gill",
+        description="Train GILL on a FROMAGe checkpoint and the RA-CM3 generator: the [IMG] "
+        "tokens, the retrieval head, the mapper into the generator's caption embeddings and "
+        "the retrieve-or-generate decision. Rerun the same command to resume stage 1.",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="the caption-image documents FROMAGe was trained on",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--generator",
+        default=None,
+        metavar="DIR",
+        help="RA-CM3 model folder (default: the shipped checkpoints/ra-cm3)",
+    )
+    p.add_argument("--config", type=Path, metavar="JSON_FILE", help="a GillTrainConfig JSON")
+    for name, (kind, text) in FLAGS.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            metavar=kind.__name__.upper(),
+            help=f"{text} (default {getattr(defaults, name)!r})",
+        )
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="frozen image feature cache")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = GillTrainConfig.load(args.config) if args.config else GillTrainConfig()
+        changes = {f: getattr(args, f) for f in FLAGS if getattr(args, f) is not None}
+        if args.generator:
+            changes["gill"] = config.gill.replace(generator=str(args.generator))
+        config = config.replace(**changes)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    metrics = train_gill(args.data, args.out, config, args.cache_dir, not args.no_progress)
+    recipe = [
+        "# GILL adapters: recipe",
+        "",
+        "On the FROMAGe adapters and the RA-CM3 generator named in train-config.json.",
+        "",
+        "```",
+        shlex.join(["mmrag", "train", "gill", *argv]),
+        "```",
+        "",
+        "Decision (held-out families): " + json.dumps(metrics["decision"].get("heldout", {})),
+        "",
+    ]
+    (args.out / RECIPE_FILE).write_text("\n".join(recipe), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
