@@ -203,14 +203,17 @@ def draw_images(
     allowed = torch.zeros(gen.config.vocab_size, dtype=torch.bool)
     allowed[tok.image_offset : tok.vocab_size] = True
     rng = torch.Generator().manual_seed(seed)
-    caches = [gen.new_cache(n, len(cond) + codes), gen.new_cache(n, len(uncond) + codes)]
+    streams = [cond, uncond] if config.guidance != 1.0 else [cond]  # CFG needs the second
+    caches = [gen.new_cache(n, len(x) + codes) for x in streams]
     logits = [
         gen(embeds=x[None].expand(n, -1, -1), cache=c)[:, -1]
-        for x, c in zip((cond, uncond), caches, strict=True)
+        for x, c in zip(streams, caches, strict=True)
     ]
     out = []
     for _ in range(codes):
-        guided = logits[1] + config.guidance * (logits[0] - logits[1])  # (n, V)
+        guided = logits[0]  # (n, V)
+        if len(logits) == 2:
+            guided = logits[1] + config.guidance * (logits[0] - logits[1])
         guided = guided.masked_fill(~allowed, -math.inf) / config.temperature
         probs = functional.softmax(guided, dim=-1)
         sorted_p, order = probs.sort(-1, descending=True)

@@ -1,0 +1,180 @@
+"""GILL on a tiny random LM and a tiny random RA-CM3: mapper, decision scores, guided drawing
+from soft captions, the trainer end to end, and chat turns that retrieve or generate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import COLORS, build_tiny_racm3, png_bytes
+from mmrag.chat import Chat, ChatOptions, Message
+from mmrag.documents import Document
+from mmrag.encoders.base import EncoderSpec
+from mmrag.frozen_lm import FrozenLM, FrozenLMConfig
+from mmrag.gill import Gill, GillConfig, GillHeads, caption_targets, draw_images
+from mmrag.lm_loading import tiny_language_model
+from mmrag.memory.ingest import ingest
+from mmrag.memory.memory import Memory, ensure_memory
+from mmrag.retrieval import Retriever
+from mmrag.train.fromage import FromageTrainConfig, train_fromage
+from mmrag.train.gill import GillTrainConfig, train_gill
+from mmrag.train.gill_decision import fit_temperature, scores
+
+pytestmark = pytest.mark.pretrained  # EfficientNet-Lite0 image features
+
+SHAPES = ("square", "disc", "bar")
+
+
+@pytest.fixture(scope="module")
+def racm3() -> Any:
+    return build_tiny_racm3()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, racm3: Any) -> dict[str, Any]:
+    """A 2-step FROMAGe and a 2-step GILL on 36 documents in 18 families."""
+    root = tmp_path_factory.mktemp("gill")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    lines = []
+    for c, (name, rgb) in enumerate(COLORS.items()):
+        for s, shape in enumerate(SHAPES):
+            for v in range(2):
+                file = f"images/{name}-{shape}-{v}.png"
+                (data / file).write_bytes(png_bytes(rgb, size=32, pattern=1 + 5 * s + 2 * v + c))
+                doc = {"parts": [{"image": file}, {"text": f"a {name} {shape} {v}"}]}
+                lines.append(json.dumps(doc | {"metadata": {"base": f"{name}-{shape}"}}))
+    (data / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    lm = tiny_language_model()
+    fconfig = FromageTrainConfig(
+        model=FrozenLMConfig(lm="tiny", prefix_tokens=2, retrieval_dim=16, img_tokens=2),
+        holdout=0.25,
+        steps=2,
+        batch_size=4,
+        save_every=2,
+        eval_every=0,
+        head_epochs=1,
+    )
+    torch.manual_seed(0)
+    train_fromage([data], root / "fromage", fconfig, root / "f", False, FrozenLM(fconfig.model, lm))
+    gconfig = GillTrainConfig(
+        gill=GillConfig(queries=6, mapper_dim=16, mapper_heads=2, mapper_layers=1, top_k=3),
+        fromage=str(root / "fromage"),
+        steps=2,
+        batch_size=4,
+        head_epochs=2,
+        head_batch=16,
+    )
+    fromage = FrozenLM.from_pretrained(root / "fromage", lm=lm)
+    metrics = train_gill([data], root / "gill", gconfig, root / "f", False, fromage, racm3)
+    return {"root": root, "data": data, "metrics": metrics, "lm": lm}
+
+
+@pytest.fixture(scope="module")
+def memory(trained: dict[str, Any]) -> Iterator[Memory]:
+    path = trained["root"] / "memory"
+    docs = [
+        Document.of(text=f"a {n} square", image=png_bytes(rgb, 32)) for n, rgb in COLORS.items()
+    ]
+    spec = EncoderSpec(name="fromage", path=str(trained["root"] / "fromage"))
+    with ensure_memory(path, spec) as m:
+        ingest(m, docs, progress=False)
+    with Memory.open(path) as m:
+        yield m
+
+
+def test_mapper_shapes_and_caption_targets(racm3: Any) -> None:
+    config = GillConfig(
+        queries=5,
+        mapper_dim=16,
+        mapper_heads=2,
+        mapper_layers=1,
+        generator_dim=racm3.generator.config.dim,
+    )
+    heads = GillHeads(config, hidden=32, retrieval_dim=8)
+    vectors, length = heads.mapper(torch.randn(3, 2, 32), torch.randn(3, 2, 32))
+    assert vectors.shape == (3, 5, racm3.generator.config.dim) and length.shape == (3, 5)
+    targets, lengths = caption_targets(racm3, ["a red square", "a green square and more"], 5)
+    ids = racm3.tokenizer.encode_text("a red square")
+    assert int(lengths[0]) == len(ids) and int(lengths[1]) <= 5
+    assert torch.equal(targets[0, : len(ids)], racm3.generator.embed.weight[torch.tensor(ids)])
+    assert not targets[0, len(ids) :].any()
+
+
+def test_draw_images_from_soft_captions_equals_drawing_from_the_caption_ids(racm3: Any) -> None:
+    ids = racm3.tokenizer.encode_text("a red square")
+    vectors = racm3.generator.embed(torch.tensor(ids)).detach()
+    config = GillConfig(samples=1, guidance=1.0, temperature=1e-4)  # ~greedy, no guidance
+    images = draw_images(racm3, vectors, [], config, seed=0)
+    assert len(images) == 1
+    from mmrag.decoding import Sampling, decode
+
+    tok = racm3.tokenizer
+    prompt = [tok.bos_id, tok.img_alt_id, *ids, tok.src_id]
+    greedy = decode(
+        racm3.generator, [prompt], tok.config.image_tokens, racm3.image_allowed, Sampling(0.0)
+    ).tokens[0]
+    codes = torch.tensor(greedy) - tok.image_offset
+    expected = racm3.vq.decode_images(codes.view(1, racm3.grid, racm3.grid))[0]
+    assert images[0].tobytes() == expected.tobytes()
+
+
+def test_decision_scores_and_temperature_scaling() -> None:
+    probs = torch.tensor([0.9, 0.8, 0.2, 0.6, 0.1])
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    s = scores(probs, labels)
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)
+    assert s["f1"] == pytest.approx(2 / 3) and s["accuracy"] == pytest.approx(0.6)
+    from mmrag.gill import Decision
+    from mmrag.train.gill_decision import DecisionSet
+
+    gen = torch.Generator().manual_seed(0)
+    n = 400
+    top = torch.rand(n, 3, generator=gen)
+    labels = (torch.rand(n, generator=gen) < torch.sigmoid(4 * (0.5 - top[:, 0]))).float()
+    data = DecisionSet(torch.zeros(n, 4), top.sort(1, descending=True).values, labels, ["g"] * n)
+    decision = Decision(4)
+    with torch.no_grad():
+        decision.scores.weight.copy_(torch.tensor([[-12.0, 0.0, 0.0]]))  # overconfident x3
+        decision.scores.bias.fill_(6.0)
+    before = scores(decision.probability(data.states, data.top).detach(), labels)["ece"]
+    fit_temperature(decision, data)
+    after = scores(decision.probability(data.states, data.top).detach(), labels)["ece"]
+    assert float(decision.temperature) > 1.5 and after < before
+
+
+def test_training_writes_a_loadable_gill_with_decision_metrics(
+    trained: dict[str, Any], racm3: Any
+) -> None:
+    metrics = trained["metrics"]
+    decision = metrics["decision"]
+    assert decision["chosen"] in ("combined", "scores_only", "state_only")
+    assert 0.0 <= decision["heldout"]["f1"] <= 1.0 and "ece" in decision["heldout"]
+    assert len(metrics["history"]) == 2 and len(metrics["head_history"]) == 2
+    gill = Gill.from_pretrained(trained["root"] / "gill", lm=trained["lm"], racm3=racm3)
+    fromage = FrozenLM.from_pretrained(trained["root"] / "fromage", lm=trained["lm"])
+    gill.check_compatible(fromage)  # FROMAGe's parts untouched by GILL's training
+    assert not torch.equal(gill.model.adapters.img_tokens, fromage.adapters.img_tokens)
+
+
+def test_chat_turn_generates_or_retrieves_by_the_decision(
+    trained: dict[str, Any], memory: Memory, racm3: Any
+) -> None:
+    gill = Gill.from_pretrained(trained["root"] / "gill", lm=trained["lm"], racm3=racm3)
+    opts = ChatOptions(max_new_tokens=2, img_bias=1e4, ret_bias=-1e4, k=2)
+    message = [Message("user", ["Show me a red square."])]
+    gill.config = gill.config.replace(threshold=0.0, samples=1)  # always generate
+    generated = Chat(gill.model, Retriever(memory), gill).chat(message, opts)
+    part = generated.images[0]
+    assert part.source == "generated" and part.image is not None and part.token == "[IMG0]"
+    assert 0.0 <= (part.p_generate or 0.0) <= 1.0 and len(part.evidence) == 2
+    assert part.generation is not None and part.generation["slots"] >= 1
+    assert "png_base64" in generated.to_json()["parts"][0]
+    gill.config = gill.config.replace(threshold=1.01)  # never generate
+    retrieved = Chat(gill.model, Retriever(memory), gill).chat(message, opts).images[0]
+    assert retrieved.source == "retrieved" and retrieved.document is not None
+    assert retrieved.p_generate == pytest.approx(part.p_generate)
