@@ -138,3 +138,28 @@ def test_mmrag_chat_one_turn_json(memory: Memory, capsys: pytest.CaptureFixture[
     kinds = [p["type"] for p in payload["parts"]]
     assert kinds[-1] == "image" and payload["parts"][-1]["source"] == "retrieved"
     assert len(payload["parts"][-1]["evidence"]) == 2
+
+
+def test_server_chat_answers_with_provenance(memory: Memory) -> None:
+    from fastapi.testclient import TestClient
+
+    from mmrag.server import create_app
+    from mmrag.server.chat_backend import with_chat
+
+    always = ChatOptions(images="always")
+    app = create_app(memory.root, capabilities=with_chat(gill=False, defaults=always))
+    with TestClient(app) as client:
+        assert client.get("/stats").json()["server"]["capabilities"]["chat"] is True
+        body = {
+            "messages": [{"role": "user", "parts": [{"text": "Show me a red square."}]}],
+            "k": 2,
+            "max_tokens": 2,
+        }
+        reply = client.post("/chat", json=body)
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        assert data["message"]["role"] == "assistant" and data["message"]["parts"]
+        image = data["message"]["parts"][-1]
+        assert image["type"] == "image" and image["source"] == "retrieved"
+        assert image["document_id"] in {e["id"] for e in data["evidence"]}
+        assert image["image"]["url"].startswith("/images/") and image["p_generate"] is None

@@ -22,6 +22,15 @@ PRODUCERS: dict[str, str] = {
         "its generator/, tokenizer/, vq/ and config.json to checkpoints/ra-cm3 (see "
         "checkpoints/ra-cm3/RECIPE.md)"
     ),
+    "fromage": (
+        "mmrag train fromage --data .cache/data/emoji .cache/data/photos --out "
+        ".cache/runs/fromage --steps 300 --stop-after 100, then --steps 100, and copy the "
+        "folder to checkpoints/fromage (see checkpoints/fromage/RECIPE.md)"
+    ),
+    "gill": (
+        "mmrag train gill --data .cache/data/emoji .cache/data/photos --out checkpoints/gill "
+        "(needs checkpoints/fromage and checkpoints/ra-cm3; see checkpoints/gill/RECIPE.md)"
+    ),
 }
 
 

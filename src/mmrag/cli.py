@@ -282,7 +282,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _generation_capabilities(args: argparse.Namespace) -> Any:
-    """RA-CM3 for /generate/*: --generator DIR, else the shipped model when present."""
+    """RA-CM3 for /generate/*: --generator DIR, else the shipped model when present; and
+    FROMAGe / GILL for /chat when the memory was built with the fromage encoder."""
+    from mmrag.server.chat_backend import with_chat
+
+    return with_chat(_ra_cm3_capabilities(args))
+
+
+def _ra_cm3_capabilities(args: argparse.Namespace) -> Any:
     from mmrag.checkpoints import CheckpointNotFoundError, checkpoint_dir
     from mmrag.server.ra_cm3_backend import ra_cm3_capabilities
 

@@ -49,9 +49,20 @@ class ChatTurn:
     parts: Sequence[str | Image.Image]
 
 
-# A reply part: text, a generated image, or a document retrieved from the memory (shown
-# by its image, FROMAGe's [RET]).
-ChatPart = str | Image.Image | SearchResult
+@dataclasses.dataclass(frozen=True)
+class ChatImage:
+    """An image in a reply with its provenance: a `document` retrieved from the memory, or a
+    generated `image`; `p_generate` is the retrieve-or-generate decision's probability (GILL)."""
+
+    source: Literal["retrieved", "generated"]
+    document: SearchResult | None = None
+    image: Image.Image | None = None
+    p_generate: float | None = None
+
+
+# A reply part: text, a generated image, a document retrieved from the memory (shown by its
+# image, FROMAGe's [RET]), or an image with its provenance.
+ChatPart = str | Image.Image | SearchResult | ChatImage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +109,8 @@ MISSING = {
     "captioning": "captioning is not available: this server was started without an RA-CM3 "
     "model (image → caption). Start it with `mmrag serve MEMORY --generator DIR`, or with "
     "the shipped checkpoints/ra-cm3 present.",
-    "chat": "chat is not available: the FROMAGe / GILL adapters (a frozen language model "
-    "with retrieved and generated images) are not part of this mmrag build yet. This "
-    "endpoint's request and response schemas are final; it answers 501 until a chat model "
-    "is configured.",
+    "chat": "chat is not available: FROMAGe / GILL chat (a frozen language model with "
+    "retrieved and generated images) needs a memory built with the fromage encoder "
+    "(`mmrag ingest MEMORY DATA --encoder fromage`); this server's memory uses another, or no "
+    "chat model is configured. This endpoint answers 501 until one is.",
 }

@@ -19,7 +19,7 @@ from mmrag.server.bodies import (
     request_kind,
     validation_error,
 )
-from mmrag.server.capabilities import ChatTurn
+from mmrag.server.capabilities import ChatImage, ChatTurn
 from mmrag.server.context import Context
 from mmrag.server.openapi import CAPTION_FORM, error_responses, request_body
 from mmrag.server.schemas import (
@@ -124,8 +124,15 @@ def _chat_part(part: Any) -> ChatPartOut:
     if isinstance(part, str):
         return ChatPartOut(type="text", text=part)
     if isinstance(part, Image.Image):
-        return ChatPartOut(type="image", generated=views.png(part))
+        return ChatPartOut(type="image", generated=views.png(part), source="generated")
+    if isinstance(part, ChatImage):
+        inner = part.document if part.document is not None else part.image
+        out = _chat_part(inner) if inner is not None else ChatPartOut(type="image")
+        return out.model_copy(update={"source": part.source, "p_generate": part.p_generate})
     found = views.hit(part)
     return ChatPartOut(
-        type="image", document_id=found.id, image=found.images[0] if found.images else None
+        type="image",
+        document_id=found.id,
+        image=found.images[0] if found.images else None,
+        source="retrieved",
     )

@@ -311,13 +311,17 @@ class ChatRequest(GenerationRequest):
 
 
 class ChatPartOut(BaseModel):
-    """Text; an image retrieved from the memory (`image`, `document_id`); or one generated."""
+    """Text; an image retrieved from the memory (`image`, `document_id`); or one generated.
+    `source` says which, and `p_generate` is the retrieve-or-generate decision's probability
+    (GILL; absent for FROMAGe's [RET], which always retrieves)."""
 
     type: Literal["text", "image"]
     text: str | None = None
     image: ImageRef | None = None
     document_id: str | None = None
     generated: PngImage | None = None
+    source: Literal["retrieved", "generated"] | None = None
+    p_generate: float | None = None
 
 
 class ChatMessageOut(BaseModel):

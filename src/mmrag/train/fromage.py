@@ -409,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, metavar="N", help="torch CPU threads (on shared cores 1 is fastest)"
     )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="end this call after N stage-1 steps, as if interrupted (the schedule stays that "
+        "of --steps); a rerun resumes, and a rerun with --steps at the step reached ends "
+        "stage 1 there and refits the heads",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -460,11 +468,19 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        metrics = train_fromage(args.data, args.out, config, args.cache_dir, not args.no_progress)
+        metrics = train_fromage(
+            args.data,
+            args.out,
+            config,
+            args.cache_dir,
+            not args.no_progress,
+            stop_after=args.stop_after,
+        )
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
-    (args.out / RECIPE_FILE).write_text(recipe(argv, metrics), encoding="utf-8")
+    if "interrupted_at" not in metrics:
+        (args.out / RECIPE_FILE).write_text(recipe(argv, metrics), encoding="utf-8")
     return 0
 
 
