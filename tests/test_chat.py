@@ -163,3 +163,31 @@ def test_server_chat_answers_with_provenance(memory: Memory) -> None:
         assert image["type"] == "image" and image["source"] == "retrieved"
         assert image["document_id"] in {e["id"] for e in data["evidence"]}
         assert image["image"]["url"].startswith("/images/") and image["p_generate"] is None
+
+
+def test_demo_chat_section_runs_the_script(
+    fromage_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmrag.checkpoints import ENV_VAR
+    from mmrag.demo import _find
+    from mmrag.demo_chat import SCRIPT, chat_sections
+
+    root = tmp_path / "ckpt"
+    (root / "fromage").mkdir(parents=True)
+    for file in fromage_dir.iterdir():
+        (root / "fromage" / file.name).write_bytes(file.read_bytes())
+    monkeypatch.setenv(ENV_VAR, str(root))
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    lines = []
+    for name, emoji in (("pizza", "🍕"), ("red heart", "❤️"), ("cat", "🐈")):
+        (data / "images" / f"{name}.png").write_bytes(png_bytes(COLORS["red"], 32, len(name)))
+        meta = {"emoji": emoji, "base": emoji[0], "name": name}
+        lines.append(json.dumps({"image": f"images/{name}.png", "text": name, "metadata": meta}))
+    (data / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    sections = chat_sections(tmp_path / "out", [data], _find, progress=False, gill=False)
+    assert [s["title"] for s in sections] == ["Chat: FROMAGe"]
+    rows = sections[0]["rows"]
+    assert len(rows) == len(SCRIPT) and rows[1]["query_image"].startswith("data:image/png")
+    assert "left out" in rows[-1]["query"]  # the heart family excluded from the search
+    assert all(row["results"] for row in rows)

@@ -254,7 +254,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mmrag.demo import run_demo
 
     report = run_demo(
-        Path(args.out), limit=args.limit, progress=not args.no_progress, rebuild=args.rebuild
+        Path(args.out),
+        limit=args.limit,
+        progress=not args.no_progress,
+        rebuild=args.rebuild,
+        chat=not args.no_chat,
     )
     print(f"demo report: {report}")
     return EXIT_OK
@@ -513,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=None, help="use only the first N emoji (default: all)"
     )
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached memory")
+    p.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="skip the scripted FROMAGe / GILL conversation (it builds a second memory with "
+        "the fromage encoder)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     p = add("serve", cmd_serve, "serve MEMORY over HTTP: JSON API (/openapi.json) and web page (/)")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mmrag.data.datasets import build_dataset
 from mmrag.data.readers import read_sources
+from mmrag.demo_chat import chat_sections
 from mmrag.demo_generation import generation_sections
 from mmrag.encoders.base import EncoderSpec
 from mmrag.memory.ingest import ingest
@@ -200,15 +201,20 @@ def run_demo(
     rebuild: bool = False,
     spec: EncoderSpec | None = None,
     generation: bool = True,
+    chat: bool = False,
 ) -> Path:
     """Build (or reuse) the demo memory, run the queries, write OUT/report.html. With
-    `generation`, RA-CM3 draws and captions too (when its checkpoint is present)."""
+    `generation`, RA-CM3 draws and captions too; with `chat`, a scripted conversation runs
+    with FROMAGe / GILL (each when its checkpoint is present)."""
     out.mkdir(parents=True, exist_ok=True)
     memory_dir, info = build_memory(out, limit, progress, rebuild, spec or EncoderSpec())
     with Memory.open(memory_dir) as memory:
         sections = run_queries(memory)
         if generation:
             sections += [Section(**s) for s in generation_sections(memory, _find, progress)]
+    if chat:
+        sources = [out / "data" / name for name in ("emoji", "photos")]
+        sections += [Section(**s) for s in chat_sections(out, sources, _find, progress)]
     report = out / "report.html"
     report.write_text(render_html(sections, info), encoding="utf-8")
     results = {
