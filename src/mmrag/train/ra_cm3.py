@@ -11,7 +11,7 @@ mean over its tokens.
 Files in `--out`: the model (`generator/`, `tokenizer/`, `vq/` copied from `--vq`,
 `config.json`: loadable with `mmrag.ra_cm3.RACM3.from_pretrained`), the prepared data
 (`corpus.safetensors`, `split.json`, `memory/` of the training documents,
-`retrieval.safetensors`, `val_retrieval.safetensors`), `train_state.safetensors` (resume),
+`retrieval.safetensors`, `val_retrieval.safetensors`; ra_cm3_prepare.py), `train_state.safetensors` (resume),
 `train-config.json` and `metrics.json`. Running the same command again resumes.
 """
 
@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import shlex
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,38 +37,25 @@ from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
 from mmrag.encoders.base import EncoderSpec
 from mmrag.generator import Generator, GeneratorConfig
-from mmrag.memory.ingest import ingest
-from mmrag.memory.memory import ensure_memory
 from mmrag.ra_cm3 import CONFIG_FILE as RACM3_CONFIG_FILE
 from mmrag.ra_cm3 import RACM3Config
-from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
+from mmrag.tokenizer import TokenizerConfig
 from mmrag.train import distributed
 from mmrag.train.distributed import DistEnv
 from mmrag.train.ra_cm3_data import (
-    CORPUS_FILE,
-    RETRIEVAL_FILE,
-    Corpus,
     Example,
     ModeRates,
-    build_corpus,
     build_sequence,
     collate,
-    heldout_variants,
-    load_retrieval,
-    precompute_retrieval,
-    read_pairs,
-    save_retrieval,
 )
+from mmrag.train.ra_cm3_prepare import Prepared, check_sizes, prepare
 from mmrag.train.state import load_state, read_meta, save_state
-from mmrag.vq import VQModel
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.safetensors"
 TRAIN_CONFIG_FILE = "train-config.json"
 METRICS_FILE = "metrics.json"
-SPLIT_FILE = "split.json"
-VAL_RETRIEVAL_FILE = "val_retrieval.safetensors"
 RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "save_every"})
 
 
@@ -135,96 +121,6 @@ def lr_at(step: int, config: RACM3TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
-# --- preparation ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Prepared:
-    corpus: Corpus
-    tokenizer: MultimodalTokenizer
-    train_rows: np.ndarray
-    heldout_rows: np.ndarray
-    found: torch.Tensor | None  # (len(train_rows), variants, k) corpus indices, -1 = none
-    val_found: torch.Tensor | None  # (len(val rows), 1, k)
-    grid: int
-
-
-def prepare(
-    data: Sequence[Path],
-    out: Path,
-    config: RACM3TrainConfig,
-    vq_dir: Path,
-    encoder: EncoderSpec,
-    progress: bool = True,
-) -> Prepared:
-    """Code the corpus, split it, train the BPE, build the memory of training documents and
-    precompute retrievals; every product is cached in `out` and reused when present."""
-    vq = VQModel.from_pretrained(vq_dir)
-    if not (out / "vq" / "config.json").is_file():
-        shutil.copytree(vq_dir, out / "vq", dirs_exist_ok=True)
-    docs = None
-    if (out / CORPUS_FILE).is_file():
-        corpus = Corpus.load(out / CORPUS_FILE)
-    else:
-        docs = read_pairs(data, config.group_key)
-        corpus = build_corpus(docs, vq, config.group_key, progress)
-        corpus.save(out / CORPUS_FILE)
-    held = heldout_variants(corpus.groups, config.holdout, config.seed)
-    train = np.setdiff1d(np.arange(len(corpus)), held)
-    split = {"train": train.tolist(), "heldout": held.tolist()}
-    split["heldout_ids"] = [corpus.ids[i] for i in held]
-    (out / SPLIT_FILE).write_text(json.dumps(split) + "\n", encoding="utf-8")
-    tok_config = config.tokenizer.replace(
-        image_codes=vq.config.codebook_size, image_tokens=vq.config.tokens_per_image
-    )
-    if (out / "tokenizer" / "tokenizer.json").is_file():
-        tokenizer = MultimodalTokenizer.from_pretrained(out / "tokenizer")
-    else:
-        tokenizer = MultimodalTokenizer.train([corpus.captions[i] for i in train], tok_config)
-        tokenizer.save_pretrained(out / "tokenizer")
-    found = val_found = None
-    if config.retrieval:
-        found, val_found = _retrievals(out, corpus, train, held, config, encoder, docs, progress)
-    return Prepared(corpus, tokenizer, train, held, found, val_found, vq.config.grid_size)
-
-
-def _retrievals(
-    out: Path,
-    corpus: Corpus,
-    train: np.ndarray,
-    held: np.ndarray,
-    config: RACM3TrainConfig,
-    encoder: EncoderSpec,
-    docs: Sequence[Any] | None,
-    progress: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if (out / RETRIEVAL_FILE).is_file() and (out / VAL_RETRIEVAL_FILE).is_file():
-        return load_retrieval(out / RETRIEVAL_FILE)[1], load_retrieval(out / VAL_RETRIEVAL_FILE)[1]
-    with ensure_memory(out / "memory", encoder) as memory:
-        if len(memory) < len(train):
-            if docs is None:
-                raise ConfigError(f"{out / 'memory'} is incomplete; delete it and {CORPUS_FILE}")
-            ingest(memory, [docs[i] for i in train], progress=progress)
-        rows = train.tolist()
-        found, scores = precompute_retrieval(
-            memory, corpus, rows, config.retriever, config.query_variants, config.seed, progress
-        )
-        save_retrieval(out / RETRIEVAL_FILE, rows, found, scores)
-        val_rows = held[: config.val_docs].tolist()
-        val_config = config.retriever.replace(query_dropout=0.0)
-        val_found, val_scores = precompute_retrieval(
-            memory, corpus, val_rows, val_config, 1, config.seed, progress=False
-        )
-        save_retrieval(out / VAL_RETRIEVAL_FILE, val_rows, val_found, val_scores)
-    share = float((found[:, :, 0] >= 0).float().mean())
-    logger.info(
-        "retrieval: %.1f%% of queries found a document; mean top score %.3f",
-        100 * share,
-        float(scores[:, :, 0].mean()),
-    )
-    return found, val_found
 
 
 # --- batches and loss -----------------------------------------------------------------------
@@ -328,17 +224,6 @@ def validate(
 # --- training -------------------------------------------------------------------------------
 
 
-def _check_sizes(prep: Prepared, config: RACM3TrainConfig) -> None:
-    tok, gen = prep.tokenizer, config.generator
-    if gen.vocab_size < tok.vocab_size:
-        raise ConfigError(
-            f"generator.vocab_size {gen.vocab_size} < the tokenizer's {tok.vocab_size}"
-        )
-    longest = 1 + (max(config.k_choices) + 1) * (tok.config.image_tokens + 40) + 8
-    if config.retrieval and gen.max_seq_len < longest:
-        raise ConfigError(f"generator.max_seq_len {gen.max_seq_len} < ~{longest} tokens needed")
-
-
 def write_model(out: Path, model: Generator, config: RACM3TrainConfig) -> None:
     """The loadable model folder: generator weights and the inference config."""
     model.save_pretrained(out / "generator")
@@ -367,7 +252,7 @@ def train_ra_cm3(
         prep = prepare(
             data, out, config, vq_dir or checkpoint_dir("vq"), encoder or EncoderSpec(), False
         )
-    _check_sizes(prep, config)
+    check_sizes(prep, config)
     torch.manual_seed(config.seed)
     model = Generator(config.generator).to(env.device).train()
     optimizer = torch.optim.AdamW(
