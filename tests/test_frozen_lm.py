@@ -227,3 +227,23 @@ def test_special_states_share_a_common_beginning_exactly(
         )
         h, _ = model.run(batch.embeds, batch.mask)
         assert torch.allclose(together[i], h[0, -2:], atol=1e-5)
+
+
+@pytest.mark.pretrained
+def test_smollm2_from_the_package_with_the_shipped_fromage_adapters() -> None:
+    """The real frozen LM (first run: ~20-40 s to dequantise the GGUF into the cache)."""
+    from mmrag.chat import Message, chat_row
+    from mmrag.checkpoints import checkpoint_dir
+    from mmrag.lm_loading import load_smollm2
+
+    lm = load_smollm2()
+    assert (lm.hidden_size, lm.vocab_size) == (576, 49152)
+    model = FrozenLM.from_pretrained(checkpoint_dir("fromage"), lm=lm)
+    question = chat_row(model, [Message("user", ["What is the capital of France?"])])
+    opts = GenerateOptions(max_new_tokens=8, allow_ret=False, allow_img=False)
+    answer = model.decode_text(model.generate([question], None, opts)[0].tokens)
+    assert "Paris" in answer  # the adapters leave the frozen LM as it was
+    request = chat_row(model, [Message("user", ["Show me a red heart."])])
+    last, _ = model.prefill([request])
+    logits = model.logits(last)[0, : model.vocab + 1]  # the frozen vocabulary and [RET]
+    assert int(logits.argmax()) == model.ret_id  # trained to answer a request with [RET]

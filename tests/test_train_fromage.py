@@ -129,3 +129,29 @@ def test_training_lowers_the_losses(data_dir: Path, cache: Path, tmp_path: Path)
     last = np.mean([r["contrastive"] + r["ret"] for r in metrics["history"][-5:]])
     assert last < 0.8 * first
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_evaluate_fromage_scores_context_and_captions(
+    data_dir: Path, cache: Path, tmp_path: Path
+) -> None:
+    from mmrag.eval.fromage import contextual_queries, evaluate_fromage, markdown
+
+    cfg = config(steps=2, head_epochs=1, holdout=0.5)
+    model = tiny(cfg)
+    train_fromage([data_dir], tmp_path / "ckpt", cfg, cache, progress=False, model=model)
+    result = evaluate_fromage(tmp_path / "ckpt", [data_dir], 2, cache, False, model=model)
+    retrieval = result["retrieval"]
+    for name in ("with_context", "caption_only"):
+        scores = retrieval[name]
+        assert 0 <= scores["r1"] <= scores["r5"] <= scores["r10"] <= 1
+        assert scores["r1"] <= scores["family_r1"]  # the family includes the target
+    assert result["captioning"]["n"] == result["heldout_pairs"]
+    assert "R@1" in markdown(result)
+    from mmrag.train.pairs import load_pair_data
+
+    data = load_pair_data([data_dir], model, 0.5, "base", 0, cache, progress=False)
+    queries = contextual_queries(data, data.heldout, 2, seed=0)
+    for q in queries:
+        group = data.pairs.groups[q.target]
+        assert q.target not in q.context and len(q.context) == 2
+        assert all(data.pairs.groups[s] == group for s in q.context)

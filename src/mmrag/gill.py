@@ -99,6 +99,10 @@ class Mapper(nn.Module):
         )
         self.decoder = nn.TransformerDecoder(layer, config.mapper_layers)
         self.out = nn.Linear(d, config.generator_dim)
+        # Zero: the first outputs sit at the origin of the generator's small embeddings (std
+        # ~0.02), not ~20x their scale, so the L2 starts near 1 relative to their mean square.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
         self.length = nn.Linear(d, config.queries)  # logits of lengths 1..queries
 
     def forward(

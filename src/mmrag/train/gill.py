@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -290,6 +291,20 @@ def gill_optimizer(
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
 
+@torch.no_grad()
+def init_img_rows(model: FrozenLM, seed: int) -> None:
+    """Start `[IMG0]` at FROMAGe's trained `[RET]` row (so it is as likely as `[RET]` after a
+    request from the first step, where a random row starts at NLL ~27) and `[IMG1..r-1]`
+    near it (a seeded perturbation of half its norm, so their states differ)."""
+    ret = model.adapters.ret_token[0]
+    rows = model.adapters.img_tokens
+    noise = torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed))
+    scale = 0.5 * ret.norm() / math.sqrt(rows.shape[1])
+    rows.copy_(ret[None] + scale * noise)
+    rows[0] = ret
+    model.rescale_new_tokens()
+
+
 class _Trained(nn.Module):
     """What a stage-1 state file holds: the [IMG] rows and the heads."""
 
@@ -337,6 +352,8 @@ def train_gill(
         if changed:
             raise ConfigError(f"{out / STATE_FILE} was written with other settings: {changed}")
         meta |= load_state(out / STATE_FILE, trained, optimizer)
+    else:
+        init_img_rows(model, config.seed)
     step, history = int(meta["step"]), list(meta["history"])
     if env.is_main:
         config.save(out / TRAIN_CONFIG_FILE)
