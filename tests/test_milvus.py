@@ -124,7 +124,6 @@ def test_exact_search_equals_the_embedded_backend(pair: tuple[Memory, Memory]) -
 
 
 def test_upsert_metadata_and_delete_behave_as_embedded(pair: tuple[Memory, Memory]) -> None:
-    embedded, milvus = pair
     docs = corpus()
     for memory in pair:
         assert ingest(memory, docs, progress=False).added == 0  # same content: a no-op
@@ -144,7 +143,11 @@ def test_upsert_metadata_and_delete_behave_as_embedded(pair: tuple[Memory, Memor
         returned = {d.id for d in memory.get_by_seq([s for s, _ in hits[0]]) if d}
         assert docs[0].id not in returned and docs[2].id not in returned  # gone at once
         assert len(returned) == len(docs) - 2
-    assert embedded.stats()["by_modality"] == milvus.stats()["by_modality"]
+    stats = [memory.stats() for memory in pair]
+    assert stats[0].keys() <= stats[1].keys()  # what the server's /stats reads
+    for key in ("count", "by_modality", "images", "deleted_total"):
+        assert stats[0][key] == stats[1][key], key
+    assert stats[1]["database_bytes"] > 0
 
 
 def test_reopen_keeps_seqs_unique_and_collects_blobs_of_a_dead_writer(tmp_path: Path) -> None:
@@ -270,3 +273,25 @@ def test_milvus_lite_serves_one_process_at_a_time(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["count"] == 3
+
+
+def test_the_server_runs_on_a_milvus_memory(tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mmrag.server import create_app
+
+    path = tmp_path / "mem"
+    with ensure_memory(path, HASHING, backend="milvus") as memory:
+        ingest(memory, corpus()[:6], progress=False)
+    token = "t" * 24
+    with TestClient(create_app(path, token=token)) as client:
+        stats = client.get("/stats").json()
+        assert (stats["count"], stats["images"], stats["deleted_total"]) == (6, 6, 0)
+        hits = client.post("/search", json={"text": "a dark red square", "k": 2}).json()
+        first = hits["results"][0]
+        assert first["metadata"] == {"color": "red", "shade": "dark", "i": 0, "flag": True}
+        assert client.get(first["images"][0]["url"]).status_code == 200
+        auth = {"Authorization": f"Bearer {token}"}
+        assert client.delete(f"/documents/{first['id']}", headers=auth).json()["count"] == 5
+        assert client.get("/stats").json()["deleted_total"] == 1

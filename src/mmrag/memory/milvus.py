@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = "milvus.db"  # a milvus-lite file inside the memory folder
 TOKEN_ENV = "MILVUS_TOKEN"
-SEQ_FILE = "milvus-seq.json"  # the seq allocator's high-water mark
+SEQ_FILE = "milvus-seq.json"  # the writer's counters: seq high-water mark, deletions
 DIRTY_FILE = "milvus-writer.dirty"  # present while a writer is open: a crash leaves it behind
 SEQ_BLOCK = 65_536  # seqs reserved per allocator write
 MAX_TOP_K = 16_384  # Milvus's limit on k (and on a query's limit)
@@ -180,29 +180,46 @@ def _in(field: str, values: Sequence[Any]) -> str:
 # --- the seq allocator -----------------------------------------------------------------------
 
 
+def read_counters(path: Path) -> dict[str, int]:
+    """The writer's counters file: {"next": high-water mark, "deleted": documents deleted}."""
+    if not path.is_file():
+        return {}
+    return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+
+
 class SeqAllocator:
     """Hands out increasing seqs. The high-water mark is written (atomically) before any seq
-    below it is used, so a crash skips numbers but never reuses one."""
+    below it is used, so a crash skips numbers but never reuses one. Also keeps the count of
+    deleted documents, which Milvus does not report."""
 
-    def __init__(self, path: Path, start: int) -> None:
+    def __init__(self, path: Path, start: int, deleted: int = 0) -> None:
         self.path = path
         self._next = start
         self._limit = start
+        self.deleted = deleted
 
     @classmethod
     def open(cls, path: Path, scan_max: Callable[[], int]) -> SeqAllocator:
         """From the file, or (lost file) from just above the largest stored seq."""
-        if path.is_file():
-            return cls(path, int(json.loads(path.read_text())["next"]))
+        counters = read_counters(path)
+        if "next" in counters:
+            return cls(path, counters["next"], counters.get("deleted", 0))
         return cls(path, scan_max() + 1)
+
+    def _save(self) -> None:
+        atomic_write(self.path, json.dumps({"next": self._limit, "deleted": self.deleted}).encode())
 
     def take(self, n: int) -> list[int]:
         if self._next + n > self._limit:
             self._limit = self._next + max(n, SEQ_BLOCK)
-            atomic_write(self.path, json.dumps({"next": self._limit}).encode())
+            self._save()
         seqs = list(range(self._next, self._next + n))
         self._next += n
         return seqs
+
+    def count_deleted(self, n: int) -> None:
+        self.deleted += n
+        self._save()
 
 
 # --- the store -------------------------------------------------------------------------------
@@ -436,6 +453,7 @@ class MilvusStore:
             return [], set()
         seqs = [int(r["seq"]) for r in found]
         self.client.delete(self.collection, ids=seqs)
+        self._writer().count_deleted(len(seqs))
         shas = sorted({sha for r in found for sha in r["blobs"] or ()})
         still = {
             sha
@@ -529,8 +547,11 @@ class MilvusMemory(Memory):
         return self.store.search(queries, k, filters, self.manifest.index)
 
     def stats(self) -> dict[str, Any]:
+        """The embedded memory's stats keys; `database_bytes` counts a milvus-lite file in
+        the folder (0 for a server), `deleted_total` the deletes this folder's writers made."""
         stats = self.store.stats()
         names = list(self.blobs.iter_names())
+        database = Path(resolve_uri(self.root, self.manifest.uri))
         stats.update(
             path=str(self.root),
             encoder={
@@ -539,13 +560,21 @@ class MilvusMemory(Memory):
                 "fingerprint": self.manifest.fingerprint,
                 "dim": self.manifest.dim,
             },
-            index={"kind": self.manifest.index.kind, "vectors": stats["count"]},
+            index={
+                "kind": self.manifest.index.kind,
+                "vectors": stats["count"],
+                "generation": stats["generation"],
+            },
             backend={
                 "name": "milvus",
                 "uri": self.manifest.uri,
                 "collection": self.store.collection,
             },
             images=len(names),
+            deleted_total=read_counters(self.root / SEQ_FILE).get("deleted", 0),
             blob_bytes=self.blobs.total_bytes(),
+            database_bytes=sum(f.stat().st_size for f in database.rglob("*") if f.is_file())
+            if is_lite(self.manifest.uri)
+            else 0,
         )
         return stats
