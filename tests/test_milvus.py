@@ -19,14 +19,8 @@ from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory, MemoryFolderError, ensure_memory
-from mmrag.memory.milvus import (
-    DIRTY_FILE,
-    SEQ_BLOCK,
-    SEQ_FILE,
-    MilvusMemory,
-    SeqAllocator,
-    filter_expr,
-)
+from mmrag.memory.milvus import DIRTY_FILE, SEQ_FILE, MilvusMemory
+from mmrag.memory.milvus_store import SEQ_BLOCK, SeqAllocator, filter_expr
 from mmrag.memory.store import StoreError
 from mmrag.retrieval import Retriever
 
