@@ -105,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """Round to significant digits, so that small quick-mode ratios keep their precision."""
+    return float(f"{x:.{digits}g}")
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -179,7 +184,7 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
         "same_documents": same,
         "single": {
             "what": "ingest(memory, read_sources([jsonl])): reader thread + torch on all cores",
-            "seconds": [round(x, 3) for x in single_s],
+            "seconds": [_sig(x) for x in single_s],
             "docs_per_s": round(n / statistics.median(single_s), 2),
         },
         "ray": {
@@ -187,13 +192,13 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
             "Ray instance (started before timing; actor start-up and model loading timed; "
             "workers at niceness 0, like the single process)",
             "workers": args.workers,
-            "seconds": [round(x, 3) for x in ray_s],
+            "seconds": [_sig(x) for x in ray_s],
             "docs_per_s": round(n / statistics.median(ray_s), 2),
         },
         "ratio": {
             "estimator": "median over the repeats of single time / Ray time of each pair",
-            "paired": [round(x, 3) for x in paired],
-            "ray_speedup": round(statistics.median(paired), 3),
+            "paired": [_sig(x) for x in paired],
+            "ray_speedup": _sig(statistics.median(paired)),
         },
     }
 
