@@ -147,3 +147,51 @@ def test_vq_under_torchrun_equals_one_process(tmp_path: Path) -> None:
     for a, b in zip(one["history"], two["history"], strict=True):
         assert a.keys() == b.keys()
         np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-4, atol=1e-6)
+
+
+def write_fromage_pairs(root: Path) -> Path:
+    """18 caption-image documents in 6 colour groups of 3 shapes."""
+    from conftest import COLORS, png_bytes
+
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for c, (name, rgb) in enumerate(COLORS.items()):
+        for s, shape in enumerate(("square", "stripe", "dot")):
+            file = f"images/{name}-{shape}.png"
+            (root / file).write_bytes(png_bytes(rgb, size=32, pattern=3 + 7 * s + c))
+            doc = {"parts": [{"image": file}, {"text": f"a {name} {shape}"}]}
+            lines.append(json.dumps(doc | {"metadata": {"base": name}}))
+    (root / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.pretrained  # EfficientNet-Lite0 features
+@pytest.mark.slow
+def test_fromage_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    """FROMAGe's adapters on a tiny random Llama: 2 ranks on slices of the same global batches
+    train the same adapters as one process (stage 1), and refit the same heads (stage 2)."""
+    from mmrag.frozen_lm import FrozenLMConfig
+    from mmrag.train import fromage as fromage_trainer
+
+    data = write_fromage_pairs(tmp_path / "pairs")
+    config = fromage_trainer.FromageTrainConfig(
+        model=FrozenLMConfig(lm="tiny", prefix_tokens=2, retrieval_dim=16, img_tokens=2),
+        holdout=0.2,
+        steps=3,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        save_every=3,
+        eval_every=3,
+        head_epochs=2,
+        head_batch=8,
+    )
+    config.save(tmp_path / "config.json")
+    argv = ["--data", str(data), "--config", str(tmp_path / "config.json"), "--no-progress"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+
+    assert fromage_trainer.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    torchrun("mmrag.train.fromage", *argv, "--out", str(tmp_path / "two"))
+
+    one, two = (tmp_path / d / "adapters.safetensors" for d in ("one", "two"))
+    assert_same_weights(one, two, atol=1e-5)

@@ -15,7 +15,9 @@ gradients (its visual prefix is detached: the prefix learns from captioning) and
 `[RET]` position runs with them, attending to the cached keys and values. The text -> image
 direction of InfoNCE scores each query against every training image (the image features are
 precomputed, so `W_i v` of all of them costs one matrix product), not only the batch's 16;
-image -> text stays in-batch (under torchrun: within each rank's shard).
+image -> text is in-batch, against the whole global batch (under torchrun every rank's
+queries are gathered with their gradients, so 2 processes train what one process trains;
+stage 2 refits the heads identically on every rank, and rank 0 writes).
 
 Files in `--out`: `config.json` + `adapters.safetensors` (loadable with
 `FrozenLM.from_pretrained`), `train_state.safetensors` (optimizer moments, step, history; a
@@ -142,11 +144,18 @@ def plan_step(data: PairData, config: FromageTrainConfig, step: int) -> StepPlan
 class FromageObjective(nn.Module):
     """The three losses for this rank's share of a step (what DDP wraps)."""
 
-    def __init__(self, model: FrozenLM, data: PairData, config: FromageTrainConfig) -> None:
+    def __init__(
+        self,
+        model: FrozenLM,
+        data: PairData,
+        config: FromageTrainConfig,
+        env: distributed.DistEnv | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.data = data
         self.config = config
+        self.env = env or distributed.DistEnv()
 
     def forward(self, plan: StepPlan, local: slice, global_tokens: int) -> dict[str, torch.Tensor]:
         model, data, cfg = self.model, self.data, self.config
@@ -183,15 +192,19 @@ class FromageObjective(nn.Module):
         images = model.adapters.project_image(data.features[pairs])  # (b, R)
         scale = model.adapters.logit_scale
         positions = torch.as_tensor(plan.positions[local])
+        # In-batch directions score this rank's rows against the whole global batch (every
+        # rank's rows, gathered with gradients), so the sum over ranks is the one-process loss.
+        targets = torch.arange(local.start, local.start + len(pairs))
+        same = data.duplicates[positions][:, torch.as_tensor(plan.positions)]  # (b, B)
         if cfg.gallery_negatives:
             gallery = model.adapters.project_image(data.features[data.train])  # (N, R)
             exclude = data.duplicates[positions]
             t2i = contrastive(query, gallery, scale, positions, exclude, reduction="sum")
         else:
-            same = data.duplicates[positions][:, positions]
-            t2i = contrastive(query, images, scale, exclude=same, reduction="sum")
-        same = data.duplicates[positions][:, positions]
-        i2t = contrastive(images, query, scale, exclude=same, reduction="sum")
+            all_images = distributed.gather_rows(images, self.env)
+            t2i = contrastive(query, all_images, scale, targets, same, reduction="sum")
+        all_queries = distributed.gather_rows(query, self.env)
+        i2t = contrastive(images, all_queries, scale, targets, same, reduction="sum")
         nce = (t2i + i2t) / (2 * b)
         total = cfg.caption_weight * caption + cfg.ret_weight * ret + cfg.contrastive_weight * nce
         return {"loss": total, "caption": caption, "ret": ret, "contrastive": nce}
@@ -275,7 +288,7 @@ def train_fromage(
         len(pair_data.heldout),
     )
     optimizer = fromage_optimizer(model, config)
-    objective = FromageObjective(model, pair_data, config)
+    objective = FromageObjective(model, pair_data, config, env)
     meta: dict[str, Any] = {"step": 0, "history": [], "head_history": None}
     if (out / STATE_FILE).is_file():
         meta |= resume(out / STATE_FILE, model, optimizer, config)
