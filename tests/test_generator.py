@@ -15,10 +15,40 @@ TINY = GeneratorConfig.preset("tiny")
 ATOL = 1e-5
 
 
-@pytest.fixture
-def model() -> Generator:
+# Ids 50..99 are image codes of a 2 x 2 grid: random ids make runs of every length, so the
+# cache, padding and greedy tests below also check the grid positions' bookkeeping.
+GRID = TINY.replace(image_grid=2, image_first=50, image_count=50)
+
+
+@pytest.fixture(params=[TINY, GRID], ids=["plain", "image-grid"])
+def model(request: pytest.FixtureRequest) -> Generator:
     torch.manual_seed(0)
-    return Generator(TINY).eval()
+    return Generator(request.param).eval()
+
+
+def test_image_grid_positions_touch_image_codes_only() -> None:
+    torch.manual_seed(0)
+    model = Generator(GRID).eval()
+    text = torch.tensor([[1, 2, 3, 4, 5]])
+    codes = torch.tensor([[1, 60, 61, 62, 63, 64]])  # 5 codes: cells 0 1 2 3 0
+    with torch.no_grad():
+        before = model(text), model(codes)
+        assert model.image_rows is not None and model.image_cols is not None
+        model.image_rows.weight.add_(1.0)
+        after = model(text), model(codes)
+        torch.testing.assert_close(before[0], after[0])  # no codes: nothing changed
+        torch.testing.assert_close(before[1][:, 0], after[1][:, 0])  # before the first code
+        assert not torch.allclose(before[1][:, 1:], after[1][:, 1:])
+        # cells repeat every g^2 codes: codes 1 and 5 (cell 0) and the same id, same embedding
+        same = torch.tensor([[1, 60, 61, 62, 63, 60]])
+        x = model.embed(same)
+        grid, run = model._add_image_positions(
+            x, same, torch.ones_like(same, dtype=torch.bool), None
+        )
+        torch.testing.assert_close(grid[0, 1], grid[0, 5])
+        assert run.tolist() == [5]
+    with pytest.raises(ConfigError):
+        TINY.replace(image_grid=2, image_first=90, image_count=20).validate()
 
 
 def _ids(*shape: int, seed: int = 0) -> torch.Tensor:

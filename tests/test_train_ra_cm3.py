@@ -135,7 +135,7 @@ def test_ra_loss_weights_main_and_retrieved() -> None:
 def test_train_resumes_exactly_and_vanilla_sees_no_retrieval(
     dataset: Path, vq_dir: Path, tmp_path: Path
 ) -> None:
-    config = tiny_config()
+    config = tiny_config(image_positions=True)  # resolved from the tokenizer on every run
     full = train_ra_cm3([dataset], tmp_path / "full", config, vq_dir, HASHING, progress=False)
     assert np.isfinite(full["loss"]) and full["step"] == 4
     train_ra_cm3(
@@ -181,10 +181,19 @@ def test_main_cli_trains_on_a_tiny_budget(dataset: Path, vq_dir: Path, tmp_path:
             "--encoder",
             "hashing",
             "--no-progress",
+            "--image-positions",
+            "on",
         ]
     )
     assert rc == 0
     assert (tmp_path / "cli" / "config.json").is_file()
+    generator = json.loads((tmp_path / "cli" / "generator" / "config.json").read_text())
+    tok = MultimodalTokenizer.from_pretrained(tmp_path / "cli" / "tokenizer")
+    assert generator["image_grid"] ** 2 == tok.config.image_tokens
+    assert (generator["image_first"], generator["image_count"]) == (
+        tok.image_offset,
+        tok.config.image_codes,
+    )
     assert MultimodalTokenizer.from_pretrained(tmp_path / "cli" / "tokenizer").vocab_size <= 320
 
 

@@ -71,6 +71,14 @@ class GeneratorConfig(Config):
     dropout: float = 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Image grid position embeddings (DALL-E's row and column embeddings): token ids in
+    # [image_first, image_first + image_count) are image codes; the i-th code of a run of
+    # consecutive codes sits at row (i mod g^2) // g, column i mod g of a g x g grid
+    # (g = image_grid; 0 = off). Attention can then align a retrieved image with the one being
+    # written by grid cell, whatever the captions' lengths between them.
+    image_grid: int = 0
+    image_first: int = 0
+    image_count: int = 0
 
     def validate(self) -> None:
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.mlp_hidden) < 1:
@@ -79,6 +87,18 @@ class GeneratorConfig(Config):
             raise ConfigError("GeneratorConfig: dim / n_heads must be an even integer (RoPE)")
         if self.max_seq_len < 1 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("GeneratorConfig: max_seq_len >= 1, dropout in [0, 1)")
+        if self.image_grid < 0 or (
+            self.image_grid
+            and not (
+                self.image_count > 0
+                and self.image_first >= 0
+                and self.image_first + self.image_count <= self.vocab_size
+            )
+        ):
+            raise ConfigError(
+                "GeneratorConfig: image_grid >= 0; with a grid, image_first + image_count "
+                "(> 0) must fit in vocab_size"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -96,6 +116,7 @@ class KVCache:
     values: list[torch.Tensor]  # per layer (B, H, S_max, Dh)
     valid: torch.Tensor  # (B, S_max) bool: the slot holds a real token (not padding)
     next_position: torch.Tensor  # (B,) int64: RoPE position of each row's next real token
+    image_run: torch.Tensor  # (B,) int64: image codes at the end of each row (grid positions)
     length: int = 0  # slots filled
 
     @classmethod
@@ -113,6 +134,7 @@ class KVCache:
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
             valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
             next_position=torch.zeros(batch, dtype=torch.long, device=device),
+            image_run=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
     @property
@@ -217,6 +239,11 @@ class Generator(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.image_rows: nn.Embedding | None = None
+        self.image_cols: nn.Embedding | None = None
+        if config.image_grid:
+            self.image_rows = nn.Embedding(config.image_grid, config.dim)
+            self.image_cols = nn.Embedding(config.image_grid, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -278,6 +305,9 @@ class Generator(nn.Module):
             if attention_mask is not None
             else torch.ones(b, t, dtype=torch.bool, device=device)
         )  # (B, T)
+        image_run = None
+        if self.image_rows is not None:
+            x, image_run = self._add_image_positions(x, ids, real, cache)
         first = (
             cache.next_position
             if cache is not None
@@ -298,7 +328,34 @@ class Generator(nn.Module):
             cache.valid[:, start : start + t] = real
             cache.next_position = first + real.long().sum(1)
             cache.length = start + t
+            if image_run is not None:
+                cache.image_run = image_run
         return self.head(self.norm(x))  # (B, T, V)
+
+    def _add_image_positions(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor | None,
+        real: torch.Tensor,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x plus the row and column embeddings of its image codes; returns the run of image
+        codes at the end of each row (for the cache). Input vectors (`embeds`) are not codes."""
+        assert self.image_rows is not None and self.image_cols is not None
+        cfg = self.config
+        b, t = real.shape
+        if ids is None:
+            return x, torch.zeros(b, dtype=torch.long, device=x.device)
+        is_code = (ids >= cfg.image_first) & (ids < cfg.image_first + cfg.image_count) & real
+        slots = torch.arange(t, device=x.device).expand(b, t)  # (B, T)
+        last_other = torch.where(is_code, -1, slots).cummax(dim=1).values  # (B, T)
+        index = slots - last_other - 1  # (B, T): index of each code in its run
+        if cache is not None:  # a run that started before this chunk continues
+            index = index + torch.where(last_other < 0, cache.image_run[:, None], 0)
+        cell = index.clamp(min=0) % (cfg.image_grid * cfg.image_grid)
+        grid = self.image_rows(cell // cfg.image_grid) + self.image_cols(cell % cfg.image_grid)
+        x = x + grid * is_code[..., None].to(x.dtype)  # (B, T, D)
+        return x, torch.where(is_code[:, -1], index[:, -1] + 1, 0)  # t >= 1
 
     @staticmethod
     def _mask(real: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:

@@ -73,6 +73,9 @@ class RACM3TrainConfig(Config):
     # Text BPE size and sentinels; image_codes / image_tokens are taken from the VQ.
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     retrieval: bool = True
+    # Row and column embeddings for image codes (GeneratorConfig.image_grid), sized from the
+    # tokenizer and the VQ grid when the run is prepared.
+    image_positions: bool = False
     k_choices: tuple[int, ...] = (0, 1, 2)
     retriever: RetrieverConfig = dataclasses.field(
         default_factory=lambda: RetrieverConfig.preset("training")
@@ -255,6 +258,7 @@ def train_ra_cm3(
             data, out, config, vq_dir or checkpoint_dir("vq"), encoder or EncoderSpec(), False
         )
     check_sizes(prep, config)
+    config = resolve_generator(config, prep)
     torch.manual_seed(config.seed)
     model = Generator(config.generator).to(env.device).train()
     optimizer = torch.optim.AdamW(
@@ -331,6 +335,17 @@ def train_ra_cm3(
         _write_metrics(out, final, history, prep, config, data)
     distributed.teardown(env)
     return final
+
+
+def resolve_generator(config: RACM3TrainConfig, prep: Prepared) -> RACM3TrainConfig:
+    """With `image_positions`, the generator's grid embeddings over the tokenizer's codes."""
+    if not config.image_positions:
+        return config
+    tok = prep.tokenizer
+    generator = config.generator.replace(
+        image_grid=prep.grid, image_first=tok.image_offset, image_count=tok.config.image_codes
+    )
+    return config.replace(generator=generator)
 
 
 def _check_resumable(path: Path, config: RACM3TrainConfig) -> None:
@@ -410,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on: RA-CM3; off: the vanilla baseline (default on)",
     )
     p.add_argument(
+        "--image-positions",
+        choices=["on", "off"],
+        help="row and column embeddings for image codes, so attention can align a retrieved "
+        "image with the one being written cell by cell "
+        f"(default {'on' if defaults.image_positions else 'off'})",
+    )
+    p.add_argument(
         "--preset",
         default="small",
         metavar="NAME",
@@ -455,6 +477,8 @@ def config_from_args(args: argparse.Namespace) -> RACM3TrainConfig:
         config = RACM3TrainConfig(generator=GeneratorConfig.preset(args.preset))
     changes: dict[str, Any] = {f: getattr(args, f) for f in FLAGS if getattr(args, f) is not None}
     changes["retrieval"] = args.retrieval == "on"
+    if args.image_positions is not None:
+        changes["image_positions"] = args.image_positions == "on"
     return config.replace(**changes)
 
 
