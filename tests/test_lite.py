@@ -169,3 +169,33 @@ def test_text_encoding_is_thread_safe(encoder: LiteEncoder) -> None:
         results = list(pool.map(lambda _: encoder.encode_text(texts), range(12)))
     for got in results:
         np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.pretrained
+def test_shared_image_features_run_the_tower_once_per_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mmrag.encoders import lite
+
+    tower = lite.image_tower("cpu")
+    calls: list[int] = []
+    forward = tower.model.features
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return forward(x)
+
+    monkeypatch.setattr(tower.model, "features", counting)
+    red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 30), (0, 0, 255))
+    plain = tower.features([red, blue], 32, batch_size=8)
+    with lite.shared_image_features(max_images=4):
+        first = tower.features([red, blue], 32, batch_size=8)
+        again = tower.features([blue.copy(), red], 32, batch_size=8)  # same content: cached
+        other_size = tower.features([red], 48, batch_size=8)  # another crop: computed
+    assert calls == [2, 2, 1]
+    np.testing.assert_allclose(first, plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(again, first[::-1])
+    assert other_size.shape == (1, 1280)
+    assert not tower._cache  # emptied when the block ends
+    tower.features([red], 32, batch_size=8)
+    assert calls == [2, 2, 1, 1]  # and off again

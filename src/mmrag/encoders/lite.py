@@ -7,11 +7,13 @@ not CLIP. The towers are frozen and shared by every `LiteEncoder` in a process.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import hashlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +102,20 @@ def square_crop(image: Image.Image, size: int) -> Image.Image:
 
 def image_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """PIL images -> (B, 3, size, size) float32 in [-1, 1], channels_last."""
-    arrays = [np.asarray(square_crop(to_rgb(img), size), dtype=np.float32) for img in images]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S), NHWC strides
+    return crops_batch([np.asarray(square_crop(to_rgb(img), size)) for img in images])
+
+
+def crops_batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
+    """(S, S, 3) uint8 crops -> (B, 3, S, S) float32 in [-1, 1], channels_last."""
+    x = torch.from_numpy(np.stack(crops).astype(np.float32)).permute(0, 3, 1, 2)  # NHWC strides
     return ((x - 127.5) / 127.5).contiguous(memory_format=torch.channels_last)
 
 
 # --- frozen towers -----------------------------------------------------------------------------
+
+
+_TOWERS: list[ImageTower] = []
+_SHARED_FEATURES = [0]  # how many images' features the towers keep (shared_image_features)
 
 
 class ImageTower:
@@ -120,13 +130,46 @@ class ImageTower:
         model = model.to(self.device)
         self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
+        # Off unless `shared_image_features` turns it on: features by the crop's content.
+        self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        _TOWERS.append(self)
+
     @torch.inference_mode()
     def features(self, images: Sequence[Image.Image], size: int, batch_size: int) -> np.ndarray:
-        out = [np.zeros((0, IMAGE_FEATURES), dtype=np.float32)]
-        for start in range(0, len(images), batch_size):
-            x = image_batch(images[start : start + batch_size], size).to(self.device)
-            out.append(self.model.features(x).float().cpu().numpy())  # (B, 1280)
-        return np.concatenate(out)
+        crops = [np.asarray(square_crop(to_rgb(img), size), dtype=np.uint8) for img in images]
+        out = np.zeros((len(crops), IMAGE_FEATURES), dtype=np.float32)
+        keys = [self._key(c) for c in crops] if _SHARED_FEATURES[0] else []
+        todo = [i for i in range(len(crops)) if not (keys and self._lookup(keys[i], out, i))]
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start : start + batch_size]
+            x = crops_batch([crops[i] for i in rows]).to(self.device)
+            out[rows] = self.model.features(x).float().cpu().numpy()  # (B, 1280)
+            if keys:
+                self._store([(keys[i], out[i]) for i in rows])
+        return out
+
+    @staticmethod
+    def _key(crop: np.ndarray) -> bytes:
+        return hashlib.blake2b(crop.tobytes(), digest_size=16).digest() + bytes(
+            str(crop.shape), "ascii"
+        )
+
+    def _lookup(self, key: bytes, out: np.ndarray, row: int) -> bool:
+        with self._cache_lock:
+            found = self._cache.get(key)
+            if found is None:
+                return False
+            self._cache.move_to_end(key)
+        out[row] = found
+        return True
+
+    def _store(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        with self._cache_lock:
+            for key, value in items:
+                self._cache[key] = value.copy()
+            while len(self._cache) > _SHARED_FEATURES[0]:
+                self._cache.popitem(last=False)
 
 
 class TextTower:
@@ -178,6 +221,22 @@ class TextTower:
 def image_tower(device: str = "cpu") -> ImageTower:
     """One frozen image tower per device and process."""
     return ImageTower(device)
+
+
+@contextlib.contextmanager
+def shared_image_features(max_images: int = 8192) -> Iterator[None]:
+    """Within the block, image towers keep the features of up to `max_images` images by their
+    crop's content (LRU; 5 KB each), so encoders built on them (`lite`, `fromage`) that see
+    the same images run EfficientNet-Lite0 once. Off outside (a long-lived process should
+    not grow); blocks nest."""
+    before = _SHARED_FEATURES[0]
+    _SHARED_FEATURES[0] = max(before, max_images)
+    try:
+        yield
+    finally:
+        _SHARED_FEATURES[0] = before
+        for tower in _TOWERS:
+            tower._store([])  # trims to the previous size (0: empty)
 
 
 @functools.cache
