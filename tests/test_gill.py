@@ -15,14 +15,21 @@ from mmrag.chat import Chat, ChatOptions, Message
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
 from mmrag.frozen_lm import FrozenLM, FrozenLMConfig
-from mmrag.gill import Gill, GillConfig, GillHeads, caption_targets, draw_images
+from mmrag.gill import (
+    Gill,
+    GillConfig,
+    GillHeads,
+    caption_targets,
+    draw_images,
+    request_overlap,
+)
 from mmrag.lm_loading import tiny_language_model
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory, ensure_memory
 from mmrag.retrieval import Retriever
 from mmrag.train.fromage import FromageTrainConfig, train_fromage
-from mmrag.train.gill import GillTrainConfig, train_gill
-from mmrag.train.gill_decision import fit_temperature, scores
+from mmrag.train.gill import GillTrainConfig, main, train_gill
+from mmrag.train.gill_decision import VARIANTS, fit_temperature, scores
 
 pytestmark = pytest.mark.pretrained  # EfficientNet-Lite0 image features
 
@@ -136,14 +143,20 @@ def test_decision_scores_and_temperature_scaling() -> None:
     n = 400
     top = torch.rand(n, 3, generator=gen)
     labels = (torch.rand(n, generator=gen) < torch.sigmoid(4 * (0.5 - top[:, 0]))).float()
-    data = DecisionSet(torch.zeros(n, 4), top.sort(1, descending=True).values, labels, ["g"] * n)
+    data = DecisionSet(
+        torch.zeros(n, 4), top.sort(1, descending=True).values, torch.zeros(n), labels, ["g"] * n
+    )
     decision = Decision(4)
     with torch.no_grad():
         decision.scores.weight.copy_(torch.tensor([[-12.0, 0.0, 0.0]]))  # overconfident x3
         decision.scores.bias.fill_(6.0)
-    before = scores(decision.probability(data.states, data.top).detach(), labels)["ece"]
+    before = scores(decision.probability(data.states, data.top, data.overlap).detach(), labels)[
+        "ece"
+    ]
     fit_temperature(decision, data)
-    after = scores(decision.probability(data.states, data.top).detach(), labels)["ece"]
+    after = scores(decision.probability(data.states, data.top, data.overlap).detach(), labels)[
+        "ece"
+    ]
     assert float(decision.temperature) > 1.5 and after < before
 
 
@@ -152,8 +165,9 @@ def test_training_writes_a_loadable_gill_with_decision_metrics(
 ) -> None:
     metrics = trained["metrics"]
     decision = metrics["decision"]
-    assert decision["chosen"] in ("combined", "scores_only", "state_only")
+    assert decision["chosen"] in VARIANTS and set(VARIANTS) <= set(decision)
     assert 0.0 <= decision["heldout"]["f1"] <= 1.0 and "ece" in decision["heldout"]
+    assert decision["always_generate"]["recall"] == 1.0
     assert len(metrics["history"]) == 2 and len(metrics["head_history"]) == 2
     gill = Gill.from_pretrained(trained["root"] / "gill", lm=trained["lm"], racm3=racm3)
     fromage = FrozenLM.from_pretrained(trained["root"] / "fromage", lm=trained["lm"])
@@ -178,3 +192,79 @@ def test_chat_turn_generates_or_retrieves_by_the_decision(
     retrieved = Chat(gill.model, Retriever(memory), gill).chat(message, opts).images[0]
     assert retrieved.source == "retrieved" and retrieved.document is not None
     assert retrieved.p_generate == pytest.approx(part.p_generate)
+
+
+def test_request_overlap_reads_the_evidence_captions() -> None:
+    assert request_overlap("Show me keycap: 1.", ["keycap: 2", "keycap: 1"]) == 1.0
+    assert request_overlap("Show me keycap: 1.", ["keycap: 2"]) == 0.5
+    assert request_overlap("Draw a RED heart!", ["red heart", "a b c d"]) == 1.0
+    assert request_overlap("Show me a cat.", ["dog", ""]) == 0.0
+    assert request_overlap("anything", []) == 0.0
+
+
+def test_chat_decision_reads_the_request_against_the_evidence(
+    trained: dict[str, Any], memory: Memory, racm3: Any
+) -> None:
+    """With only the evidence weight set, a request naming a stored document retrieves it and
+    one naming nothing stored generates: chat computes the feature the decision was fitted on."""
+    gill = Gill.from_pretrained(trained["root"] / "gill", lm=trained["lm"], racm3=racm3)
+    gill.config = gill.config.replace(samples=1)
+    decision = gill.heads.decision
+    with torch.no_grad():
+        for param in decision.parameters():
+            param.zero_()
+        decision.evidence.weight.fill_(-10.0)
+        decision.scores.bias.fill_(5.0)
+        decision.temperature.fill_(1.0)
+    chat = Chat(gill.model, Retriever(memory), gill)
+    opts = ChatOptions(max_new_tokens=2, img_bias=1e4, ret_bias=-1e4, k=2)
+    found = chat.chat([Message("user", ["Show me a red square."])], opts).images[0]
+    assert found.source == "retrieved" and found.document is not None
+    assert found.document.text == "a red square"
+    assert found.p_generate == pytest.approx(float(torch.sigmoid(torch.tensor(-5.0))), abs=1e-4)
+    made = chat.chat([Message("user", ["Show me a purple octopus."])], opts).images[0]
+    assert made.source == "generated" and made.image is not None
+    assert made.p_generate == pytest.approx(float(torch.sigmoid(torch.tensor(5 - 10 / 3))), 1e-4)
+
+
+def test_train_command_then_decision_only_refit(
+    trained: dict[str, Any], racm3: Any, tmp_path: Any
+) -> None:
+    """`mmrag train gill` on a tiny budget (1 step, 1 head epoch), then `--decision-only`:
+    the mapper and heads are kept, the decision refitted, metrics and recipe updated."""
+    root = trained["root"]
+    generator = tmp_path / "ra-cm3"
+    racm3.generator.save_pretrained(generator / "generator")
+    racm3.tokenizer.save_pretrained(generator / "tokenizer")
+    racm3.vq.save_pretrained(generator / "vq")
+    racm3.config.save(generator / "config.json")
+    config = GillTrainConfig(
+        gill=GillConfig(queries=6, mapper_dim=16, mapper_heads=2, mapper_layers=1, top_k=3),
+        batch_size=4,
+        head_batch=16,
+    )
+    config.save(tmp_path / "gill-config.json")
+    out = tmp_path / "gill"
+    argv = ["--data", str(trained["data"]), "--out", str(out), "--fromage", str(root / "fromage")]
+    argv += ["--generator", str(generator), "--config", str(tmp_path / "gill-config.json")]
+    argv += ["--steps", "1", "--head-epochs", "1", "--cache-dir", str(root / "f")]
+    argv += ["--threads", "1", "--no-progress"]
+    assert main(argv) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    assert len(first["history"]) == 1 and (out / "train_state.safetensors").is_file()
+    before = Gill.from_pretrained(out, lm=trained["lm"], racm3=racm3)
+    assert main([*argv, "--decision-only"]) == 0
+    after = Gill.from_pretrained(out, lm=trained["lm"], racm3=racm3)
+    kept = {k: v for k, v in before.heads.state_dict().items() if not k.startswith("decision.")}
+    for name, value in kept.items():
+        assert torch.equal(value, after.heads.state_dict()[name]), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"] == first["history"] and set(VARIANTS) <= set(metrics["decision"])
+    assert "--decision-only" in (out / "RECIPE.md").read_text()
+    from mmrag.eval.gill import evaluate_gill, markdown
+
+    result = evaluate_gill(out, [trained["data"]], 1, root / "f", False)
+    assert result["decision"]["n"] == metrics["decision"]["heldout"]["n"]
+    assert result["decision"]["f1"] == pytest.approx(metrics["decision"]["heldout"]["f1"])
+    assert result["always_generate"]["recall"] == 1.0 and result["generation"]["n"] == 1
+    assert "always generate" in markdown(result)

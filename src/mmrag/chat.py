@@ -97,6 +97,14 @@ def chat_row(
     return TokenRow(ids, list(range(first_image, first_image + count)))
 
 
+def last_request(messages: Sequence[Message]) -> str:
+    """The text of the last user turn: what GILL's decision checks the evidence against."""
+    for m in reversed(messages):
+        if m.role == "user":
+            return "\n".join(p for p in m.parts if isinstance(p, str))
+    return ""
+
+
 def message_images(messages: Sequence[Message]) -> list[Image.Image]:
     return [p for m in messages for p in m.parts if isinstance(p, Image.Image)]
 
@@ -199,7 +207,12 @@ class ImageMaker(Protocol):
     generate (`mmrag.gill.Gill` is one)."""
 
     def image_part(
-        self, states: torch.Tensor, retriever: Retriever, options: ChatOptions, exclude: set[str]
+        self,
+        states: torch.Tensor,
+        retriever: Retriever,
+        options: ChatOptions,
+        exclude: set[str],
+        request: str = "",
     ) -> ImagePart: ...
 
 
@@ -232,10 +245,12 @@ class Chat:
     def chat_batch(self, conversations: Sequence[Sequence[Any]], opts: ChatOptions) -> list[Reply]:
         """Several conversations decoded together (one batched, KV-cached generation)."""
         rows: list[TokenRow] = []
+        requests: list[str] = []
         images: list[Image.Image] = []
         for conversation in conversations:
             messages = as_messages(conversation)
             rows.append(chat_row(self.model, messages, first_image=len(images)))
+            requests.append(last_request(messages))
             images += message_images(messages)
         features = image_features(self.model, images) if images else None
         generate = GenerateOptions(
@@ -252,12 +267,17 @@ class Chat:
         )
         generations = self.model.generate(rows, features, generate)
         return [
-            self._reply(row, gen, features, opts)
-            for row, gen in zip(rows, generations, strict=True)
+            self._reply(row, gen, features, opts, request)
+            for row, gen, request in zip(rows, generations, requests, strict=True)
         ]
 
     def _reply(
-        self, row: TokenRow, gen: Generation, features: torch.Tensor | None, opts: ChatOptions
+        self,
+        row: TokenRow,
+        gen: Generation,
+        features: torch.Tensor | None,
+        opts: ChatOptions,
+        request: str = "",
     ) -> Reply:
         model = self.model
         states = dict(gen.hidden)  # token index -> hidden state
@@ -280,11 +300,11 @@ class Chat:
                 r = len(model.img_ids)
                 block = torch.stack([states[j] for j in range(i, min(i + r, len(gen.tokens)))])
                 assert self.maker is not None
-                parts.append(self.maker.image_part(block, self.retriever, opts, exclude))
+                parts.append(self.maker.image_part(block, self.retriever, opts, exclude, request))
                 i += r
         self._flush(text, parts)
         if opts.images == "always" and not any(isinstance(p, ImagePart) for p in parts):
-            parts.append(self._forced(row, gen, features, opts, exclude))
+            parts.append(self._forced(row, gen, features, opts, exclude, request))
         return Reply(parts)
 
     def _flush(self, text: list[int], parts: list[str | ImagePart]) -> None:
@@ -309,6 +329,7 @@ class Chat:
         features: torch.Tensor | None,
         opts: ChatOptions,
         exclude: set[str],
+        request: str = "",
     ) -> ImagePart:
         """`images="always"`: the image token appended after the reply (GILL's [IMG] block
         when there is a maker, else FROMAGe's [RET])."""
@@ -320,7 +341,7 @@ class Chat:
             state = model.special_states([context], [model.ret_id], features)[0, 0]
             return self._retrieve(state, opts, exclude)
         states = model.special_states([context], list(model.img_ids), features)[0]
-        return self.maker.image_part(states, self.retriever, opts, exclude)
+        return self.maker.image_part(states, self.retriever, opts, exclude, request)
 
 
 def load_chat(memory: Memory, gill: str | Path | bool | None = None) -> Chat:

@@ -18,11 +18,19 @@ as RA-CM3 draws from a caption, with the documents the `[IMG0]` query retrieved 
 **Retrieval head.** `img_proj`: the hidden state at `[IMG0]` -> FROMAGe's 256-d space, trained
 with InfoNCE against FROMAGe's frozen `W_i v`, so GILL retrieves from the same memory.
 
-**Decision.** A logistic model of p(generate) on GILL's linear read-out of the `[IMG0]` state
-and on the retrieval scores of the `[IMG0]` query against the memory (top-1, top-1 minus top-2,
-mean of the top k): GILL's classifier sees only the prompt, but whether the memory holds the
-asked-for thing depends on the memory, which changes without retraining. Labels and the F1 /
-calibration measurement: `mmrag.train.gill` and `mmrag.eval.gill`.
+**Decision.** A logistic model of p(generate), temperature-scaled, on three groups of
+features: GILL's linear read-out of the `[IMG0]` state (the paper's classifier, which sees only
+the prompt); the retrieval scores of the `[IMG0]` query against the memory (top-1, top-1 minus
+top-2, mean of the top k); and an evidence check, the largest fraction of an evidence caption's
+words that the user's request contains, over the `evidence_k` nearest documents. Whether the
+memory holds the asked-for thing depends on the memory, which changes without retraining, so
+the prompt alone cannot decide; and our 256-d retrieval space barely separates sibling emoji
+("keycap: 1" / "keycap: 2"): when the family is present, the `[IMG0]` query ranks it first only
+~20% of the time and within the top 20 ~65%, so the scores are mostly those of wrong documents,
+while the evidence check reads the names the retrieval brought back. When the decision
+retrieves, the image shown is the evidence document the request names best (ties: the
+best-scored), the one the check found. Labels and the F1 / calibration measurement:
+`mmrag.train.gill_decision` and `mmrag.eval.gill`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,6 +63,7 @@ CONFIG_FILE = "gill.json"
 WEIGHTS_FILE = "gill.safetensors"
 FROZEN_LM_DIR = "frozen_lm"
 SCORE_FEATURES = 3  # top-1, top-1 minus top-2, mean of the top k
+WORD = re.compile(r"[0-9a-z]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +78,7 @@ class GillConfig(Config):
     generator: str = ""  # the RA-CM3 model folder ("" = the shipped checkpoints/ra-cm3)
     generator_fingerprint: str = ""  # of its embedding table and tokenizer
     top_k: int = 5  # retrieval scores the decision reads
+    evidence_k: int = 50  # documents whose captions the decision checks against the request
     threshold: float = 0.5  # generate when p_generate >= threshold
     retrieval_k: int = 2  # documents prepended when generating (RA-CM3's K)
     samples: int = 2  # images drawn; the one closest to the [IMG0] query is kept
@@ -80,6 +91,8 @@ class GillConfig(Config):
             raise ConfigError("GillConfig: sizes must be positive")
         if self.mapper_dim % self.mapper_heads or self.samples < 1 or self.top_k < 2:
             raise ConfigError("GillConfig: mapper_dim % heads == 0, samples >= 1, top_k >= 2")
+        if self.evidence_k < 1:
+            raise ConfigError("GillConfig: evidence_k >= 1")
 
 
 # --- building blocks --------------------------------------------------------------------------
@@ -120,23 +133,43 @@ def score_features(top: torch.Tensor) -> torch.Tensor:
     return torch.stack([top[:, 0], top[:, 0] - top[:, 1], top.mean(1)], dim=1)
 
 
+def caption_overlaps(request: str, captions: Sequence[str]) -> list[float]:
+    """Per caption, the fraction of its words (lower-cased letters and digits) that the
+    request contains: 1.0 for a document named exactly as asked."""
+    asked = set(WORD.findall(request.lower()))
+    out = []
+    for caption in captions:
+        words = set(WORD.findall(caption.lower()))
+        out.append(len(words & asked) / len(words) if words else 0.0)
+    return out
+
+
+def request_overlap(request: str, captions: Sequence[str]) -> float:
+    """The decision's evidence feature: the best of `caption_overlaps` (0.0 without any)."""
+    return max(caption_overlaps(request, captions), default=0.0)
+
+
 class Decision(nn.Module):
-    """Logistic p(generate | [IMG0] state, retrieval scores); `temperature` is fitted last
-    (temperature scaling) so the probability is calibrated."""
+    """Logistic p(generate | [IMG0] state, retrieval scores, evidence overlap); `temperature`
+    is fitted last (temperature scaling) so the probability is calibrated."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.hidden = nn.Linear(hidden, 1, bias=False)  # GILL's linear classifier
         self.scores = nn.Linear(SCORE_FEATURES, 1)
+        self.evidence = nn.Linear(1, 1, bias=False)  # on `request_overlap`
         self.temperature: torch.Tensor
         self.register_buffer("temperature", torch.ones(()))
 
-    def logit(self, state: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        """state (B, H), top (B, k) -> (B,) uncalibrated logits."""
-        return (self.hidden(state) + self.scores(score_features(top)))[:, 0]
+    def logit(self, state: torch.Tensor, top: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+        """state (B, H), top (B, k), overlap (B,) -> (B,) uncalibrated logits."""
+        out = self.hidden(state) + self.scores(score_features(top))  # (B, 1)
+        return (out + self.evidence(overlap[:, None]))[:, 0]
 
-    def probability(self, state: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logit(state, top) / self.temperature)
+    def probability(
+        self, state: torch.Tensor, top: torch.Tensor, overlap: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.sigmoid(self.logit(state, top, overlap) / self.temperature)
 
 
 class GillHeads(nn.Module):
@@ -276,25 +309,40 @@ class Gill:
 
     @torch.no_grad()
     def image_part(
-        self, states: torch.Tensor, retriever: Retriever, options: ChatOptions, exclude: set[str]
+        self,
+        states: torch.Tensor,
+        retriever: Retriever,
+        options: ChatOptions,
+        exclude: set[str],
+        request: str = "",
     ) -> ImagePart:
-        """Retrieve with the `[IMG0]` query, decide, and generate when the decision says so."""
+        """Retrieve with the `[IMG0]` query, decide (with `request`, the user's words), and
+        generate when the decision says so."""
         query = self.heads.query(states[:1])  # (1, R)
         filters = dict(options.filters or {}) | {"modality": ["image", "mixed"]}
-        k = max(options.k, self.config.top_k)
+        k = max(options.k, self.config.top_k, self.config.evidence_k)
         hits = retriever.search_vectors(query.numpy(), k, filters, [sorted(exclude)])[0]
-        p = self.p_generate(states[0], [h.score for h in hits])
+        captions = [h.text for h in hits]
+        p = self.p_generate(states[0], [h.score for h in hits], request, captions)
         if p < self.config.threshold and hits:
-            exclude.add(hits[0].id)
-            return ImagePart("retrieved", "[IMG0]", hits[: options.k], hits[0], p_generate=p)
+            # The evidence document the request names best (ties: the best-scored), which is
+            # what the decision's evidence feature found.
+            overlaps = caption_overlaps(request, captions[: self.config.evidence_k])
+            best = hits[int(np.argmax(overlaps))]
+            exclude.add(best.id)
+            return ImagePart("retrieved", "[IMG0]", hits[: options.k], best, p_generate=p)
         image, info = self.generate(states, query[0], hits[: self.config.retrieval_k], options.seed)
         return ImagePart("generated", "[IMG0]", hits[: options.k], None, image, p, info)
 
-    def p_generate(self, img0: torch.Tensor, scores: Sequence[float]) -> float:
+    def p_generate(
+        self, img0: torch.Tensor, scores: Sequence[float], request: str, captions: Sequence[str]
+    ) -> float:
+        """The decision on the `[IMG0]` state, the hits' scores (best first) and captions."""
         top = torch.full((1, self.config.top_k), -1.0)
         values = torch.tensor(list(scores)[: self.config.top_k], dtype=torch.float32)
         top[0, : len(values)] = values
-        return float(self.heads.decision.probability(img0[None], top)[0])
+        overlap = torch.tensor([request_overlap(request, captions[: self.config.evidence_k])])
+        return float(self.heads.decision.probability(img0[None], top, overlap)[0])
 
     def generate(
         self,
@@ -332,11 +380,22 @@ class Gill:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, lm: LanguageModel | None = None, racm3: Any = None
+        cls,
+        directory: str | Path,
+        lm: LanguageModel | None = None,
+        racm3: Any = None,
+        decision: bool = True,
     ) -> Gill:
+        """Load strictly; `decision=False` leaves the decision unloaded (fresh), for refitting
+        it on a checkpoint whose decision had other inputs (`mmrag train gill
+        --decision-only`)."""
         src = Path(directory)
         model = FrozenLM.from_pretrained(src / FROZEN_LM_DIR, lm=lm)
         config = GillConfig.load(src / CONFIG_FILE)
         heads = GillHeads(config, model.language_model.hidden_size, model.config.retrieval_dim)
-        heads.load_state_dict(load_file(str(src / WEIGHTS_FILE)), strict=True)
+        state = load_file(str(src / WEIGHTS_FILE))
+        if not decision:
+            state = {k: v for k, v in state.items() if not k.startswith("decision.")}
+            state |= {f"decision.{k}": v for k, v in heads.decision.state_dict().items()}
+        heads.load_state_dict(state, strict=True)
         return cls(model, heads, config, racm3)

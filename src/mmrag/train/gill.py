@@ -447,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="frozen image feature cache")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--decision-only",
+        action="store_true",
+        help="refit only the retrieve-or-generate decision of the GILL in --out (stage 3)",
+    )
     return p
 
 
@@ -466,6 +471,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.decision_only:
+        from mmrag.train.gill_decision import refit_decision
+
+        metrics = refit_decision(args.out, args.data, args.cache_dir, not args.no_progress)
+        with (args.out / RECIPE_FILE).open("a", encoding="utf-8") as f:
+            f.write(f"\n```\n{shlex.join(['mmrag', 'train', 'gill', *argv])}\n```\n\n")
+            f.write("Decision (held-out): " + json.dumps(metrics["decision"]["heldout"]) + "\n")
+        return 0
     metrics = train_gill(args.data, args.out, config, args.cache_dir, not args.no_progress)
     recipe = [
         "# GILL adapters: recipe",

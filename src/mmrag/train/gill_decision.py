@@ -10,14 +10,25 @@ documents; label 1 (generate) when the asked-for family is absent from the memor
 caption + image). The decision is fitted on the *validation* families (unseen by the
 adapters, like deployment prompts), its regularisation chosen and its temperature scaled on
 a held-back 30% of them, and it is scored on the held-out families: F1 of "generate",
-accuracy, expected calibration error (10 bins) and the Brier score, against two ablations
-(GILL's classifier on the `[IMG0]` state alone; the retrieval scores alone).
+accuracy, expected calibration error (10 bins) and the Brier score, against ablations (each
+feature group alone; GILL's own inputs, the `[IMG0]` state and its retrieval scores, without
+the evidence check), the best-score threshold rule and always generating.
+
+Features (`mmrag.gill.Decision`): exactly what `Gill.image_part` computes in a chat: the
+`[IMG0]` state after the user's turn, the scores of the `[IMG0]` query's top k documents, and
+the request's overlap with the captions of its top `evidence_k` documents.
+
+`refit_decision` reruns only this stage on a trained GILL folder (`mmrag train gill
+--decision-only`): the mapper and the heads are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,7 +38,7 @@ from torch.nn import functional
 from mmrag.chat import REQUEST_TEMPLATES, Message, chat_row
 from mmrag.encoders.mixed import combine
 from mmrag.frozen_lm import TokenRow
-from mmrag.gill import Decision, Gill
+from mmrag.gill import Decision, Gill, request_overlap
 from mmrag.train.pairs import PairData
 
 if TYPE_CHECKING:
@@ -36,13 +47,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REGULARISATION = (1e-3, 1e-2, 1e-1, 1.0)  # L2 on the [IMG0] read-out, chosen on held-back data
-VARIANTS = ("combined", "scores_only", "state_only")
+# Which parameter groups of `Decision` each variant fits: "combined" is the shipped design,
+# "gill" GILL's own inputs (the prompt's state and the retrieval scores) without the evidence.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "combined": ("hidden", "scores", "evidence"),
+    "gill": ("hidden", "scores"),
+    "state_only": ("hidden",),
+    "scores_only": ("scores",),
+    "evidence_only": ("evidence",),
+}
 
 
 @dataclasses.dataclass
 class DecisionSet:
     states: torch.Tensor  # (N, H) [IMG0] states of the prompts
     top: torch.Tensor  # (N, k) retrieval scores against the memory, best first
+    overlap: torch.Tensor  # (N,) the request's overlap with the evidence captions
     labels: torch.Tensor  # (N,) 1.0 = generate (the family is absent)
     groups: list[str]
 
@@ -51,6 +71,7 @@ class DecisionSet:
         return DecisionSet(
             self.states[t],
             self.top[t],
+            self.overlap[t],
             self.labels[t],
             [g for g, k in zip(self.groups, keep, strict=True) if k],
         )
@@ -80,32 +101,34 @@ def decision_set(
     index: np.ndarray,
     present: set[str],
     memory: torch.Tensor,
+    stored: np.ndarray,
     seed: int,
 ) -> DecisionSet:
-    model = gill.model
+    """The decision's inputs for a chat request per pair of `index`, against `memory` (the
+    vectors of the `stored` documents)."""
+    model, config = gill.model, gill.config
     rng = np.random.default_rng([seed, 19])
-    rows = [
-        chat_row(
-            model,
-            [
-                Message(
-                    "user",
-                    [
-                        REQUEST_TEMPLATES[int(rng.integers(len(REQUEST_TEMPLATES)))].format(
-                            data.pairs.texts[int(i)]
-                        )
-                    ],
-                )
-            ],
+    requests = [
+        REQUEST_TEMPLATES[int(rng.integers(len(REQUEST_TEMPLATES)))].format(
+            data.pairs.texts[int(i)]
         )
         for i in index
     ]
+    rows = [chat_row(model, [Message("user", [r])]) for r in requests]
     states = model.special_states(rows, [model.img_ids[0]])[:, 0]  # (N, H)
     scores = gill.heads.query(states) @ memory.T  # (N, M)
-    top = scores.topk(gill.config.top_k, dim=1).values
+    k = min(max(config.top_k, config.evidence_k), scores.shape[1])
+    top, nearest = scores.topk(k, dim=1)  # (N, k)
+    captions = [[data.pairs.texts[int(stored[j])] for j in row] for row in nearest.tolist()]
+    overlap = torch.tensor(
+        [
+            request_overlap(r, c[: config.evidence_k])
+            for r, c in zip(requests, captions, strict=True)
+        ]
+    )
     groups = [data.pairs.groups[int(i)] for i in index]
     labels = torch.tensor([0.0 if g in present else 1.0 for g in groups])
-    return DecisionSet(states, top, labels, groups)
+    return DecisionSet(states, top[:, : config.top_k], overlap, labels, groups)
 
 
 def fit(decision: Decision, data: DecisionSet, variant: str, l2: float, steps: int = 300) -> None:
@@ -114,17 +137,13 @@ def fit(decision: Decision, data: DecisionSet, variant: str, l2: float, steps: i
         decision.temperature.fill_(1.0)
         for p in decision.parameters():
             p.zero_()
-    params = []
-    if variant != "scores_only":
-        params.append(decision.hidden.weight)
-    if variant != "state_only":
-        params += [decision.scores.weight]
-    params.append(decision.scores.bias)
+    groups = VARIANTS[variant]
+    params = [getattr(decision, g).weight for g in groups] + [decision.scores.bias]
     optimizer = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = decision.logit(data.states, data.top)
+        logits = decision.logit(data.states, data.top, data.overlap)
         loss = functional.binary_cross_entropy_with_logits(logits, data.labels)
         loss = loss + l2 * decision.hidden.weight.pow(2).sum()
         loss.backward()
@@ -136,7 +155,7 @@ def fit(decision: Decision, data: DecisionSet, variant: str, l2: float, steps: i
 def fit_temperature(decision: Decision, data: DecisionSet) -> None:
     """Temperature scaling (Guo et al. 2017) on held-back data: one scalar, NLL."""
     with torch.no_grad():
-        logits = decision.logit(data.states, data.top)
+        logits = decision.logit(data.states, data.top, data.overlap)
     log_t = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -191,7 +210,7 @@ def scores(
 
 def probabilities(decision: Decision, data: DecisionSet) -> torch.Tensor:
     with torch.no_grad():
-        return decision.probability(data.states, data.top)
+        return decision.probability(data.states, data.top, data.overlap)
 
 
 def split_by_group(
@@ -210,7 +229,7 @@ def choose(gill: Gill, train: DecisionSet, calib: DecisionSet) -> dict[str, dict
     results: dict[str, dict[str, Any]] = {}
     for variant in VARIANTS:
         best: tuple[float, float, dict[str, torch.Tensor]] | None = None
-        for l2 in REGULARISATION if variant != "scores_only" else (0.0,):
+        for l2 in REGULARISATION if "hidden" in VARIANTS[variant] else (0.0,):
             fit(gill.heads.decision, train, variant, l2)
             fit_temperature(gill.heads.decision, calib)
             f1 = scores(probabilities(gill.heads.decision, calib), calib.labels)["f1"]
@@ -248,8 +267,8 @@ def fit_decision(
         len(data.heldout),
     )
     memory = memory_vectors(gill, data, stored)
-    val = decision_set(gill, data, data.validation, present, memory, seed)
-    test = decision_set(gill, data, data.heldout, present, memory, seed + 1)
+    val = decision_set(gill, data, data.validation, present, memory, stored, seed)
+    test = decision_set(gill, data, data.heldout, present, memory, stored, seed + 1)
     train, calib = split_by_group(val, 0.3, seed)
     chosen = choose(gill, train, calib)
     report: dict[str, Any] = {
@@ -264,6 +283,7 @@ def fit_decision(
             "calibration_f1": chosen[variant]["calibration_f1"],
         } | scores(probabilities(decision, test), test.labels)
     report["score_threshold"] = threshold_baseline(val, test)
+    report["always_generate"] = scores(torch.ones(len(test.labels)), test.labels)
     report["heldout"] = {k: v for k, v in report[report["chosen"]].items() if k != "reliability"}
     report["labels"] = "1 = generate: the asked-for family is absent from the memory"
     return report
@@ -277,3 +297,30 @@ def threshold_baseline(train: DecisionSet, test: DecisionSet) -> dict[str, Any]:
         key=lambda t: scores((train.top[:, 0] < t).float(), train.labels)["f1"],
     )
     return scores((test.top[:, 0] < float(best)).float(), test.labels) | {"threshold": float(best)}
+
+
+def refit_decision(
+    out: Path, data: Sequence[Path], cache_dir: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Stage 3 alone on the GILL folder `out` (its train-config.json and checkpoint): the
+    decision is refitted and saved, `metrics.json`'s "decision" replaced."""
+    from mmrag.checkpoints import checkpoint_dir
+    from mmrag.train.fromage import FromageTrainConfig
+    from mmrag.train.gill import METRICS_FILE, TRAIN_CONFIG_FILE, GillTrainConfig
+    from mmrag.train.pairs import load_pair_data
+
+    out = Path(out)
+    config = GillTrainConfig.load(out / TRAIN_CONFIG_FILE)
+    gill = Gill.from_pretrained(out, decision=False)
+    fromage_dir = Path(config.fromage) if config.fromage else checkpoint_dir("fromage")
+    split = FromageTrainConfig.load(fromage_dir / TRAIN_CONFIG_FILE)
+    pairs = load_pair_data(
+        data, gill.model, split.holdout, split.group_key, split.seed, cache_dir, progress
+    )
+    decision = fit_decision(gill, pairs, config, progress)
+    gill.save_pretrained(out)
+    path = out / METRICS_FILE
+    metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    metrics["decision"] = decision
+    path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
