@@ -213,7 +213,7 @@ def test_chat_decision_reads_the_request_against_the_evidence(
     with torch.no_grad():
         for param in decision.parameters():
             param.zero_()
-        decision.evidence.weight.fill_(-10.0)
+        decision.evidence.weight.copy_(torch.tensor([[-10.0, 0.0, 0.0]]))  # the overlap
         decision.scores.bias.fill_(5.0)
         decision.temperature.fill_(1.0)
     chat = Chat(gill.model, Retriever(memory), gill)

@@ -22,7 +22,8 @@ with InfoNCE against FROMAGe's frozen `W_i v`, so GILL retrieves from the same m
 features: GILL's linear read-out of the `[IMG0]` state (the paper's classifier, which sees only
 the prompt); the retrieval scores of the `[IMG0]` query against the memory (top-1, top-1 minus
 top-2, mean of the top k); and an evidence check, the largest fraction of an evidence caption's
-words that the user's request contains, over the `evidence_k` nearest documents. Whether the
+words that the user's request contains, over the `evidence_k` nearest documents (with
+indicators of an exact and of no match: `evidence_features`). Whether the
 memory holds the asked-for thing depends on the memory, which changes without retraining, so
 the prompt alone cannot decide; and our 256-d retrieval space barely separates sibling emoji
 ("keycap: 1" / "keycap: 2"): when the family is present, the `[IMG0]` query ranks it first only
@@ -63,6 +64,7 @@ CONFIG_FILE = "gill.json"
 WEIGHTS_FILE = "gill.safetensors"
 FROZEN_LM_DIR = "frozen_lm"
 SCORE_FEATURES = 3  # top-1, top-1 minus top-2, mean of the top k
+EVIDENCE_FEATURES = 3  # the best overlap, whether it is exact, whether it is none
 WORD = re.compile(r"[0-9a-z]+")
 
 
@@ -133,6 +135,13 @@ def score_features(top: torch.Tensor) -> torch.Tensor:
     return torch.stack([top[:, 0], top[:, 0] - top[:, 1], top.mean(1)], dim=1)
 
 
+def evidence_features(overlap: torch.Tensor) -> torch.Tensor:
+    """(B,) best request overlaps -> (B, 3): the overlap, exact (1.0), none (0.0). Not linear
+    in the overlap: a partial match (siblings found, the asked-for one not) says "absent" more
+    surely than no match at all (the retrieval may have missed the neighbourhood)."""
+    return torch.stack([overlap, (overlap >= 1.0).float(), (overlap <= 0.0).float()], dim=1)
+
+
 def caption_overlaps(request: str, captions: Sequence[str]) -> list[float]:
     """Per caption, the fraction of its words (lower-cased letters and digits) that the
     request contains: 1.0 for a document named exactly as asked."""
@@ -157,14 +166,14 @@ class Decision(nn.Module):
         super().__init__()
         self.hidden = nn.Linear(hidden, 1, bias=False)  # GILL's linear classifier
         self.scores = nn.Linear(SCORE_FEATURES, 1)
-        self.evidence = nn.Linear(1, 1, bias=False)  # on `request_overlap`
+        self.evidence = nn.Linear(EVIDENCE_FEATURES, 1, bias=False)  # on `evidence_features`
         self.temperature: torch.Tensor
         self.register_buffer("temperature", torch.ones(()))
 
     def logit(self, state: torch.Tensor, top: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
         """state (B, H), top (B, k), overlap (B,) -> (B,) uncalibrated logits."""
         out = self.hidden(state) + self.scores(score_features(top))  # (B, 1)
-        return (out + self.evidence(overlap[:, None]))[:, 0]
+        return (out + self.evidence(evidence_features(overlap)))[:, 0]
 
     def probability(
         self, state: torch.Tensor, top: torch.Tensor, overlap: torch.Tensor
