@@ -268,3 +268,21 @@ def test_train_command_then_decision_only_refit(
     assert result["decision"]["f1"] == pytest.approx(metrics["decision"]["heldout"]["f1"])
     assert result["always_generate"]["recall"] == 1.0 and result["generation"]["n"] == 1
     assert "always generate" in markdown(result)
+
+
+def test_image_block_cut_by_the_token_cap_is_completed(
+    trained: dict[str, Any], memory: Memory, racm3: Any
+) -> None:
+    """A reply capped right after [IMG0] still gives the mapper the whole [IMG] block: the
+    same decision as when the forced tokens fit."""
+    gill = Gill.from_pretrained(trained["root"] / "gill", lm=trained["lm"], racm3=racm3)
+    gill.config = gill.config.replace(threshold=1.01)  # never generate
+    chat = Chat(gill.model, Retriever(memory), gill)
+    message = [Message("user", ["Show me a red square."])]
+    parts = []
+    for cap in (1, 2):
+        opts = ChatOptions(max_new_tokens=cap, img_bias=1e4, ret_bias=-1e4, k=2)
+        parts.append(chat.chat(message, opts).images[0])
+    assert parts[0].p_generate == pytest.approx(parts[1].p_generate, abs=1e-5)
+    assert parts[0].document is not None and parts[1].document is not None
+    assert parts[0].document.id == parts[1].document.id

@@ -298,7 +298,11 @@ class Chat:
                 i += 1
             else:  # [IMG0], then the forced [IMG1..r-1]
                 r = len(model.img_ids)
-                block = torch.stack([states[j] for j in range(i, min(i + r, len(gen.tokens)))])
+                if i + r <= len(gen.tokens):
+                    block = torch.stack([states[j] for j in range(i, i + r)])
+                else:  # the reply's token cap cut the forced block: run it whole
+                    context = TokenRow(row.ids + gen.tokens[:i], row.images)
+                    block = model.special_states([context], list(model.img_ids), features)[0]
                 assert self.maker is not None
                 parts.append(self.maker.image_part(block, self.retriever, opts, exclude, request))
                 i += r

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     p.add_argument(
         "--image-dir",
         type=Path,
@@ -172,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     from mmrag.memory.memory import Memory
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with Memory.open(args.memory) as memory:
         gill: str | bool | None = False if args.no_gill else args.gill
         chat = load_chat(memory, gill)

@@ -255,9 +255,9 @@ class FrozenLM(nn.Module):
         return torch.cat([hidden @ self.table.T, hidden @ self.new_rows.T], dim=-1)
 
     @torch.no_grad()
-    def rescale_new_tokens(self) -> None:
+    def rescale_new_tokens(self, names: Sequence[str] = ("ret_token", "img_tokens")) -> None:
         """FROMAGe: after each step, the new rows get the mean norm of the frozen rows."""
-        for rows in (self.adapters.ret_token, self.adapters.img_tokens):
+        for rows in (getattr(self.adapters, name) for name in names):
             rows.copy_(functional.normalize(rows, dim=-1) * self.target_norm)
 
     @torch.no_grad()

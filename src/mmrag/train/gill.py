@@ -302,7 +302,7 @@ def init_img_rows(model: FrozenLM, seed: int) -> None:
     scale = 0.5 * ret.norm() / math.sqrt(rows.shape[1])
     rows.copy_(ret[None] + scale * noise)
     rows[0] = ret
-    model.rescale_new_tokens()
+    model.rescale_new_tokens(["img_tokens"])
 
 
 class _Trained(nn.Module):
@@ -370,7 +370,7 @@ def train_gill(
         optimizer.zero_grad(set_to_none=True)
         (losses["loss"] * env.loss_scale).backward()
         optimizer.step()
-        model.rescale_new_tokens()
+        model.rescale_new_tokens(["img_tokens"])
         step += 1
         row = {k: float(distributed.global_sum(v.detach(), env)) for k, v in losses.items()}
         history.append(row | {"step": float(step)})
