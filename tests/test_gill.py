@@ -286,3 +286,29 @@ def test_image_block_cut_by_the_token_cap_is_completed(
     assert parts[0].p_generate == pytest.approx(parts[1].p_generate, abs=1e-5)
     assert parts[0].document is not None and parts[1].document is not None
     assert parts[0].document.id == parts[1].document.id
+
+
+def test_the_shipped_gill_loads_on_the_shipped_fromage_and_reads_the_evidence(
+    tmp_path: Any,
+) -> None:
+    """The real SmolLM2 with checkpoints/fromage and checkpoints/gill: `load_chat` picks GILL
+    up, it sits on the same FROMAGe adapters and the same RA-CM3, and its decision prefers
+    retrieval when an evidence caption names what the request asks for."""
+    from mmrag.chat import chat_row, load_chat
+
+    path = tmp_path / "memory"
+    docs = [Document.of(text=f"{n} heart", image=png_bytes(rgb, 32)) for n, rgb in COLORS.items()]
+    with ensure_memory(path, EncoderSpec(name="fromage")) as m:
+        ingest(m, docs, progress=False)
+    with Memory.open(path) as m:
+        chat = load_chat(m)
+    assert isinstance(chat.maker, Gill)
+    gill = chat.maker
+    assert gill.racm3 is not None  # the generator fingerprint matches checkpoints/ra-cm3
+    request = "Show me a black heart."
+    row = chat_row(gill.model, [Message("user", [request])])
+    img0 = gill.model.special_states([row], list(gill.model.img_ids))[0, 0]
+    scores = [0.5, 0.45, 0.4, 0.35, 0.3]
+    named = gill.p_generate(img0, scores, request, ["red heart", "black heart"])
+    sibling = gill.p_generate(img0, scores, request, ["red heart", "blue heart"])
+    assert named < gill.config.threshold <= sibling

@@ -343,6 +343,7 @@ class Gill:
         image, info = self.generate(states, query[0], hits[: self.config.retrieval_k], options.seed)
         return ImagePart("generated", "[IMG0]", hits[: options.k], None, image, p, info)
 
+    @torch.no_grad()
     def p_generate(
         self, img0: torch.Tensor, scores: Sequence[float], request: str, captions: Sequence[str]
     ) -> float:
