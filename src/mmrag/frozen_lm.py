@@ -1,21 +1,16 @@
 """FROMAGe (Koh et al. 2023) on a frozen causal LM: the visual prefix, the `[RET]` token and the
 retrieval heads, plus GILL's `[IMG0..r-1]` tokens; batched, KV-cached forward and generation.
 
-The language model is never modified: new tokens are extra rows kept beside it. Input
-embeddings are looked up in the frozen table for ids < V and in the new rows for ids >= V;
-output logits are `h @ [E; new rows]^T`, so the new rows are tied input/output embeddings
-like the frozen ones (SmolLM2 ties its embeddings). Only these parts train (METHOD.md §2-3):
+The LM is never modified: new tokens are extra rows beside it, looked up for ids >= V and
+tied as output embeddings (`h @ [E; new rows]^T`, as SmolLM2 ties its own). Only these train
+(METHOD.md §2-3): `visual_prefix` (W_c: pooled 1280-d EfficientNet-Lite0 feature -> k input
+embeddings where the image occurs); `ret_token` (`[RET]`) and `img_tokens` (GILL's rows),
+rescaled to the frozen rows' mean norm after every step (`rescale_new_tokens`); `text_proj`
+(W_t: hidden state at `[RET]` -> retrieval space), `image_proj` (W_i) and `logit_scale`.
 
-- `visual_prefix` (W_c): a frozen image feature (EfficientNet-Lite0, pooled 1280-d) -> k input
-  embeddings, placed where an image occurs in the token stream;
-- `ret_token`: the `[RET]` row; `img_tokens`: GILL's `[IMG0..r-1]` rows. After every step
-  they are rescaled to the mean norm of the frozen rows (`rescale_new_tokens`);
-- `text_proj` (W_t): the last hidden state at `[RET]` -> the retrieval space; `image_proj`
-  (W_i): image feature -> the retrieval space; `logit_scale`: CLIP's learnable temperature.
-
-A token row is a list of ids in which `IMAGE_SLOT` marks an image; `assemble` expands each
-marker into the image's k prefix vectors. Rows are left-padded, positions count real tokens
-only, so a padded row computes what it computes alone (RoPE is relative).
+A token row is a list of ids in which `IMAGE_SLOT` marks an image (`assemble` expands it into
+k prefix vectors). Rows are left-padded and positions count real tokens only, so a padded row
+computes what it computes alone (RoPE is relative).
 """
 
 from __future__ import annotations
@@ -128,9 +123,8 @@ class LMState:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateOptions:
-    """Decoding settings. `ret_bias` / `img_bias` are added to the `[RET]` / `[IMG0]` logits
-    (the role of FROMAGe's `ret_scale_factor` and GILL's `gen_scale_factor`, which multiply
-    the logit; an additive log-prior is used here because it works whatever the sign)."""
+    """Decoding settings. `ret_bias` / `img_bias`: added to the `[RET]` / `[IMG0]` logits (an
+    additive log-prior for FROMAGe's / GILL's multiplicative scale factors, whatever the sign)."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
@@ -146,16 +140,14 @@ class GenerateOptions:
 
 @dataclasses.dataclass
 class Generation:
-    """Generated ids (new tokens included) and, per new token fed back, (its index in
-    `tokens`, its last-layer hidden state (H,))."""
+    """Generated ids; per new token fed back, (its index in `tokens`, its hidden state (H,))."""
 
     tokens: list[int] = dataclasses.field(default_factory=list)
     hidden: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 def shared_prefix(rows: Sequence[TokenRow]) -> int:
-    """Length of the longest image-free beginning all rows share, leaving each at least one
-    token of its own."""
+    """The longest image-free beginning all rows share, leaving each a token of its own."""
     first, n = rows[0].ids, 0
     limit = min(len(r.ids) for r in rows) - 1
     while n < limit and first[n] != IMAGE_SLOT and all(r.ids[n] == first[n] for r in rows):
