@@ -312,3 +312,50 @@ def test_the_shipped_gill_loads_on_the_shipped_fromage_and_reads_the_evidence(
     named = gill.p_generate(img0, scores, request, ["red heart", "black heart"])
     sibling = gill.p_generate(img0, scores, request, ["red heart", "blue heart"])
     assert named < gill.config.threshold <= sibling
+
+
+@pytest.mark.slow
+def test_stage_one_under_torchrun_equals_one_process(
+    trained: dict[str, Any], racm3: Any, tmp_path: Any
+) -> None:
+    """2 gloo processes on slices of the same global batches train the same `[IMG]` rows,
+    retrieval head and mapper as one process (image -> text InfoNCE gathers every rank's
+    queries); stage 2 and the decision then run on every rank, and rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = trained["root"]
+    generator = tmp_path / "ra-cm3"
+    racm3.generator.save_pretrained(generator / "generator")
+    racm3.tokenizer.save_pretrained(generator / "tokenizer")
+    racm3.vq.save_pretrained(generator / "vq")
+    racm3.config.save(generator / "config.json")
+    config = GillTrainConfig(
+        gill=GillConfig(queries=6, mapper_dim=16, mapper_heads=2, mapper_layers=1, top_k=3),
+        batch_size=5,  # shards of 3 and 2
+        head_batch=16,
+    )
+    config.save(tmp_path / "gill-config.json")
+    argv = ["--data", str(trained["data"]), "--fromage", str(root / "fromage")]
+    argv += ["--generator", str(generator), "--config", str(tmp_path / "gill-config.json")]
+    argv += ["--steps", "2", "--head-epochs", "0", "--cache-dir", str(root / "f")]
+    argv += ["--threads", "1", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "mmrag.train.gill", *argv]
+    command += ["--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / d / "gill.safetensors")) for d in ("one", "two"))
+    assert sorted(one) == sorted(two)
+    # Stage 1's weights; the decision is a logistic fit that separates this tiny set
+    # perfectly, so its weights run off and last-bit differences move them visibly.
+    for name in (n for n in one if not n.startswith("decision.")):
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
+    histories = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two")]
+    losses = [[row["loss"] for row in h["history"]] for h in histories]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -35,17 +35,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional
 from tqdm import tqdm
 
 from mmrag.chat import REQUEST_TEMPLATES
 from mmrag.config import Config, ConfigError
 from mmrag.frozen_lm import FrozenLM
 from mmrag.gill import Gill, GillConfig, GillHeads, caption_targets, generator_fingerprint
-from mmrag.losses import contrastive, masked_l2
+from mmrag.losses import masked_l2
 from mmrag.train import distributed
 from mmrag.train.fromage import FromageTrainConfig, lr_at
-from mmrag.train.pairs import PairData, load_pair_data, query_row
+from mmrag.train.gill_losses import GillObjective, context_rows, head_losses
+from mmrag.train.pairs import PairData, load_pair_data
 from mmrag.train.state import load_state, read_meta, save_state
 
 logger = logging.getLogger(__name__)
@@ -109,80 +109,6 @@ def load_gill_data(
     targets, lengths = caption_targets(racm3, pairs.pairs.texts, config.gill.queries)
     scale = float(racm3.generator.embed.weight.detach().pow(2).mean())
     return GillData(pairs, targets, lengths, scale)
-
-
-def context_rows(
-    model: FrozenLM,
-    data: PairData,
-    pairs: Sequence[int] | np.ndarray,
-    chat: Sequence[bool],
-    templates: Sequence[int],
-) -> list[Any]:
-    return [
-        query_row(model, data, int(i), "chat" if c else "plain", int(i), t)
-        for i, c, t in zip(pairs, chat, templates, strict=True)
-    ]
-
-
-# --- the losses -------------------------------------------------------------------------------
-
-
-def head_losses(
-    model: FrozenLM,
-    heads: GillHeads,
-    data: GillData,
-    states: torch.Tensor,
-    pairs: torch.Tensor,
-    positions: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Retrieval and mapper losses (summed over rows) from [IMG] states (B, r, H)."""
-    pd = data.pairs
-    query = heads.query(states[:, 0])  # (B, R)
-    with torch.no_grad():
-        gallery = model.adapters.project_image(pd.features[pd.train])  # FROMAGe's W_i, frozen
-    images = gallery[positions]
-    scale = model.adapters.logit_scale.detach()
-    exclude = pd.duplicates[positions]
-    t2i = contrastive(query, gallery, scale, positions, exclude, reduction="sum")
-    i2t = contrastive(images, query, scale, exclude=exclude[:, positions], reduction="sum")
-    embeds = model.adapters.img_tokens[None].expand(len(states), -1, -1)
-    vectors, length_logits = heads.mapper(states, embeds)
-    lengths = data.lengths[pairs]
-    mask = torch.arange(vectors.shape[1])[None] < lengths[:, None]  # (B, Q)
-    l2 = masked_l2(vectors, data.targets[pairs], mask) / data.target_scale * len(states)
-    length = functional.cross_entropy(length_logits, lengths - 1, reduction="sum")
-    return {"contrastive": (t2i + i2t) / 2, "l2": l2, "length": length}
-
-
-class GillObjective(nn.Module):
-    def __init__(
-        self, model: FrozenLM, heads: GillHeads, data: GillData, config: GillTrainConfig
-    ) -> None:
-        super().__init__()
-        self.model, self.heads, self.data, self.config = model, heads, data, config
-
-    def forward(
-        self, positions: np.ndarray, chat: list[bool], templates: list[int], total: int
-    ) -> dict[str, torch.Tensor]:
-        model, cfg, pd = self.model, self.config, self.data.pairs
-        pairs = pd.train[positions]
-        rows = context_rows(model, pd, pairs, chat, templates)
-        with torch.no_grad():
-            last, state = model.prefill(rows)
-        target = torch.full((len(rows),), model.img_ids[0], dtype=torch.long)
-        nll = functional.cross_entropy(model.logits(last), target, reduction="sum")
-        states = model.special_hidden(state, list(model.img_ids))  # (b, r, H)
-        parts = head_losses(
-            model, self.heads, self.data, states, torch.as_tensor(pairs), torch.as_tensor(positions)
-        )
-        parts = {k: v / total for k, v in parts.items()} | {"nll": nll / total}
-        parts["loss"] = (
-            cfg.nll_weight * parts["nll"]
-            + cfg.contrastive_weight * parts["contrastive"]
-            + cfg.l2_weight * parts["l2"]
-            + cfg.length_weight * parts["length"]
-        )
-        return parts
 
 
 def plan(
@@ -286,6 +212,7 @@ def gill_optimizer(
     """AdamW over the [IMG] rows, the retrieval head and the mapper; FROMAGe stays frozen."""
     for name, param in model.adapters.named_parameters():
         param.requires_grad_(name == "img_tokens")
+    heads.decision.requires_grad_(False)  # stage 3 fits it (DDP wants every trained one used)
     params = [model.adapters.img_tokens]
     params += [p for n, p in heads.named_parameters() if not n.startswith("decision.")]
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -357,7 +284,7 @@ def train_gill(
     step, history = int(meta["step"]), list(meta["history"])
     if env.is_main:
         config.save(out / TRAIN_CONFIG_FILE)
-    objective = distributed.wrap(GillObjective(model, heads, gdata, config), env)
+    objective = distributed.wrap(GillObjective(model, heads, gdata, config, env), env)
     bar = tqdm(
         total=config.steps, initial=step, desc="gill", disable=not (progress and env.is_main)
     )
@@ -366,7 +293,7 @@ def train_gill(
         local = distributed.shard(config.batch_size, env)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.lr, config.warmup_steps, config.steps)
-        losses = objective(positions[local], chat[local], templates[local], config.batch_size)
+        losses = objective(positions, local, chat[local], templates[local])
         optimizer.zero_grad(set_to_none=True)
         (losses["loss"] * env.loss_scale).backward()
         optimizer.step()
@@ -383,6 +310,7 @@ def train_gill(
     model.adapters.img_tokens.requires_grad_(False)
     head_history = fit_heads(model, heads, gdata, config, progress) if config.head_epochs else []
     gill = Gill(model, heads, gill_config, racm3)
+    heads.decision.requires_grad_(True)
     decision = fit_decision(gill, gdata.pairs, config, progress)
     metrics = {
         "final": history[-1] if history else {},
