@@ -174,6 +174,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None,
         start: int,
+        causal: bool = True,
     ) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # (B,T,H,Dh)
@@ -191,7 +192,7 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,  # (B, 1, T, S) bool, True = may attend; None = plain causal
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None,
+            is_causal=mask is None and causal,  # not causal: one query that sees every key
         )  # (B, H, T, Dh)
         return self.out(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
@@ -224,8 +225,10 @@ class Block(nn.Module):
         mask: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None,
         start: int,
+        causal: bool = True,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, kv, start))  # (B, T, D)
+        attn = self.attn(self.attn_norm(x), cos, sin, mask, kv, start, causal)  # (B, T, D)
+        x = x + self.drop(attn)
         return x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, D)
 
 
@@ -318,12 +321,14 @@ class Generator(nn.Module):
             raise ValueError(f"position {int(positions.max())} >= max_seq_len")
         cos = self.rope_cos[positions][:, None]  # (B, 1, T, Dh/2)
         sin = self.rope_sin[positions][:, None]  # (B, 1, T, Dh/2)
-        mask = None
-        if cache is not None or attention_mask is not None:
+        mask, causal = None, True
+        if t == 1 and bool(real.all()) and (cache is None or bool(cache.valid[:, :start].all())):
+            causal = False  # one new token and no padding: it sees every slot (fast path)
+        elif cache is not None or attention_mask is not None:
             mask = self._mask(real, cache, start)  # (B, 1, T, S)
         for i, block in enumerate(self.blocks):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x = block(x, cos, sin, mask, kv, start)  # (B, T, D)
+            x = block(x, cos, sin, mask, kv, start, causal)  # (B, T, D)
         if cache is not None:
             cache.valid[:, start : start + t] = real
             cache.next_position = first + real.long().sum(1)
