@@ -251,3 +251,23 @@ def test_torchrun_two_processes_train_the_same_weights(
     assert sorted(one) == sorted(two)
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_state_from_before_a_new_field_still_resumes(tmp_path: Path) -> None:
+    """Configs saved before `image_positions` (and the generator's image_* fields) existed
+    read as their defaults; a real change is still refused."""
+    from safetensors.torch import save_file
+
+    from mmrag.config import ConfigError
+    from mmrag.train.ra_cm3 import _check_resumable
+
+    config = tiny_config()
+    old = config.to_dict()
+    del old["image_positions"]
+    for key in ("image_grid", "image_first", "image_count"):
+        del old["generator"][key]
+    path = tmp_path / STATE_FILE
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"config": json.dumps(old)})
+    _check_resumable(path, config.replace(steps=config.steps + 10))  # steps may change
+    with pytest.raises(ConfigError, match="image_positions"):
+        _check_resumable(path, config.replace(image_positions=True))

@@ -349,7 +349,9 @@ def resolve_generator(config: RACM3TrainConfig, prep: Prepared) -> RACM3TrainCon
 
 
 def _check_resumable(path: Path, config: RACM3TrainConfig) -> None:
-    saved, now = read_meta(path)["config"], config.to_dict()
+    # through the config class: a run saved before a field existed reads as its default
+    saved = RACM3TrainConfig.from_dict(read_meta(path)["config"]).to_dict()
+    now = config.to_dict()
     changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise ConfigError(
