@@ -33,12 +33,7 @@ def test_demo_draws_and_captions_with_ra_cm3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The RA-CM3 section with a tiny random model found through $MMRAG_CHECKPOINTS."""
-    model = build_tiny_racm3()
-    folder = tmp_path / "ckpt" / "ra-cm3"
-    model.generator.save_pretrained(folder / "generator")
-    model.tokenizer.save_pretrained(folder / "tokenizer")
-    model.vq.save_pretrained(folder / "vq")
-    model.config.save(folder / "config.json")
+    build_tiny_racm3().save_pretrained(tmp_path / "ckpt" / "ra-cm3")
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "ckpt"))
     report = run_demo(tmp_path / "out", limit=40, progress=False, spec=EncoderSpec(name="hashing"))
     html = report.read_text(encoding="utf-8")

@@ -17,12 +17,8 @@ from mmrag.memory.memory import Memory
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    model = build_tiny_racm3()
     folder = tmp_path / "model"
-    model.generator.save_pretrained(folder / "generator")
-    model.tokenizer.save_pretrained(folder / "tokenizer")
-    model.vq.save_pretrained(folder / "vq")
-    model.config.save(folder / "config.json")
+    build_tiny_racm3().save_pretrained(folder)
     return folder
 
 

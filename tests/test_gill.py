@@ -234,10 +234,7 @@ def test_train_command_then_decision_only_refit(
     the mapper and heads are kept, the decision refitted, metrics and recipe updated."""
     root = trained["root"]
     generator = tmp_path / "ra-cm3"
-    racm3.generator.save_pretrained(generator / "generator")
-    racm3.tokenizer.save_pretrained(generator / "tokenizer")
-    racm3.vq.save_pretrained(generator / "vq")
-    racm3.config.save(generator / "config.json")
+    racm3.save_pretrained(generator)
     config = GillTrainConfig(
         gill=GillConfig(queries=6, mapper_dim=16, mapper_heads=2, mapper_layers=1, top_k=3),
         batch_size=4,
@@ -329,10 +326,7 @@ def test_stage_one_under_torchrun_equals_one_process(
 
     root = trained["root"]
     generator = tmp_path / "ra-cm3"
-    racm3.generator.save_pretrained(generator / "generator")
-    racm3.tokenizer.save_pretrained(generator / "tokenizer")
-    racm3.vq.save_pretrained(generator / "vq")
-    racm3.config.save(generator / "config.json")
+    racm3.save_pretrained(generator)
     config = GillTrainConfig(
         gill=GillConfig(queries=6, mapper_dim=16, mapper_heads=2, mapper_layers=1, top_k=3),
         batch_size=5,  # shards of 3 and 2

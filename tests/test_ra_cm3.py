@@ -127,10 +127,7 @@ def test_without_memory_nothing_is_retrieved(query_image: Image.Image) -> None:
 
 def test_from_pretrained_round_trip(tmp_path: Path, memory: Memory) -> None:
     model = build(memory=memory)
-    model.generator.save_pretrained(tmp_path / "generator")
-    model.tokenizer.save_pretrained(tmp_path / "tokenizer")
-    model.vq.save_pretrained(tmp_path / "vq")
-    model.config.save(tmp_path / "config.json")
+    model.save_pretrained(tmp_path)
     loaded = RACM3.from_pretrained(tmp_path, memory)
     assert loaded.config == model.config
     assert (

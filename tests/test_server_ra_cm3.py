@@ -18,11 +18,7 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 def save_model(folder: Path) -> Path:
-    model = build_tiny_racm3()
-    model.generator.save_pretrained(folder / "generator")
-    model.tokenizer.save_pretrained(folder / "tokenizer")
-    model.vq.save_pretrained(folder / "vq")
-    model.config.save(folder / "config.json")
+    build_tiny_racm3().save_pretrained(folder)
     return folder
 
 

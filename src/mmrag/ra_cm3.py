@@ -171,6 +171,15 @@ class RACM3:
             memory,
         )
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the model folder `from_pretrained` reads: generator/, tokenizer/, vq/ and
+        config.json."""
+        out = Path(directory)
+        self.generator.save_pretrained(out / "generator")
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.vq.save_pretrained(out / "vq")
+        self.config.save(out / CONFIG_FILE)
+
     def with_memory(self, memory: Memory | None) -> RACM3:
         """The same weights retrieving from another memory (e.g. one updated after training)."""
         return RACM3(self.generator, self.tokenizer, self.vq, self.config, memory)
