@@ -23,6 +23,7 @@ from mmrag.train.distributed import DistEnv, gather_rows, shard
 from mmrag.train.encoder import info_nce, sharded_info_nce
 from mmrag.vq import VQConfig
 from test_train_encoder import _write_dataset as write_pairs
+from test_train_fromage import write_pairs as write_fromage_pairs
 from test_train_vq import _write_dataset as write_images
 
 TIMEOUT_S = 300
@@ -147,22 +148,6 @@ def test_vq_under_torchrun_equals_one_process(tmp_path: Path) -> None:
     for a, b in zip(one["history"], two["history"], strict=True):
         assert a.keys() == b.keys()
         np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-4, atol=1e-6)
-
-
-def write_fromage_pairs(root: Path) -> Path:
-    """18 caption-image documents in 6 colour groups of 3 shapes."""
-    from conftest import COLORS, png_bytes
-
-    (root / "images").mkdir(parents=True)
-    lines = []
-    for c, (name, rgb) in enumerate(COLORS.items()):
-        for s, shape in enumerate(("square", "stripe", "dot")):
-            file = f"images/{name}-{shape}.png"
-            (root / file).write_bytes(png_bytes(rgb, size=32, pattern=3 + 7 * s + c))
-            doc = {"parts": [{"image": file}, {"text": f"a {name} {shape}"}]}
-            lines.append(json.dumps(doc | {"metadata": {"base": name}}))
-    (root / "documents.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 @pytest.mark.pretrained  # EfficientNet-Lite0 features

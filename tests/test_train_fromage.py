@@ -27,11 +27,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("features")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_pairs(root: Path) -> Path:
     """18 caption-image documents in 6 colour groups (3 variants each)."""
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "images").mkdir()
+    (root / "images").mkdir(parents=True)
     lines = []
     for c, (name, rgb) in enumerate(COLORS.items()):
         for s, shape in enumerate(SHAPES):
@@ -41,6 +39,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             lines.append(json.dumps(doc | {"metadata": {"base": name}}))
     (root / "documents.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 def config(**changes: object) -> FromageTrainConfig:
