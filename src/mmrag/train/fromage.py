@@ -50,7 +50,7 @@ from mmrag.losses import contrastive
 from mmrag.train import distributed
 from mmrag.train.pairs import PairData, load_pair_data, pair_row, query_row
 from mmrag.train.retrieval_heads import refit_heads, validation_recall
-from mmrag.train.state import load_state, read_meta, save_state
+from mmrag.train.state import check_resumable, load_state, read_meta, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -233,13 +233,7 @@ def resume(
 ) -> dict[str, Any]:
     """The metadata of a state file written with the same settings (up to
     RESUMABLE_CHANGES); the adapters and the optimizer are restored in place."""
-    saved, now = read_meta(path)["config"], config.to_dict()
-    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError(
-            f"{path} was written with a different configuration ({', '.join(changed)}); "
-            "use the same settings, or another --out to start afresh"
-        )
+    check_resumable(path, read_meta(path)["config"], config, RESUMABLE_CHANGES)
     return load_state(path, model.adapters, optimizer)
 
 

@@ -46,7 +46,7 @@ from mmrag.train import distributed
 from mmrag.train.fromage import FromageTrainConfig, lr_at
 from mmrag.train.gill_losses import GillObjective, context_rows, head_losses
 from mmrag.train.pairs import PairData, load_pair_data
-from mmrag.train.state import load_state, read_meta, save_state
+from mmrag.train.state import check_resumable, load_state, read_meta, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -274,10 +274,7 @@ def train_gill(
     meta: dict[str, Any] = {"step": 0, "history": []}
     if (out / STATE_FILE).is_file():
         saved = read_meta(out / STATE_FILE)["config"]
-        now = config.to_dict()
-        changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
-        if changed:
-            raise ConfigError(f"{out / STATE_FILE} was written with other settings: {changed}")
+        check_resumable(out / STATE_FILE, saved, config, RESUMABLE_CHANGES)
         meta |= load_state(out / STATE_FILE, trained, optimizer)
     else:
         init_img_rows(model, config.seed)

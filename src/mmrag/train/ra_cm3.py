@@ -51,7 +51,7 @@ from mmrag.train.ra_cm3_data import (
     collate,
 )
 from mmrag.train.ra_cm3_prepare import Prepared, check_sizes, prepare
-from mmrag.train.state import load_state, read_meta, save_state
+from mmrag.train.state import check_resumable, load_state, read_meta, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -349,15 +349,7 @@ def resolve_generator(config: RACM3TrainConfig, prep: Prepared) -> RACM3TrainCon
 
 
 def _check_resumable(path: Path, config: RACM3TrainConfig) -> None:
-    # through the config class: a run saved before a field existed reads as its default
-    saved = RACM3TrainConfig.from_dict(read_meta(path)["config"]).to_dict()
-    now = config.to_dict()
-    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError(
-            f"{path} was written with a different configuration ({', '.join(changed)}); "
-            "use the same settings, or another --out to start afresh"
-        )
+    check_resumable(path, read_meta(path)["config"], config, RESUMABLE_CHANGES)
 
 
 def _write_metrics(

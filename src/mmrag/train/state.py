@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from mmrag.config import Config, ConfigError
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -63,3 +66,19 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     torch.set_rng_state(tensors["rng.torch"])
     return meta
+
+
+def check_resumable(
+    path: Path, saved: dict[str, Any], config: Config, resumable: Collection[str]
+) -> None:
+    """Refuse to resume the state file `path` unless `config` has the `saved` settings, except
+    the `resumable` fields. The saved settings are read through the config's class, so a field
+    added since the run started reads as its default."""
+    before = type(config).from_dict(saved).to_dict()
+    now = config.to_dict()
+    changed = sorted(k for k in now if now[k] != before[k] and k not in resumable)
+    if changed:
+        raise ConfigError(
+            f"{path} was written with a different configuration ({', '.join(changed)}); "
+            "use the same settings, or another --out to start afresh"
+        )

@@ -40,6 +40,7 @@ from mmrag.config import Config, ConfigError
 from mmrag.data.datasets import documents_files
 from mmrag.documents import DocumentError, iter_jsonl
 from mmrag.train.distributed import Collectives, DistEnv, global_sum, setup, shard, teardown, wrap
+from mmrag.train.state import check_resumable
 from mmrag.vq import PerceptualLoss, VQConfig, VQModel, psnr, square_resize
 
 logger = logging.getLogger(__name__)
@@ -231,14 +232,7 @@ def load_state(
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    saved = VQTrainConfig.from_json(meta["config"]).to_dict()
-    now = config.to_dict()
-    changed = sorted(k for k in now if now[k] != saved[k] and k not in RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError(
-            f"{path} was written with a different configuration ({', '.join(changed)}); "
-            f"use the same settings, or another --out to start afresh"
-        )
+    check_resumable(path, json.loads(meta["config"]), config, RESUMABLE_CHANGES)
     model.load_state_dict(
         {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
         strict=True,
