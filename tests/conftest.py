@@ -123,8 +123,11 @@ def tiny_ra_cm3_config(**changes: object) -> RACM3TrainConfig:
     return base.replace(**changes)
 
 
-def build_tiny_racm3(max_seq_len: int = 384, memory: Memory | None = None) -> RACM3:
-    """A random RA-CM3 on 16 px images (64 codes each) retrieving from `memory`."""
+def build_tiny_racm3(
+    max_seq_len: int = 384, memory: Memory | None = None, hint_slots: int = 0
+) -> RACM3:
+    """A random RA-CM3 on 16 px images (64 codes each) retrieving from `memory`, with
+    `hint_slots` copy-hint tables."""
     torch.manual_seed(0)
     vq = VQModel(VQConfig.preset("tiny"))
     captions = ["a red square", "a green square", "a blue disc", "a yellow bar"] * 3
@@ -135,6 +138,9 @@ def build_tiny_racm3(max_seq_len: int = 384, memory: Memory | None = None) -> RA
         image_tokens=vq.config.tokens_per_image,
     )
     tok = MultimodalTokenizer.train(captions, tok_config)
-    gen = Generator(GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=max_seq_len))
+    hints = {"hint_slots": hint_slots, "hint_codes": vq.config.codebook_size if hint_slots else 0}
+    gen = Generator(
+        GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=max_seq_len, **hints)
+    )
     config = RACM3Config(samples=2, caption_samples=3, max_caption_tokens=8)
     return RACM3(gen, tok, vq, config, memory)

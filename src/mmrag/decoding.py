@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional
 
+from mmrag.copy_hints import NO_HINT
 from mmrag.generator import Generator, KVCache
 
 
@@ -97,12 +98,15 @@ def decode(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    hints: Sequence[torch.Tensor] | None = None,
 ) -> Decoded:
     """Continue every prompt by up to `max_new_tokens` tokens drawn from `allowed` (V,) ids.
 
     With `uncond_prompts` (one per prompt) and `guidance` != 1, classifier-free guidance.
     A row stops after `stop_id` (included in its tokens). `use_cache=False` recomputes the
     whole sequence at every step: the reference the KV cache is benchmarked against.
+    `hints`: per prompt, the copy hints (len(prompt) + max_new_tokens, S) of its whole
+    sequence (copy_hints.py); unconditional twins get none.
     """
     sampling = sampling or Sampling()
     guided = uncond_prompts is not None and guidance != 1.0
@@ -111,10 +115,15 @@ def decode(
     ids, mask = left_pad(rows, pad_id)
     device = model.device
     ids, mask = ids.to(device), mask.to(device)
+    width = ids.shape[1]
+    all_hints = _row_hints(hints, prompts, rows, max_new_tokens, width)
+    if all_hints is not None:
+        all_hints = all_hints.to(device)  # (R, width + max_new_tokens, S)
     cache: KVCache | None = None
     if use_cache:
-        cache = model.new_cache(len(rows), ids.shape[1] + max_new_tokens)
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (R, V)
+        cache = model.new_cache(len(rows), width + max_new_tokens)
+    first = None if all_hints is None else all_hints[:, :width]
+    logits = model(ids, attention_mask=mask, cache=cache, hints=first)[:, -1]  # (R, V)
     out = [[] for _ in range(b)]  # type: list[list[int]]
     nll = torch.zeros(b, dtype=torch.float64)
     done = torch.zeros(b, dtype=torch.bool)
@@ -140,14 +149,41 @@ def decode(
         if bool(done.all()) or step + 1 == max_new_tokens:
             break
         step_tokens = torch.cat([token, token[: len(rows) - b]])[:, None]  # (R, 1)
+        at = width + step  # the slot step_tokens go to
         if cache is not None:
-            logits = model(step_tokens, cache=cache)[:, -1]
+            step_hints = None if all_hints is None else all_hints[:, at : at + 1]
+            logits = model(step_tokens, cache=cache, hints=step_hints)[:, -1]
         else:
             ids = torch.cat([ids, step_tokens], dim=1)
             mask = torch.cat([mask, torch.ones_like(step_tokens, dtype=torch.bool)], dim=1)
-            logits = model(ids, attention_mask=mask)[:, -1]
+            seen = None if all_hints is None else all_hints[:, : at + 1]
+            logits = model(ids, attention_mask=mask, hints=seen)[:, -1]
     mean = [float(nll[r]) / max(1, len(out[r])) for r in range(b)]
     return Decoded(out, mean)
+
+
+def _row_hints(
+    hints: Sequence[torch.Tensor] | None,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    width: int,
+) -> torch.Tensor | None:
+    """(R, width + max_new_tokens, S): each prompt's hints aligned with its left-padded row;
+    the rows beyond the prompts (unconditional twins) hold none."""
+    if not hints:
+        return None
+    if len(hints) != len(prompts):
+        raise ValueError(f"{len(hints)} hint rows for {len(prompts)} prompts")
+    for p, h in zip(prompts, hints, strict=True):
+        if h.dim() != 2 or h.shape[0] != len(p) + max_new_tokens:
+            raise ValueError("each prompt's hints must be (len(prompt) + max_new_tokens, S)")
+    slots = max(h.shape[1] for h in hints)
+    out = torch.full((len(rows), width + max_new_tokens, slots), NO_HINT, dtype=torch.long)
+    for r, (p, h) in enumerate(zip(prompts, hints, strict=True)):
+        start = width - len(p)  # the prompt's first slot after left padding
+        out[r, start : start + h.shape[0], : h.shape[1]] = h
+    return out
 
 
 @torch.no_grad()

@@ -79,6 +79,12 @@ class GeneratorConfig(Config):
     image_grid: int = 0
     image_first: int = 0
     image_count: int = 0
+    # Copy hints (0 = off): for each token that predicts a cell of the image being written,
+    # the codes that up to `hint_slots` retrieved images hold at that cell (of `hint_codes`
+    # codes), in rank order, each added through its slot's embedding table. A direct path
+    # from a retrieved image to the cell being drawn (see `Generator.forward`).
+    hint_slots: int = 0
+    hint_codes: int = 0
 
     def validate(self) -> None:
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.mlp_hidden) < 1:
@@ -99,6 +105,8 @@ class GeneratorConfig(Config):
                 "GeneratorConfig: image_grid >= 0; with a grid, image_first + image_count "
                 "(> 0) must fit in vocab_size"
             )
+        if self.hint_slots < 0 or (self.hint_slots > 0) != (self.hint_codes > 0):
+            raise ConfigError("GeneratorConfig: hint_slots >= 0, and hint_codes > 0 with them")
 
     @property
     def head_dim(self) -> int:
@@ -260,6 +268,12 @@ class Generator(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.down.weight")):
                 nn.init.normal_(param, std=config.init_std / math.sqrt(2 * config.n_layers))
+        # Built last, so that the other weights are initialised exactly as without hints: a
+        # model that never gets hints is the plain model, whatever hint_slots says.
+        self.hints: nn.Embedding | None = None
+        if config.hint_slots:
+            self.hints = nn.Embedding(config.hint_slots * config.hint_codes, config.dim)
+            self._init(self.hints)
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -289,15 +303,20 @@ class Generator(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         embeds: torch.Tensor | None = None,
+        hints: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids (B, T) int64; attention_mask (B, T) bool (True = real token, False = padding);
         with `cache`, the T tokens continue the cached ones and are appended to the cache.
         `embeds` (B, T, D) replaces `ids` with input vectors (soft prompts, e.g. GILL's mapper
-        output); exactly one of the two is given."""
+        output); exactly one of the two is given. `hints` (B, T, S) int64, S <= hint_slots:
+        at each token, the code (0-based) that retrieved image s holds at the image cell the
+        token predicts, or -1 (copy_hints.py builds them); None = no hints anywhere."""
         if (ids is None) == (embeds is None):
             raise ValueError("pass exactly one of ids and embeds")
         x = self.embed(ids) if ids is not None else embeds  # (B, T, D)
         assert x is not None
+        if hints is not None:
+            x = x + self._hint_vectors(hints, x.shape[:2])  # (B, T, D)
         b, t = x.shape[:2]
         device = x.device
         start = cache.length if cache is not None else 0
@@ -336,6 +355,20 @@ class Generator(nn.Module):
             if image_run is not None:
                 cache.image_run = image_run
         return self.head(self.norm(x))  # (B, T, V)
+
+    def _hint_vectors(self, hints: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(B, T, D): the sum over slots of each slot's embedding of its hinted code."""
+        cfg = self.config
+        if hints.dim() != 3 or tuple(hints.shape[:2]) != tuple(shape):
+            raise ValueError(f"hints must be (B, T, S) with (B, T) = {tuple(shape)}")
+        if self.hints is None or hints.shape[2] > cfg.hint_slots:
+            raise ValueError(f"the model takes {cfg.hint_slots} hint slots; got {hints.shape[2]}")
+        if bool((hints >= cfg.hint_codes).any()) or bool((hints < -1).any()):
+            raise ValueError(f"hints must be codes in [0, {cfg.hint_codes}) or -1")
+        present = hints >= 0  # (B, T, S)
+        slot = torch.arange(hints.shape[2], device=hints.device) * cfg.hint_codes  # (S,)
+        vectors = self.hints(torch.where(present, hints + slot, 0))  # (B, T, S, D)
+        return (vectors * present[..., None].to(vectors.dtype)).sum(2)  # (B, T, D)
 
     def _add_image_positions(
         self,

@@ -19,6 +19,7 @@ from PIL import Image
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
+from mmrag.copy_hints import Cells, hints_for, image_cells
 from mmrag.decoding import Sampling, allowed_mask, decode
 from mmrag.encoders.base import l2_normalize
 from mmrag.generator import Generator
@@ -223,14 +224,29 @@ class RACM3:
         docs = self.memory.get([e.id for e in evidence])
         return [code_document(d.to_document(), self.vq) for d in docs if d is not None]
 
-    def _prefix(self, evidence: list[Evidence], room: int) -> tuple[list[int], list[Evidence]]:
+    def _prefix(
+        self, evidence: list[Evidence], room: int
+    ) -> tuple[list[int], list[Evidence], list[tuple[int, ...]]]:
         """`<bos> m1 <sep> m2 <sep>` fitting in `room` tokens: the lowest-ranked documents are
-        dropped first when the prompt would not fit."""
+        dropped first when the prompt would not fit. Also the kept evidence and the codes of
+        its images (each document's first), in rank order: the copy hints' sources."""
         tok = self.tokenizer
-        docs = [[*tok.encode_document(c), tok.sep_id] for c in self._coded(evidence)]
+        coded = self._coded(evidence)
+        docs = [[*tok.encode_document(c), tok.sep_id] for c in coded]
         while 1 + sum(map(len, docs)) > room and docs:
             docs.pop()
-        return [tok.bos_id, *(t for d in docs for t in d)], evidence[: len(docs)]
+        images = [
+            next(p.codes for p in c.parts if isinstance(p, ImageCodes))
+            for c in coded[: len(docs)]
+            if any(isinstance(p, ImageCodes) for p in c.parts)
+        ]
+        return [tok.bos_id, *(t for d in docs for t in d)], evidence[: len(docs)], images
+
+    def _hints(self, cells: Cells, images: Sequence[Sequence[int]]) -> torch.Tensor | None:
+        """The copy hints of a sequence whose tokens are `cells` (None without a hint table
+        or without retrieved images)."""
+        slots = self.generator.config.hint_slots
+        return hints_for(cells, images, slots) if slots and images else None
 
     def _room(self, main_tokens: int) -> int:
         room = self.generator.config.max_seq_len - main_tokens
@@ -262,19 +278,22 @@ class RACM3:
         guidance = cfg.guidance if guidance is None else guidance
         evidence = self.evidence(caption, None, retrieval, demos, k, filters)
         main = [tok.img_alt_id, *tok.encode_text(caption), tok.src_id]
-        prefix, evidence = self._prefix(evidence, self._room(len(main) + tok.config.image_tokens))
+        n = tok.config.image_tokens
+        prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + n))
         prompt = prefix + main
         uncond = [tok.bos_id, tok.img_src_id]
+        hints = self._hints([None] * len(prompt) + list(range(n)), sources)
         decoded = decode(
             self.generator,
             [prompt] * samples,
-            tok.config.image_tokens,
+            n,
             self.image_allowed,
             Sampling(cfg.temperature, cfg.top_p),
             [uncond] * samples,
             guidance,
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
+            hints=None if hints is None else [hints] * samples,
         )
         grids = [[t - tok.image_offset for t in row] for row in decoded.tokens]
         images = self.vq.decode_images(torch.tensor(grids).view(samples, self.grid, self.grid))
@@ -348,7 +367,11 @@ class RACM3:
     ) -> CaptionOutput:
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.caption_samples
-        prefix, evidence = self._prefix(evidence, self._room(len(main) + cfg.max_caption_tokens))
+        prefix, evidence, images = self._prefix(
+            evidence, self._room(len(main) + cfg.max_caption_tokens)
+        )
+        cells = image_cells(prefix + main, len(prefix), tok.image_offset, tok.config.image_codes)
+        hints = self._hints(cells + [None] * cfg.max_caption_tokens, images)
         decoded = decode(
             self.generator,
             [prefix + main] * samples,
@@ -358,6 +381,7 @@ class RACM3:
             stop_id=tok.eos_id,
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
+            hints=None if hints is None else [hints] * samples,
         )
         texts = [tok.decode_text([t for t in row if t != tok.eos_id]) for row in decoded.tokens]
         candidates = sorted(
@@ -392,7 +416,11 @@ class RACM3:
         )
         main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
         evidence = self.evidence(caption, image, retrieval, demos)
-        prefix, evidence = self._prefix(evidence, self._room(len(main) + b - a))
+        prefix, evidence, images = self._prefix(evidence, self._room(len(main) + b - a))
+        n = tok.config.image_tokens
+        cells: Cells = [None] * (len(prefix) + len(head))
+        cells += [*range(a), None, *range(b, n), None, None, *range(a, b)]
+        hints = self._hints(cells, images)
         decoded = decode(
             self.generator,
             [prefix + main],
@@ -401,6 +429,7 @@ class RACM3:
             Sampling(cfg.temperature, cfg.top_p),
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
+            hints=None if hints is None else [hints],
         )
         filled = [*codes[:a], *decoded.tokens[0], *codes[b:]]
         grid = [t - tok.image_offset for t in filled]

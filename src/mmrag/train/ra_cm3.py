@@ -76,6 +76,9 @@ class RACM3TrainConfig(Config):
     # Row and column embeddings for image codes (GeneratorConfig.image_grid), sized from the
     # tokenizer and the VQ grid when the run is prepared.
     image_positions: bool = False
+    # Copy hints (copy_hints.py): each retrieved image's code at the cell being predicted,
+    # one embedding table per retrieval rank (GeneratorConfig.hint_slots = max(k_choices)).
+    copy_hints: bool = False
     k_choices: tuple[int, ...] = (0, 1, 2)
     retriever: RetrieverConfig = dataclasses.field(
         default_factory=lambda: RetrieverConfig.preset("training")
@@ -162,7 +165,16 @@ class Batcher:
                 retrieved = [int(j) for j in prep.found[pos, variant, :k] if j >= 0]
             main = int(prep.train_rows[pos])
             mode = cfg.modes.draw(rng)
-            ex = build_sequence(prep.tokenizer, prep.corpus, main, retrieved, mode, rng, prep.grid)
+            ex = build_sequence(
+                prep.tokenizer,
+                prep.corpus,
+                main,
+                retrieved,
+                mode,
+                rng,
+                prep.grid,
+                cfg.generator.hint_slots,
+            )
             wider = max(width, len(ex.ids))
             if batch and (len(batch) + 1) * wider > cfg.tokens_per_step:
                 return batch, cursor
@@ -170,9 +182,12 @@ class Batcher:
             width, cursor = wider, cursor + 1
 
 
-def token_nll(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token NLL (B, T - 1) of right-padded ids (B, T)."""
-    logits = model(ids[:, :-1])  # (B, T-1, V)
+def token_nll(
+    model: torch.nn.Module, ids: torch.Tensor, hints: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token next-token NLL (B, T - 1) of right-padded ids (B, T) with their copy hints
+    (B, T, S) if any."""
+    logits = model(ids[:, :-1], hints=None if hints is None else hints[:, :-1])  # (B, T-1, V)
     flat = functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     )
@@ -209,10 +224,13 @@ def validate(
         if prep.val_found is not None:
             retrieved = [int(j) for j in prep.val_found[r, 0] if j >= 0]
         for mode, key in (("plain", "image"), ("caption", "caption")):
-            ex = build_sequence(tok, prep.corpus, main, retrieved, mode, rng, prep.grid)
+            ex = build_sequence(
+                tok, prep.corpus, main, retrieved, mode, rng, prep.grid, config.generator.hint_slots
+            )
             batch = collate([ex], tok.pad_id)
             ids = batch["ids"].to(device)
-            nll = token_nll(model, ids)[0]
+            hints = batch["hints"].to(device) if "hints" in batch else None
+            nll = token_nll(model, ids, hints)[0]
             targets = ids[0, 1:]
             kind = (
                 tok.image_offset <= targets
@@ -291,9 +309,12 @@ def train_ra_cm3(
         batch = collate(examples, prep.tokenizer.pad_id)
         part = distributed.shard(len(examples), env)
         ids = batch["ids"][part].to(env.device)
+        hints = batch["hints"][part].to(env.device) if "hints" in batch else None
+        if hints is None and config.generator.hint_slots:  # every step uses the hint table
+            hints = torch.full((*ids.shape, config.generator.hint_slots), -1, device=env.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        nll = token_nll(wrapped, ids)
+        nll = token_nll(wrapped, ids, hints)
         loss, stats = ra_loss(
             nll,
             batch["main"][part].to(env.device),
@@ -338,13 +359,18 @@ def train_ra_cm3(
 
 
 def resolve_generator(config: RACM3TrainConfig, prep: Prepared) -> RACM3TrainConfig:
-    """With `image_positions`, the generator's grid embeddings over the tokenizer's codes."""
-    if not config.image_positions:
-        return config
-    tok = prep.tokenizer
-    generator = config.generator.replace(
-        image_grid=prep.grid, image_first=tok.image_offset, image_count=tok.config.image_codes
-    )
+    """With `image_positions`, the generator's grid embeddings over the tokenizer's codes;
+    with `copy_hints`, one hint table per retrieval rank (also in the vanilla baseline, so
+    both have the same architecture; it never gets a hint)."""
+    generator, tok = config.generator, prep.tokenizer
+    if config.image_positions:
+        generator = generator.replace(
+            image_grid=prep.grid, image_first=tok.image_offset, image_count=tok.config.image_codes
+        )
+    if config.copy_hints:
+        generator = generator.replace(
+            hint_slots=max(1, *config.k_choices), hint_codes=tok.config.image_codes
+        )
     return config.replace(generator=generator)
 
 
@@ -426,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {'on' if defaults.image_positions else 'off'})",
     )
     p.add_argument(
+        "--copy-hints",
+        choices=["on", "off"],
+        help="give the generator each retrieved image's code at the cell it is predicting "
+        "(copy_hints.py), a direct path for copying from retrieved images "
+        f"(default {'on' if defaults.copy_hints else 'off'})",
+    )
+    p.add_argument(
         "--preset",
         default="small",
         metavar="NAME",
@@ -473,6 +506,8 @@ def config_from_args(args: argparse.Namespace) -> RACM3TrainConfig:
     changes["retrieval"] = args.retrieval == "on"
     if args.image_positions is not None:
         changes["image_positions"] = args.image_positions == "on"
+    if args.copy_hints is not None:
+        changes["copy_hints"] = args.copy_hints == "on"
     return config.replace(**changes)
 
 

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mmrag.config import RetrieverConfig
+from mmrag.copy_hints import hints_for, image_cells, moved_cells, pad_hints
 from mmrag.data.datasets import documents_files
 from mmrag.documents import Document, DocumentError, iter_jsonl, load_image
 from mmrag.encoders.base import l2_normalize
@@ -217,11 +218,13 @@ def load_retrieval(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 @dataclasses.dataclass
 class Example:
-    """Token ids with per-token loss roles: main-document targets and retrieved ones."""
+    """Token ids with per-token loss roles (main-document targets and retrieved ones) and,
+    with `hint_slots`, the copy hints (T, slots) of the retrieved images (copy_hints.py)."""
 
     ids: list[int]
     main: list[bool]
     retrieved: list[bool]
+    hints: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,12 +273,17 @@ def build_sequence(
     mode: str,
     rng: np.random.Generator,
     grid: int,
+    hint_slots: int = 0,
 ) -> Example:
-    """One serialised training example (see the module docstring for the modes)."""
+    """One serialised training example (see the module docstring for the modes); with
+    `hint_slots`, the retrieved images' copy hints at the main image's cells."""
     if mode == "uncond":
+        retrieved = []
         enc = tok.encode(corpus.coded(main, caption=False))
     else:
         enc = tok.encode(corpus.coded(main), [corpus.coded(j) for j in retrieved])
+    cells = image_cells(enc.ids, enc.main_range[0], tok.image_offset, tok.config.image_codes)
+    images = [corpus.codes[j].tolist() for j in retrieved]
     spans: list[tuple[int, int]] = []
     if mode == "caption":
         a, b = caption_span(tok, enc.ids)
@@ -285,15 +293,18 @@ def build_sequence(
             spans = tok.sample_spans(rng, *enc.main_range)
         spans = spans or [image_span(tok, enc.ids, grid, rng)]
     if not spans:
-        return Example(enc.ids, enc.main, enc.retrieved)
+        hints = hints_for(cells, images, hint_slots) if hint_slots else None
+        return Example(enc.ids, enc.main, enc.retrieved, hints)
     ids, source = tok.causal_mask(enc.ids, spans)
     main_mask = [True if j < 0 else enc.main[j] for j in source]
     retr_mask = [False if j < 0 else enc.retrieved[j] for j in source]
-    return Example(ids, main_mask, retr_mask)
+    hints = hints_for(moved_cells(cells, source), images, hint_slots) if hint_slots else None
+    return Example(ids, main_mask, retr_mask, hints)
 
 
 def collate(sequences: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids (B, T) and the target roles of each next-token prediction (B, T - 1)."""
+    """Right-padded ids (B, T), the target roles of each next-token prediction (B, T - 1)
+    and, when the examples have them, their copy hints (B, T, S)."""
     width = max(len(s.ids) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     main = torch.zeros((len(sequences), width), dtype=torch.bool)
@@ -303,4 +314,12 @@ def collate(sequences: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor
         ids[r, :n] = torch.as_tensor(s.ids)
         main[r, :n] = torch.as_tensor(s.main)
         retr[r, :n] = torch.as_tensor(s.retrieved)
-    return {"ids": ids, "main": main[:, 1:], "retrieved": retr[:, 1:]}
+    out = {"ids": ids, "main": main[:, 1:], "retrieved": retr[:, 1:]}
+    if any(s.hints is not None for s in sequences):
+        slots = max(s.hints.shape[1] for s in sequences if s.hints is not None)
+        rows = [
+            s.hints if s.hints is not None else torch.full((len(s.ids), slots), -1)
+            for s in sequences
+        ]
+        out["hints"] = pad_hints(rows, width, left=False)
+    return out
