@@ -4,7 +4,8 @@ recomputing the whole sequence at every step, in one run; then batched throughpu
 The prompt is what `RACM3.generate_image` builds: K = 2 retrieved documents (each an image
 with its caption) and the caption, then exactly one image's worth of tokens constrained to
 image codes. The model is the shipped `checkpoints/ra-cm3` when present (speed does not
-depend on the weights, only on the sizes), else a randomly initialised `small` generator.
+depend on the weights, only on the sizes), else a randomly initialised `small` generator. A
+model with copy hints gets the hints of two retrieved images, as `generate_image` gives them.
 Decoding is greedy-free sampling (temperature 1, top-p 0.9), guidance off for the cache
 comparison (guidance doubles the rows: it is measured in the throughput table).
 
@@ -26,6 +27,7 @@ import torch
 
 from machine import RESULTS, QuietMeter, machine_info, write_json
 from mmrag.checkpoints import CheckpointNotFoundError, checkpoint_dir
+from mmrag.copy_hints import hints_for
 from mmrag.decoding import Sampling, allowed_mask, decode
 from mmrag.generator import Generator, GeneratorConfig
 
@@ -67,8 +69,8 @@ def load_model(preset: str) -> tuple[Generator, str]:
             pass
     torch.manual_seed(0)
     config = GeneratorConfig.preset(preset)
-    if preset == "tiny":  # long enough for the cache to matter (tiny holds 64 tokens)
-        config = config.replace(max_seq_len=256)
+    if preset == "tiny":  # long enough for the cache to matter (tiny holds 64 tokens), hinted
+        config = config.replace(max_seq_len=256, hint_slots=2, hint_codes=config.vocab_size // 2)
     return Generator(config).eval(), f"random {preset}"
 
 
@@ -80,6 +82,12 @@ def time_decode(
     use_cache: bool,
     uncond: list[list[int]] | None = None,
 ) -> float:
+    hints = None
+    if model.config.hint_slots:  # two retrieved images' codes at the cells being drawn
+        g = torch.Generator().manual_seed(2)
+        images = torch.randint(0, model.config.hint_codes, (2, n), generator=g).tolist()
+        row = hints_for([None] * len(prompts[0]) + list(range(n)), images, model.config.hint_slots)
+        hints = [row] * len(prompts)
     start = time.perf_counter()
     decode(
         model,
@@ -91,6 +99,7 @@ def time_decode(
         3.0 if uncond else 1.0,
         generator=torch.Generator().manual_seed(0),
         use_cache=use_cache,
+        hints=hints,
     )
     return time.perf_counter() - start
 
