@@ -60,3 +60,9 @@ def test_repo_root_is_three_levels_above_the_module() -> None:
         == checkpoints.REPO_CHECKPOINTS
     )
     assert (checkpoints.REPO_CHECKPOINTS.parent / "pyproject.toml").is_file()
+
+
+def test_the_shipped_checkpoints_stay_under_60_mb() -> None:
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert 0 < total < 60_000_000, f"checkpoints/ holds {total / 1e6:.2f} MB"
