@@ -19,6 +19,9 @@ the serialised training sequences (RA-CM3 section 3.3, CM3 section 2.2).
   branch classifier-free guidance subtracts); caption infilling (the alt text cut out with
   the causal-mask transform, so image -> caption is a left-to-right continuation); and
   spans (random spans, or a run of image rows, cut out: infilling of images).
+- **Copy hints** (`--copy-hints on`, copy_hints.py): with `hint_slots`, each example also
+  carries, at every token that predicts a cell of the main image, the codes the retrieved
+  images hold at that cell (causal-masked spans keep their cells through the transform).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mmrag.config import RetrieverConfig
-from mmrag.copy_hints import hints_for, image_cells, moved_cells, pad_hints
+from mmrag.copy_hints import NO_HINT, hints_for, image_cells, moved_cells, pad_hints
 from mmrag.data.datasets import documents_files
 from mmrag.documents import Document, DocumentError, iter_jsonl, load_image
 from mmrag.encoders.base import l2_normalize
@@ -318,7 +321,7 @@ def collate(sequences: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor
     if any(s.hints is not None for s in sequences):
         slots = max(s.hints.shape[1] for s in sequences if s.hints is not None)
         rows = [
-            s.hints if s.hints is not None else torch.full((len(s.ids), slots), -1)
+            s.hints if s.hints is not None else torch.full((len(s.ids), slots), NO_HINT)
             for s in sequences
         ]
         out["hints"] = pad_hints(rows, width, left=False)
