@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional
 
-from mmrag.copy_hints import NO_HINT
+from mmrag.copy_hints import NO_HINT, pad_hints
 from mmrag.generator import Generator, KVCache
 
 
@@ -178,12 +178,10 @@ def _row_hints(
     for p, h in zip(prompts, hints, strict=True):
         if h.dim() != 2 or h.shape[0] != len(p) + max_new_tokens:
             raise ValueError("each prompt's hints must be (len(prompt) + max_new_tokens, S)")
-    slots = max(h.shape[1] for h in hints)
-    out = torch.full((len(rows), width + max_new_tokens, slots), NO_HINT, dtype=torch.long)
-    for r, (p, h) in enumerate(zip(prompts, hints, strict=True)):
-        start = width - len(p)  # the prompt's first slot after left padding
-        out[r, start : start + h.shape[0], : h.shape[1]] = h
-    return out
+    # each row's hints end where its sequence ends, so left padding aligns them with it
+    padded = pad_hints(hints, width + max_new_tokens, left=True)  # (B, width + new, S)
+    twins = torch.full((len(rows) - len(prompts), *padded.shape[1:]), NO_HINT, dtype=torch.long)
+    return torch.cat([padded, twins])
 
 
 @torch.no_grad()

@@ -235,11 +235,8 @@ class RACM3:
         docs = [[*tok.encode_document(c), tok.sep_id] for c in coded]
         while 1 + sum(map(len, docs)) > room and docs:
             docs.pop()
-        images = [
-            next(p.codes for p in c.parts if isinstance(p, ImageCodes))
-            for c in coded[: len(docs)]
-            if any(isinstance(p, ImageCodes) for p in c.parts)
-        ]
+        firsts = [next((p for p in c.parts if isinstance(p, ImageCodes)), None) for c in coded]
+        images = [f.codes for f in firsts[: len(docs)] if f is not None]
         return [tok.bos_id, *(t for d in docs for t in d)], evidence[: len(docs)], images
 
     def _hints(self, cells: Cells, images: Sequence[Sequence[int]]) -> torch.Tensor | None:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
+from mmrag.copy_hints import NO_HINT
 from mmrag.encoders.base import EncoderSpec
 from mmrag.generator import Generator, GeneratorConfig
 from mmrag.ra_cm3 import CONFIG_FILE as RACM3_CONFIG_FILE
@@ -311,7 +312,8 @@ def train_ra_cm3(
         ids = batch["ids"][part].to(env.device)
         hints = batch["hints"][part].to(env.device) if "hints" in batch else None
         if hints is None and config.generator.hint_slots:  # every step uses the hint table
-            hints = torch.full((*ids.shape, config.generator.hint_slots), -1, device=env.device)
+            slots = config.generator.hint_slots
+            hints = torch.full((*ids.shape, slots), NO_HINT, device=env.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         nll = token_nll(wrapped, ids, hints)
