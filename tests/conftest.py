@@ -15,6 +15,7 @@ from mmrag.config import RetrieverConfig
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
 from mmrag.generator import Generator, GeneratorConfig
+from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory, ensure_memory
 from mmrag.ra_cm3 import RACM3, RACM3Config
 from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
@@ -61,11 +62,32 @@ def memory_path(tmp_path: Path) -> Path:
     return tmp_path / "memory"
 
 
+HASHING = EncoderSpec(name="hashing")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    small matrices and tiny convolutions are dominated by thread synchronisation, and on
+    shared cores two threads made such tests several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def hashing_memory(memory_path: Path) -> Iterator[Memory]:
-    memory = ensure_memory(memory_path, EncoderSpec(name="hashing"))
+    memory = ensure_memory(memory_path, HASHING)
     yield memory
     memory.close()
+
+
+@pytest.fixture
+def color_memory(hashing_memory: Memory, color_docs: list[Document]) -> Memory:
+    """The hashing memory holding `color_docs`."""
+    ingest(hashing_memory, color_docs, progress=False)
+    return hashing_memory
 
 
 # --- RA-CM3: a tiny image + caption collection, a tiny VQ and a tiny training config ---------

@@ -3,36 +3,27 @@ and an RA-CM3 that trusts its hints drawing the retrieved image."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_racm3, tiny_ra_cm3_config
+from conftest import HASHING, build_tiny_racm3, tiny_ra_cm3_config
 from mmrag.copy_hints import NO_HINT, hints_for, image_cells, moved_cells, pad_hints
 from mmrag.decoding import Sampling, decode
-from mmrag.documents import Document
-from mmrag.encoders.base import EncoderSpec
 from mmrag.generator import Generator, GeneratorConfig
-from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
-from mmrag.tokenizer import code_document
+from mmrag.ra_cm3 import RACM3
+from mmrag.tokenizer import ImageCodes, code_document
 from mmrag.train.ra_cm3 import main, prepare, train_ra_cm3
 from mmrag.train.ra_cm3_data import MODES, build_sequence, collate
 
 TINY = GeneratorConfig.preset("tiny")
 HINTED = TINY.replace(hint_slots=2, hint_codes=50)
-HASHING = EncoderSpec(name="hashing")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- building hints -------------------------------------------------------------------------
@@ -163,7 +154,9 @@ def test_training_sequences_carry_the_retrieved_codes_at_each_cell(
 
 def test_training_with_copy_hints(shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path) -> None:
     config = tiny_ra_cm3_config(copy_hints=True)
-    out = train_ra_cm3([shapes_dataset], tmp_path / "ra", config, tiny_vq_dir, HASHING, False)
+    out = train_ra_cm3(
+        [shapes_dataset], tmp_path / "ra", config, tiny_vq_dir, HASHING, progress=False
+    )
     assert np.isfinite(out["loss"])
     model = Generator.from_pretrained(tmp_path / "ra" / "generator")
     assert model.config.hint_slots == 2 and model.hints is not None
@@ -196,13 +189,7 @@ def test_training_with_copy_hints(shapes_dataset: Path, tiny_vq_dir: Path, tmp_p
 # --- RA-CM3 ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def memory(hashing_memory: Memory, color_docs: list[Document]) -> Memory:
-    ingest(hashing_memory, color_docs, progress=False)
-    return hashing_memory
-
-
-def trusting(memory: Memory) -> torch.nn.Module:
+def trusting(memory: Memory) -> RACM3:
     """A tiny RA-CM3 whose slot-0 hint of code c points at the head row of code c, with a
     sharp output: it writes what its top retrieved image holds at each cell."""
     model = build_tiny_racm3(memory=memory, hint_slots=2)
@@ -213,16 +200,17 @@ def trusting(memory: Memory) -> torch.nn.Module:
         gen.hints.weight.zero_()
         gen.hints.weight[:n] = 50 * gen.head.weight[tok.image_offset : tok.image_offset + n]
         gen.norm.weight.fill_(30.0)
-    return model  # type: ignore[return-value]
+    return model
 
 
-def test_a_model_that_trusts_its_hints_draws_the_retrieved_image(memory: Memory) -> None:
-    model = trusting(memory)
-    out = model.generate_image("a red square", seed=0)  # type: ignore[attr-defined]
+def test_a_model_that_trusts_its_hints_draws_the_retrieved_image(color_memory: Memory) -> None:
+    model = trusting(color_memory)
+    out = model.generate_image("a red square", seed=0)
     assert out.evidence
-    top = memory.get([out.evidence[0].id])[0]
+    top = color_memory.get([out.evidence[0].id])[0]
     assert top is not None
-    codes = code_document(top.to_document(), model.vq).parts[0].codes  # type: ignore[attr-defined]
-    assert out.codes == list(codes)
-    again = model.generate_image("a red square", seed=0, retrieval=False)  # type: ignore[attr-defined]
+    image = code_document(top.to_document(), model.vq).parts[0]
+    assert isinstance(image, ImageCodes)
+    assert out.codes == list(image.codes)
+    again = model.generate_image("a red square", seed=0, retrieval=False)
     assert again.codes != out.codes

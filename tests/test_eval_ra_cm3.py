@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import tiny_ra_cm3_config
-from mmrag.encoders.base import EncoderSpec
+from conftest import HASHING, tiny_ra_cm3_config
 from mmrag.eval.ra_cm3 import Settings, evaluate, made_up_names, main, markdown
 from mmrag.train.ra_cm3 import train_ra_cm3
 
-HASHING = EncoderSpec(name="hashing")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

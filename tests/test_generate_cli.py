@@ -10,8 +10,6 @@ from PIL import Image
 
 from conftest import build_tiny_racm3, png_bytes
 from mmrag.cli import main
-from mmrag.documents import Document
-from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
 
 
@@ -23,9 +21,8 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def memory(hashing_memory: Memory, color_docs: list[Document], memory_path: Path) -> Path:
-    ingest(hashing_memory, color_docs, progress=False)
-    hashing_memory.close()
+def memory(color_memory: Memory, memory_path: Path) -> Path:
+    color_memory.close()
     return memory_path
 
 

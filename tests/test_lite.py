@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,7 @@ TINY = LiteEncoderConfig(dim=32)
 TEXTS = ["grinning face", "red apple", "woman dancing: medium skin tone"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small matrices are dominated by thread synchronisation; on shared cores two threads
-    made these tests several times slower than one (as in test_train_vq.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images() -> list[Image.Image]:

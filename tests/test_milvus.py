@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import COLORS, png_bytes
+from conftest import COLORS, HASHING, png_bytes
 from mmrag.cli import main
 from mmrag.config import IndexConfig, RetrieverConfig
 from mmrag.documents import Document
-from mmrag.encoders.base import EncoderSpec
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory, MemoryFolderError, ensure_memory
 from mmrag.memory.milvus import DIRTY_FILE, SEQ_FILE, MilvusMemory
@@ -25,8 +24,6 @@ from mmrag.memory.store import StoreError
 from mmrag.retrieval import Retriever
 
 pytest.importorskip("pymilvus", reason="the milvus backend needs the `scale` extra")
-
-HASHING = EncoderSpec(name="hashing")
 FILTERS = [
     None,
     {"color": "red"},

@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import build_tiny_racm3
 from mmrag.documents import Document
-from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import MASK, RACM3
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 build = build_tiny_racm3
-
-
-@pytest.fixture
-def memory(hashing_memory: Memory, color_docs: list[Document]) -> Memory:
-    ingest(hashing_memory, color_docs, progress=False)
-    return hashing_memory
 
 
 @pytest.fixture
@@ -39,15 +24,17 @@ def query_image(make_png) -> Image.Image:  # type: ignore[no-untyped-def]
     return Image.open(io.BytesIO(make_png((200, 30, 30), pattern=3))).convert("RGB")
 
 
-def test_generate_image_returns_best_sample_and_evidence(memory: Memory) -> None:
-    model = build(memory=memory)
+def test_generate_image_returns_best_sample_and_evidence(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
     out = model.generate_image("a red square", seed=1)
     assert out.image.size == (16, 16)
     assert len(out.scores) == 2
     assert len(out.codes) == model.tokenizer.config.image_tokens
     assert all(0 <= c < model.tokenizer.config.image_codes for c in out.codes)
     assert 1 <= len(out.evidence) <= 2
-    assert {e.id for e in out.evidence} <= {d.id for d in memory.get_by_seq(list(range(1, 7))) if d}
+    assert {e.id for e in out.evidence} <= {
+        d.id for d in color_memory.get_by_seq(list(range(1, 7))) if d
+    }
     assert all(e.source == "retrieved" for e in out.evidence)
     scores = [e.score for e in out.evidence]
     assert scores == sorted(scores, reverse=True)
@@ -57,8 +44,8 @@ def test_generate_image_returns_best_sample_and_evidence(memory: Memory) -> None
     assert again.codes == out.codes  # seeded
 
 
-def test_no_retrieval_and_pinned_demos(memory: Memory, color_docs: list[Document]) -> None:
-    model = build(memory=memory)
+def test_no_retrieval_and_pinned_demos(color_memory: Memory, color_docs: list[Document]) -> None:
+    model = build(memory=color_memory)
     assert model.generate_image("a red square", retrieval=False).evidence == []
     pinned = [color_docs[4].id, color_docs[1].id]
     out = model.generate_image("a red square", demos=pinned)
@@ -69,24 +56,26 @@ def test_no_retrieval_and_pinned_demos(memory: Memory, color_docs: list[Document
     assert out.to_json("x.png")["evidence"][0]["id"] == pinned[0]
 
 
-def test_retrieval_changes_the_conditioning(memory: Memory) -> None:
-    model = build(memory=memory)
+def test_retrieval_changes_the_conditioning(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
     with_ret = model.generate_image("a red square", guidance=1.0, seed=3)
     without = model.generate_image("a red square", guidance=1.0, seed=3, retrieval=False)
     assert with_ret.codes != without.codes
 
 
-def test_prompt_drops_low_ranked_documents_to_fit(memory: Memory) -> None:
+def test_prompt_drops_low_ranked_documents_to_fit(color_memory: Memory) -> None:
     tokens = 64 + 8  # one document or the main request is ~70 tokens
-    model = build(max_seq_len=2 * tokens + 16, memory=memory)
+    model = build(max_seq_len=2 * tokens + 16, memory=color_memory)
     out = model.generate_image("a red square")
     assert len(out.evidence) == 1  # the second retrieved document did not fit
     with pytest.raises(ValueError, match="tokens"):
-        build(max_seq_len=40, memory=memory).generate_image("a red square")
+        build(max_seq_len=40, memory=color_memory).generate_image("a red square")
 
 
-def test_generate_caption_reranks_by_perplexity(memory: Memory, query_image: Image.Image) -> None:
-    model = build(memory=memory)
+def test_generate_caption_reranks_by_perplexity(
+    color_memory: Memory, query_image: Image.Image
+) -> None:
+    model = build(memory=color_memory)
     out = model.generate_caption(query_image, seed=0)
     perplexities = [p for _, p in out.candidates]
     assert perplexities == sorted(perplexities) and out.text == out.candidates[0][0]
@@ -96,9 +85,9 @@ def test_generate_caption_reranks_by_perplexity(memory: Memory, query_image: Ima
 
 
 def test_infill_image_keeps_the_codes_outside_the_band(
-    memory: Memory, query_image: Image.Image
+    color_memory: Memory, query_image: Image.Image
 ) -> None:
-    model = build(memory=memory)
+    model = build(memory=color_memory)
     grid = model.grid
     before = model.vq.encode_images([query_image])[0].reshape(-1).tolist()
     out = model.infill_image(query_image, (2, 5), caption="a red square")
@@ -108,8 +97,10 @@ def test_infill_image_keeps_the_codes_outside_the_band(
         model.infill_image(query_image, (5, 5))
 
 
-def test_infill_caption_keeps_the_given_words(memory: Memory, query_image: Image.Image) -> None:
-    model = build(memory=memory)
+def test_infill_caption_keeps_the_given_words(
+    color_memory: Memory, query_image: Image.Image
+) -> None:
+    model = build(memory=color_memory)
     out = model.infill_caption(query_image, f"a {MASK} square", retrieval=False)
     assert out.text.startswith("a ") and out.text.endswith(" square")
     assert all(t.startswith("a ") for t, _ in out.candidates)
@@ -125,10 +116,10 @@ def test_without_memory_nothing_is_retrieved(query_image: Image.Image) -> None:
         model.generate_image("a red square", demos=["x"])
 
 
-def test_from_pretrained_round_trip(tmp_path: Path, memory: Memory) -> None:
-    model = build(memory=memory)
+def test_from_pretrained_round_trip(tmp_path: Path, color_memory: Memory) -> None:
+    model = build(memory=color_memory)
     model.save_pretrained(tmp_path)
-    loaded = RACM3.from_pretrained(tmp_path, memory)
+    loaded = RACM3.from_pretrained(tmp_path, color_memory)
     assert loaded.config == model.config
     assert (
         loaded.generate_image("a blue disc", seed=2).codes

@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import COLORS, png_bytes
+from conftest import COLORS, HASHING, png_bytes
 from mmrag.cli import main
 from mmrag.data.readers import read_sources
-from mmrag.encoders.base import EncoderSpec
 from mmrag.memory import ray_ingest as ray_ingest_module
 from mmrag.memory.ingest import IngestReport, ingest
 from mmrag.memory.memory import Memory, ensure_memory
@@ -28,8 +27,6 @@ ray = pytest.importorskip("ray", reason="--ray needs the `scale` extra")
 # constructor assigns deprecated options such as `use_push_based_shuffle` and `use_polars`);
 # nothing of ours sets them. Only that module's DeprecationWarnings are ignored.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
-
-HASHING = EncoderSpec(name="hashing")
 CONFIG = RayIngestConfig(workers=1, batch_size=4)
 
 

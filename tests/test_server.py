@@ -24,10 +24,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import COLORS, png_bytes
+from conftest import COLORS, HASHING, png_bytes
 from mmrag.config import ConfigError
 from mmrag.documents import Document
-from mmrag.encoders.base import EncoderSpec
 from mmrag.memory.memory import Memory, ensure_memory
 from mmrag.retrieval import SearchResult
 from mmrag.server import Capabilities, ServerConfig, create_app
@@ -42,7 +41,6 @@ from mmrag.server.capabilities import (
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-HASHING = EncoderSpec(name="hashing")
 POEM = "a poem about the quiet sea at night"
 
 

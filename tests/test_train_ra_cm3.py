@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_ra_cm3_config
-from mmrag.encoders.base import EncoderSpec
+from conftest import HASHING, tiny_ra_cm3_config
 from mmrag.tokenizer import MultimodalTokenizer
 from mmrag.train.distributed import DistEnv
 from mmrag.train.ra_cm3 import (
@@ -33,13 +31,7 @@ from mmrag.train.ra_cm3_data import (
 )
 from mmrag.vq import VQConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -53,9 +45,6 @@ def vq_dir(tiny_vq_dir: Path) -> Path:
 
 
 tiny_config = tiny_ra_cm3_config
-
-
-HASHING = EncoderSpec(name="hashing")
 
 
 def test_heldout_variants_keep_siblings() -> None:
