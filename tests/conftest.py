@@ -146,10 +146,13 @@ def tiny_ra_cm3_config(**changes: object) -> RACM3TrainConfig:
 
 
 def build_tiny_racm3(
-    max_seq_len: int = 384, memory: Memory | None = None, hint_slots: int = 0
+    max_seq_len: int = 384,
+    memory: Memory | None = None,
+    hint_slots: int = 0,
+    text_hints: bool = False,
 ) -> RACM3:
     """A random RA-CM3 on 16 px images (64 codes each) retrieving from `memory`, with
-    `hint_slots` copy-hint tables."""
+    `hint_slots` copy-hint tables (and text copy hints)."""
     torch.manual_seed(0)
     vq = VQModel(VQConfig.preset("tiny"))
     captions = ["a red square", "a green square", "a blue disc", "a yellow bar"] * 3
@@ -160,7 +163,11 @@ def build_tiny_racm3(
         image_tokens=vq.config.tokens_per_image,
     )
     tok = MultimodalTokenizer.train(captions, tok_config)
-    hints = {"hint_slots": hint_slots, "hint_codes": vq.config.codebook_size if hint_slots else 0}
+    hints = {
+        "hint_slots": hint_slots,
+        "hint_codes": vq.config.codebook_size if hint_slots else 0,
+        "text_hints": text_hints,
+    }
     gen = Generator(
         GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=max_seq_len, **hints)
     )

@@ -1,5 +1,6 @@
 """Copy hints: building them, the generator's hint tables, decoding and training with them,
-and an RA-CM3 that trusts its hints drawing the retrieved image."""
+and an RA-CM3 that trusts its hints drawing the retrieved image; text copy hints the same
+way, down to an RA-CM3 that trusts them writing the retrieved caption."""
 
 from __future__ import annotations
 
@@ -8,19 +9,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import HASHING, build_tiny_racm3, tiny_ra_cm3_config
-from mmrag.copy_hints import NO_HINT, hints_for, image_cells, moved_cells, pad_hints
+from mmrag.copy_hints import (
+    NO_HINT,
+    TextCopy,
+    caption_cells,
+    hints_for,
+    image_cells,
+    merge_hints,
+    moved_cells,
+    pad_hints,
+    suggest,
+    text_hints_for,
+)
 from mmrag.decoding import Sampling, decode
 from mmrag.generator import Generator, GeneratorConfig
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import RACM3
 from mmrag.tokenizer import ImageCodes, code_document
 from mmrag.train.ra_cm3 import main, prepare, train_ra_cm3
-from mmrag.train.ra_cm3_data import MODES, build_sequence, collate
+from mmrag.train.ra_cm3_data import MODES, build_sequence, caption_span, collate
 
 TINY = GeneratorConfig.preset("tiny")
 HINTED = TINY.replace(hint_slots=2, hint_codes=50)
+TEXT_HINTED = HINTED.replace(text_hints=True)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +97,7 @@ def test_a_model_without_hints_is_the_plain_model() -> None:
     assert not torch.allclose(changed[:, 4], plain(ids)[:, 4].detach())
     with pytest.raises(ValueError, match="hint slots"):
         plain(ids, hints=none)
-    with pytest.raises(ValueError, match="codes in"):
+    with pytest.raises(ValueError, match="must be in"):
         hinted(ids, hints=none + 51)
     with pytest.raises(ValueError, match="must be"):
         hinted(ids, hints=none[:, :3])
@@ -214,3 +228,201 @@ def test_a_model_that_trusts_its_hints_draws_the_retrieved_image(color_memory: M
     assert out.codes == list(image.codes)
     again = model.generate_image("a red square", seed=0, retrieval=False)
     assert again.codes != out.codes
+
+
+# --- text copy hints ------------------------------------------------------------------------
+
+
+def test_suggest_follows_the_longest_match_else_the_same_position() -> None:
+    woman = [5, 6, 7, 8]  # "woman dancing : dark"
+    assert suggest(woman, [], 0, end=99) == 5
+    assert suggest(woman, [9], 1, end=99) == 6  # "man" is not in it: same position
+    assert suggest(woman, [9, 6], 2, end=99) == 7  # after "dancing"
+    assert suggest([1, 2, 3, 4], [1, 9, 2], 3, end=99) == 3  # an inserted word is skipped
+    assert suggest([1, 2, 1, 3], [2, 1], 2, end=99) == 3  # the longest suffix wins ...
+    assert suggest([1, 2, 1, 3], [4, 1], 2, end=99) == 2  # ... else the first occurrence
+    assert suggest([1, 2], [1, 2], 2, end=99) == 99  # the source ends: the closing token
+    assert suggest([1, 2], [7], 1, end=99) == 2
+    assert suggest([1], [], 1, end=99) == 99
+    assert suggest([1], [], 3, end=99) == NO_HINT
+    assert suggest([], [], 0, end=99) == NO_HINT
+    copy = TextCopy(((5, 6, 7, 8), (5, 9)), end=99, offset=50, start=1)
+    assert copy.row([], 3) == [56, 59, NO_HINT]  # position 1 after a kept left context
+    assert copy.row([6], 3) == [57, 149, NO_HINT]
+
+
+def test_text_hints_of_a_sequence_and_merging_them() -> None:
+    # <alt> w0 w1 <src> x <eos>: cells 0, 1; the caption closes with <src> (id 3)
+    ids = [1, 10, 11, 3, 4, 2]
+    cells = caption_cells(len(ids), 1, 3)
+    assert cells == [None, 0, 1, None, None, None]
+    out = text_hints_for(ids, cells, [10, 11], [[10, 12], [13]], slots=2, offset=50)
+    assert out.tolist() == [[60, 63], [62, 53], [53, NO_HINT]] + [[NO_HINT] * 2] * 3
+    # cell 1 moved behind a sentinel (id 7): <alt> w0 <s> <src> ... <s> w1 <eos>
+    source = [0, 1, -1, 3, 4, -1, 2, 5]
+    moved = [1, 10, 7, 3, 4, 7, 11, 2]
+    out = text_hints_for(moved, moved_cells(cells, source), [10, 11], [[10, 12]], 1, 50)
+    # the sentinel after w1's place predicts <src>, not a caption token: no hint there; the
+    # moved w1 comes after a sentinel (no run: same position); it closes with <eos> (id 2)
+    assert out[:, 0].tolist() == [60, NO_HINT, NO_HINT, NO_HINT, NO_HINT, 62, 52, NO_HINT]
+    image = torch.tensor([[NO_HINT], [4], [NO_HINT]])
+    text = torch.tensor([[60, 61], [NO_HINT, NO_HINT], [NO_HINT, 62]])
+    assert merge_hints(image, text).tolist() == [[60, 61], [4, NO_HINT], [NO_HINT, 62]]
+    assert merge_hints(image, None) is image
+
+
+def test_text_hints_start_as_the_plain_model_and_change_only_later_tokens() -> None:
+    torch.manual_seed(0)
+    hinted = Generator(HINTED).eval()
+    torch.manual_seed(0)
+    model = Generator(TEXT_HINTED).eval()
+    assert model.text_hint_maps is not None and not model.text_hint_maps.any()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    hints = torch.full((2, 9, 2), NO_HINT)
+    hints[:, 2, 0] = 7  # an image code
+    hints[:, 5, 1] = 50 + 42  # token 42
+    codes_only = hints.masked_fill(hints >= 50, NO_HINT)
+    with torch.no_grad():
+        for name, param in hinted.named_parameters():  # built first, initialised alike
+            assert torch.equal(param, dict(model.named_parameters())[name])
+        before = hinted(ids, hints=codes_only)
+        torch.testing.assert_close(model(ids, hints=hints), before)  # zero maps
+        model.text_hint_maps.normal_()
+        changed = model(ids, hints=hints)
+    torch.testing.assert_close(changed[:, :5], before[:, :5])
+    assert not torch.allclose(changed[:, 5], before[:, 5])
+    with pytest.raises(ValueError, match="must be in"):
+        model(ids, hints=torch.full((2, 9, 2), 50 + TEXT_HINTED.vocab_size))
+    with pytest.raises(ValueError, match="must be in"):
+        hinted(ids, hints=hints)  # a model without text hints takes codes only
+    with pytest.raises(ValueError, match="text_hints"):
+        HINTED.replace(hint_slots=0, hint_codes=0, text_hints=True)
+
+
+def test_cached_decoding_with_text_copy_equals_full_recomputation() -> None:
+    torch.manual_seed(0)
+    model = Generator(TEXT_HINTED).eval()
+    with torch.no_grad():
+        assert model.text_hint_maps is not None
+        model.text_hint_maps.normal_(std=0.3)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    copies = [TextCopy(((60, 61, 62), (63,)), end=2, offset=50), None]
+    greedy = Sampling(temperature=0)
+    cached = decode(model, prompts, 6, None, greedy, stop_id=2, text_copy=copies)
+    full = decode(model, prompts, 6, None, greedy, stop_id=2, text_copy=copies, use_cache=False)
+    assert cached.tokens == full.tokens
+    np.testing.assert_allclose(cached.mean_nll, full.mean_nll, rtol=1e-4)
+    plain = decode(model, prompts, 6, None, greedy, stop_id=2)
+    assert plain.mean_nll[0] != cached.mean_nll[0]
+    assert plain.tokens[1] == cached.tokens[1]  # the row without retrieved captions
+    with pytest.raises(ValueError, match="offset"):
+        decode(model, prompts, 2, text_copy=[TextCopy(((60,),), 2, 10), None])
+    with pytest.raises(ValueError, match="text_hints"):
+        decode(Generator(HINTED), prompts, 2, text_copy=copies)
+
+
+def test_training_sequences_carry_the_retrieved_captions_suggestions(
+    shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path
+) -> None:
+    prep = prepare(
+        [shapes_dataset], tmp_path / "run", tiny_ra_cm3_config(), tiny_vq_dir, HASHING, False
+    )
+    tok, corpus = prep.tokenizer, prep.corpus
+    codes = tok.config.image_codes
+    sources = [tok.encode_text(corpus.captions[j]) for j in (1, 2)]
+    caption = tok.encode_text(corpus.captions[0])
+    rng = np.random.default_rng(0)
+    for mode in MODES:
+        for _ in range(4):
+            ex = build_sequence(tok, corpus, 0, [1, 2], mode, rng, prep.grid, 2, text_hints=True)
+            assert ex.hints is not None
+            text_rows = [t for t in range(len(ex.ids)) if ex.hints[t, 0] >= codes]
+            if mode == "uncond":
+                assert not text_rows
+                continue
+            plain = build_sequence(tok, corpus, 0, [1, 2], "plain", rng, prep.grid, 2)
+            assert plain.hints is not None
+            image_rows = (ex.hints[:, 0] != NO_HINT) & (ex.hints[:, 0] < codes)
+            assert int(image_rows.sum()) == tok.config.image_tokens  # the image hints stay
+            if mode == "plain":  # <alt> caption <src>: the hints decoding would compute
+                a, b = caption_span(tok, ex.ids)
+                copy = TextCopy(tuple(map(tuple, sources)), tok.src_id, codes)
+                assert text_rows == list(range(a - 1, b))
+                for t in text_rows:
+                    assert ex.hints[t].tolist() == copy.row(ex.ids[a : t + 1], 2)
+            if mode == "caption":  # ... <sentinel> caption <eos>: as in generate_caption
+                a = len(ex.ids) - 1 - len(caption)
+                copy = TextCopy(tuple(map(tuple, sources)), tok.eos_id, codes)
+                assert text_rows == list(range(a - 1, len(ex.ids) - 1))
+                for t in text_rows:
+                    assert ex.hints[t].tolist() == copy.row(ex.ids[a : t + 1], 2)
+            for t in text_rows:  # every hinted token predicts a caption token or its end
+                assert tok.is_text(ex.ids[t + 1]) or ex.ids[t + 1] in (tok.src_id, tok.eos_id)
+    no_text = build_sequence(tok, corpus, 0, [1, 2], "plain", rng, prep.grid, 2)
+    assert no_text.hints is not None and not (no_text.hints >= codes).any()
+
+
+def test_training_with_text_hints(shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="copy_hints"):
+        tiny_ra_cm3_config(text_hints=True)
+    config = tiny_ra_cm3_config(copy_hints=True, text_hints=True)
+    out = train_ra_cm3(
+        [shapes_dataset], tmp_path / "ra", config, tiny_vq_dir, HASHING, progress=False
+    )
+    assert np.isfinite(out["loss"])
+    model = Generator.from_pretrained(tmp_path / "ra" / "generator")
+    assert model.config.text_hints and model.text_hint_maps is not None
+    assert model.text_hint_maps.abs().sum() > 0  # trained away from zero
+
+
+def trusting_text(memory: Memory) -> RACM3:
+    """A tiny RA-CM3 whose slot-0 text hint points at the head row of the hinted token, with
+    a sharp output: it writes what its top retrieved caption suggests."""
+    model = build_tiny_racm3(memory=memory, hint_slots=2, text_hints=True)
+    gen = model.generator
+    assert gen.text_hint_maps is not None
+    with torch.no_grad():
+        gen.head.weight.copy_(gen.embed.weight)
+        gen.text_hint_maps[0] = 200 * torch.eye(gen.config.dim)
+        gen.norm.weight.fill_(30.0)
+    return model
+
+
+def test_a_model_that_trusts_its_text_hints_writes_the_retrieved_caption(
+    color_memory: Memory,
+) -> None:
+    model = trusting_text(color_memory)
+    image = Image.new("RGB", (16, 16), (220, 20, 20))
+    out = model.generate_caption(image, seed=0)
+    assert out.evidence
+    top = color_memory.get([out.evidence[0].id])[0]
+    assert top is not None and top.text
+    assert out.text == top.text
+    assert model.generate_caption(image, seed=0, retrieval=False).text != out.text
+
+
+def test_the_prompts_caption_gets_the_text_hints_training_gives_it(color_memory: Memory) -> None:
+    # caption -> image: the caption in the prompt is hinted as in a plain training sequence
+    model = build_tiny_racm3(memory=color_memory, hint_slots=2, text_hints=True)
+    tok, offset = model.tokenizer, model.generator.config.hint_codes
+    seen: list[torch.Tensor] = []
+    real_decode = decode
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.extend(kwargs["hints"])  # type: ignore[arg-type]
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mmrag.ra_cm3.decode", spy)
+        out = model.generate_image("a red square", samples=1, seed=0)
+    docs = color_memory.get([e.id for e in out.evidence])
+    sources = tuple(tuple(tok.encode_text(d.text)) for d in docs if d is not None)
+    caption = tok.encode_text("a red square")
+    hints = seen[0]
+    n = tok.config.image_tokens
+    a = hints.shape[0] - n - 1 - len(caption)  # <alt> caption <src> [n codes]
+    copy = TextCopy(sources, tok.src_id, offset)
+    for j in range(len(caption) + 1):  # <alt> and each caption token
+        assert hints[a - 1 + j].tolist() == copy.row(caption[:j], 2)
+    assert (hints[: a - 1] == NO_HINT).all()
+    assert (hints[-n - 1 : -1] < offset).all() and (hints[-n - 1 : -1] >= 0).all()

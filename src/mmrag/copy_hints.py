@@ -11,14 +11,26 @@ embedding of the code image s holds at cell c (`Generator.forward(hints=...)`). 
 learns how far to trust each slot; with nothing retrieved there is no hint, and the model
 is the plain one (the vanilla baseline and the unconditional branch of guidance).
 
+Text copy hints (`GeneratorConfig.text_hints`) do the same for the caption being written, the
+words a retrieved caption suggests next. Captions do not align cell by cell (siblings differ
+by inserted and swapped words: "woman dancing: dark skin tone" / "man dancing"), so the
+suggestion is an induction rule (`suggest`): after the longest suffix of the caption written
+so far that the retrieved caption contains, the token that follows it there; with no match,
+the retrieved caption's token at the same position. The rule depends on the tokens written,
+so decoding computes it step by step (`TextCopy`); training computes it from the true caption
+(`text_hints_for`).
+
 Conventions. A sequence's *cells* say, for each token, which cell of the image being written
 (the main document's) it is, or None; `hints_for` shifts them by one (a token predicts the
 next one) and looks the codes up. Codes are 0-based VQ codes (token id - image_offset); -1
-means no hint.
+means no hint. Text hints share the tensor: a caption token id `t` is stored as
+`offset + t`, with `offset` = the model's `hint_codes`, so a hint below it is an image code
+and one at or above it a token (a token position is never an image cell).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -75,3 +87,109 @@ def pad_hints(rows: Sequence[torch.Tensor], width: int, left: bool) -> torch.Ten
         else:
             out[b, :n, : r.shape[1]] = r
     return out
+
+
+# --- text copy hints ----------------------------------------------------------------------
+
+
+def caption_cells(length: int, start: int, end: int) -> Cells:
+    """Cells of an un-transformed sequence's caption: tokens [start, end) numbered 0, 1, ...;
+    every other token None (`moved_cells` follows them through the causal-mask transform)."""
+    return [t - start if start <= t < end else None for t in range(length)]
+
+
+def suggest(source: Sequence[int], run: Sequence[int], position: int, end: int) -> int:
+    """The token a retrieved caption `source` suggests at caption position `position`, given
+    `run`, the caption tokens written just before it (all of them, or fewer after a gap):
+    after the longest suffix of `run` that occurs in `source` (its first occurrence), the
+    token that follows it there; without a match, `source`'s token at `position`. `end` (the
+    token that closes a caption in this sequence) is suggested just past `source`'s last
+    token; NO_HINT beyond that and for an empty source."""
+    if not source:
+        return NO_HINT
+    best, at = 0, -1
+    for j in range(len(source)):
+        n = 0
+        while n <= j and n < len(run) and source[j - n] == run[len(run) - 1 - n]:
+            n += 1
+        if n > best:
+            best, at = n, j
+    follow = at + 1 if best else position
+    if follow < len(source):
+        return int(source[follow])
+    return end if follow == len(source) else NO_HINT
+
+
+def text_hints_for(
+    ids: Sequence[int],
+    cells: Sequence[int | None],
+    caption: Sequence[int],
+    sources: Sequence[Sequence[int]],
+    slots: int,
+    offset: int,
+    complete: bool = True,
+) -> torch.Tensor:
+    """(T, slots) int64 text copy hints of a sequence `ids` whose caption cells are `cells`
+    (the caption `caption`): at token t that predicts caption token j (or the token closing
+    the caption), `offset + suggest(source s, the run of caption tokens just before t + 1 in
+    the sequence, j, closing token)` for each retrieved caption s. `complete=False`: the
+    caption goes on beyond `caption` (a left context before the tokens to decode), so no
+    token closes it."""
+    out = torch.full((len(ids), slots), NO_HINT, dtype=torch.long)
+    n = len(caption)
+    if not sources or not n or len(ids) < 2:
+        return out
+    last = next((t for t, c in enumerate(cells) if c == n - 1), None)
+    if last is None or last + 1 >= len(ids):
+        return out
+    end = int(ids[last + 1]) if complete else NO_HINT
+    for t in range(len(ids) - 1):
+        j = cells[t + 1]
+        if j is None:
+            if t != last or not complete:
+                continue
+            j = n  # t predicts the token that closes the caption
+        r = t  # walk back over the caption tokens written just before j, in order
+        while r >= 0 and cells[r] is not None and cells[r] == j - 1 - (t - r):
+            r -= 1
+        run = caption[j - (t - r) : j]
+        for s, source in enumerate(sources[:slots]):
+            hint = suggest(source, run, j, end)
+            if hint != NO_HINT:
+                out[t, s] = offset + hint
+    return out
+
+
+def merge_hints(image: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor | None:
+    """Image and text hints of one sequence in one (T, S) tensor (their tokens are disjoint:
+    a token predicts an image cell or a caption token, not both)."""
+    if image is None or text is None:
+        return image if text is None else text
+    slots = max(image.shape[1], text.shape[1])
+    out = torch.full((image.shape[0], slots), NO_HINT, dtype=torch.long)
+    out[:, : image.shape[1]] = image
+    text_rows = text != NO_HINT
+    out[:, : text.shape[1]][text_rows] = text[text_rows]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCopy:
+    """Text copy hints for a caption being decoded: the retrieved captions' tokens in rank
+    order, the token that closes the caption (decoding's stop token), the hint offset (the
+    model's `hint_codes`) and the caption position of the first decoded token (after a
+    left context kept in place, as in caption infilling)."""
+
+    sources: tuple[tuple[int, ...], ...]
+    end: int
+    offset: int
+    start: int = 0
+
+    def row(self, decoded: Sequence[int], slots: int) -> list[int]:
+        """The hints (slots,) of the token after `decoded`, the tokens decoded so far."""
+        out = [NO_HINT] * slots
+        for s, source in enumerate(self.sources[:slots]):
+            hint = suggest(source, decoded, self.start + len(decoded), self.end)
+            if hint != NO_HINT:
+                out[s] = self.offset + hint
+        return out

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional
 
-from mmrag.copy_hints import NO_HINT, pad_hints
+from mmrag.copy_hints import NO_HINT, TextCopy, pad_hints
 from mmrag.generator import Generator, KVCache
 
 
@@ -99,6 +99,7 @@ def decode(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     hints: Sequence[torch.Tensor] | None = None,
+    text_copy: Sequence[TextCopy | None] | None = None,
 ) -> Decoded:
     """Continue every prompt by up to `max_new_tokens` tokens drawn from `allowed` (V,) ids.
 
@@ -106,7 +107,10 @@ def decode(
     A row stops after `stop_id` (included in its tokens). `use_cache=False` recomputes the
     whole sequence at every step: the reference the KV cache is benchmarked against.
     `hints`: per prompt, the copy hints (len(prompt) + max_new_tokens, S) of its whole
-    sequence (copy_hints.py); unconditional twins get none.
+    sequence (copy_hints.py); unconditional twins get none. `text_copy`: per prompt, the
+    retrieved captions whose text copy hints follow the tokens as they are decoded (they
+    replace the static hints from the prompt's last token on); needs a model with
+    `text_hints`.
     """
     sampling = sampling or Sampling()
     guided = uncond_prompts is not None and guidance != 1.0
@@ -117,6 +121,16 @@ def decode(
     ids, mask = ids.to(device), mask.to(device)
     width = ids.shape[1]
     all_hints = _row_hints(hints, prompts, rows, max_new_tokens, width)
+    copying = _text_copy_rows(model, text_copy, len(prompts))
+    slots = model.config.hint_slots
+    if copying and (all_hints is None or all_hints.shape[2] < slots):
+        wide = torch.full((len(rows), width + max_new_tokens, slots), NO_HINT, dtype=torch.long)
+        if all_hints is not None:
+            wide[:, :, : all_hints.shape[2]] = all_hints
+        all_hints = wide
+    for r, copy in copying:
+        assert all_hints is not None
+        all_hints[r, width - 1] = torch.as_tensor(copy.row([], slots))
     if all_hints is not None:
         all_hints = all_hints.to(device)  # (R, width + max_new_tokens, S)
     cache: KVCache | None = None
@@ -150,6 +164,10 @@ def decode(
             break
         step_tokens = torch.cat([token, token[: len(rows) - b]])[:, None]  # (R, 1)
         at = width + step  # the slot step_tokens go to
+        for r, copy in copying:
+            assert all_hints is not None
+            if not done[r]:
+                all_hints[r, at] = torch.as_tensor(copy.row(out[r], slots), device=device)
         if cache is not None:
             step_hints = None if all_hints is None else all_hints[:, at : at + 1]
             logits = model(step_tokens, cache=cache, hints=step_hints)[:, -1]
@@ -160,6 +178,22 @@ def decode(
             logits = model(ids, attention_mask=mask, hints=seen)[:, -1]
     mean = [float(nll[r]) / max(1, len(out[r])) for r in range(b)]
     return Decoded(out, mean)
+
+
+def _text_copy_rows(
+    model: Generator, text_copy: Sequence[TextCopy | None] | None, prompts: int
+) -> list[tuple[int, TextCopy]]:
+    """The rows that get text copy hints, with theirs."""
+    if text_copy is None:
+        return []
+    if len(text_copy) != prompts:
+        raise ValueError(f"{len(text_copy)} text copy rows for {prompts} prompts")
+    rows = [(r, c) for r, c in enumerate(text_copy) if c is not None and c.sources]
+    if rows and not model.config.text_hints:
+        raise ValueError("text copy hints need a model with text_hints")
+    if any(c.offset != model.config.hint_codes for _, c in rows):
+        raise ValueError(f"text copy hints' offset must be hint_codes ({model.config.hint_codes})")
+    return rows
 
 
 def _row_hints(

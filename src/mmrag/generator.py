@@ -85,6 +85,11 @@ class GeneratorConfig(Config):
     # from a retrieved image to the cell being drawn (see `Generator.forward`).
     hint_slots: int = 0
     hint_codes: int = 0
+    # Text copy hints (needs hint slots): for each token that predicts a token of the caption
+    # being written, the token each retrieved caption suggests next (copy_hints.suggest),
+    # stored in the hints as hint_codes + token id and added as its input embedding through
+    # the slot's D x D map (zero at initialisation).
+    text_hints: bool = False
 
     def validate(self) -> None:
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.mlp_hidden) < 1:
@@ -107,6 +112,8 @@ class GeneratorConfig(Config):
             )
         if self.hint_slots < 0 or (self.hint_slots > 0) != (self.hint_codes > 0):
             raise ConfigError("GeneratorConfig: hint_slots >= 0, and hint_codes > 0 with them")
+        if self.text_hints and not self.hint_slots:
+            raise ConfigError("GeneratorConfig: text_hints needs hint_slots")
 
     @property
     def head_dim(self) -> int:
@@ -274,6 +281,12 @@ class Generator(nn.Module):
         if config.hint_slots:
             self.hints = nn.Embedding(config.hint_slots * config.hint_codes, config.dim)
             self._init(self.hints)
+        # Zero maps: a model with text hints starts as the model without them.
+        self.text_hint_maps: nn.Parameter | None = None
+        if config.text_hints:
+            self.text_hint_maps = nn.Parameter(
+                torch.zeros(config.hint_slots, config.dim, config.dim)
+            )
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -310,7 +323,8 @@ class Generator(nn.Module):
         `embeds` (B, T, D) replaces `ids` with input vectors (soft prompts, e.g. GILL's mapper
         output); exactly one of the two is given. `hints` (B, T, S) int64, S <= hint_slots:
         at each token, the code (0-based) that retrieved image s holds at the image cell the
-        token predicts, or -1 (copy_hints.py builds them); None = no hints anywhere."""
+        token predicts, with `text_hints` hint_codes + the token that retrieved caption s
+        suggests next, or -1 (copy_hints.py builds them); None = no hints anywhere."""
         if (ids is None) == (embeds is None):
             raise ValueError("pass exactly one of ids and embeds")
         x = self.embed(ids) if ids is not None else embeds  # (B, T, D)
@@ -357,18 +371,27 @@ class Generator(nn.Module):
         return self.head(self.norm(x))  # (B, T, V)
 
     def _hint_vectors(self, hints: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """(B, T, D): the sum over slots of each slot's embedding of its hinted code."""
+        """(B, T, D): the sum over slots of each slot's embedding of its hinted code, and of
+        its map of the hinted token's embedding."""
         cfg = self.config
         if hints.dim() != 3 or tuple(hints.shape[:2]) != tuple(shape):
             raise ValueError(f"hints must be (B, T, S) with (B, T) = {tuple(shape)}")
         if self.hints is None or hints.shape[2] > cfg.hint_slots:
             raise ValueError(f"the model takes {cfg.hint_slots} hint slots; got {hints.shape[2]}")
-        if bool((hints >= cfg.hint_codes).any()) or bool((hints < -1).any()):
-            raise ValueError(f"hints must be codes in [0, {cfg.hint_codes}) or -1")
-        present = hints >= 0  # (B, T, S)
+        top = cfg.hint_codes + (cfg.vocab_size if cfg.text_hints else 0)
+        if bool((hints >= top).any()) or bool((hints < -1).any()):
+            raise ValueError(f"hints must be in [0, {top}) or -1")
+        image = (hints >= 0) & (hints < cfg.hint_codes)  # (B, T, S)
         slot = torch.arange(hints.shape[2], device=hints.device) * cfg.hint_codes  # (S,)
-        vectors = self.hints(torch.where(present, hints + slot, 0))  # (B, T, S, D)
-        return (vectors * present[..., None].to(vectors.dtype)).sum(2)  # (B, T, D)
+        vectors = self.hints(torch.where(image, hints + slot, 0))  # (B, T, S, D)
+        vectors = vectors * image[..., None].to(vectors.dtype)
+        if self.text_hint_maps is not None:
+            text = hints >= cfg.hint_codes  # (B, T, S)
+            words = self.embed(torch.where(text, hints - cfg.hint_codes, 0))  # (B, T, S, D)
+            maps = self.text_hint_maps[: hints.shape[2]]  # (S, D, D)
+            mapped = torch.einsum("btsd,sde->btse", words, maps)  # (B, T, S, D)
+            vectors = vectors + mapped * text[..., None].to(vectors.dtype)
+        return vectors.sum(2)  # (B, T, D)
 
     def _add_image_positions(
         self,

@@ -19,7 +19,16 @@ from PIL import Image
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
-from mmrag.copy_hints import Cells, hints_for, image_cells
+from mmrag.copy_hints import (
+    NO_HINT,
+    Cells,
+    TextCopy,
+    caption_cells,
+    hints_for,
+    image_cells,
+    merge_hints,
+    text_hints_for,
+)
 from mmrag.decoding import Sampling, allowed_mask, decode
 from mmrag.encoders.base import l2_normalize
 from mmrag.generator import Generator
@@ -118,6 +127,32 @@ class CaptionOutput:
             "evidence": [e.to_json() for e in self.evidence],
             "candidates": [{"text": t, "perplexity": round(p, 4)} for t, p in self.candidates],
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class CopySources:
+    """What the copy hints copy from, in rank order: each retrieved document's first image's
+    codes and its caption's tokens (the text after that image, else its first text)."""
+
+    images: tuple[tuple[int, ...], ...]
+    captions: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, coded: Sequence[CodedDocument], tok: MultimodalTokenizer) -> CopySources:
+        images: list[tuple[int, ...]] = []
+        captions: list[tuple[int, ...]] = []
+        for doc in coded:
+            parts = doc.parts
+            at = [i for i, p in enumerate(parts) if isinstance(p, ImageCodes)]
+            texts = [p for p in parts if isinstance(p, str) and p]
+            if at:
+                image, alt = parts[at[0]], parts[at[0] + 1 : at[0] + 2]
+                assert isinstance(image, ImageCodes)
+                images.append(tuple(image.codes))
+                texts = [*(t for t in alt if isinstance(t, str) and t), *texts]
+            if texts:
+                captions.append(tuple(tok.encode_text(texts[0])))
+        return cls(tuple(images), tuple(captions))
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -226,24 +261,42 @@ class RACM3:
 
     def _prefix(
         self, evidence: list[Evidence], room: int
-    ) -> tuple[list[int], list[Evidence], list[tuple[int, ...]]]:
+    ) -> tuple[list[int], list[Evidence], CopySources]:
         """`<bos> m1 <sep> m2 <sep>` fitting in `room` tokens: the lowest-ranked documents are
-        dropped first when the prompt would not fit. Also the kept evidence and the codes of
-        its images (each document's first), in rank order: the copy hints' sources."""
+        dropped first when the prompt would not fit. Also the kept evidence and the copy
+        hints' sources in rank order."""
         tok = self.tokenizer
         coded = self._coded(evidence)
         docs = [[*tok.encode_document(c), tok.sep_id] for c in coded]
         while 1 + sum(map(len, docs)) > room and docs:
             docs.pop()
-        firsts = [next((p for p in c.parts if isinstance(p, ImageCodes)), None) for c in coded]
-        images = [f.codes for f in firsts[: len(docs)] if f is not None]
-        return [tok.bos_id, *(t for d in docs for t in d)], evidence[: len(docs)], images
+        sources = CopySources.of(coded[: len(docs)], tok)
+        return [tok.bos_id, *(t for d in docs for t in d)], evidence[: len(docs)], sources
 
-    def _hints(self, cells: Cells, images: Sequence[Sequence[int]]) -> torch.Tensor | None:
-        """The copy hints of a sequence whose tokens are `cells` (None without a hint table
-        or without retrieved images)."""
-        slots = self.generator.config.hint_slots
-        return hints_for(cells, images, slots) if slots and images else None
+    def _hints(
+        self,
+        cells: Cells,
+        sources: CopySources,
+        ids: Sequence[int] = (),
+        words: Cells | None = None,
+        complete: bool = True,
+    ) -> torch.Tensor | None:
+        """The copy hints (len(cells), S) of a sequence whose tokens are `cells` (None without
+        a hint table or without sources); with text hints, also those of the caption tokens
+        of its first tokens `ids`, whose caption cells are `words` (as in training: the
+        prompt's caption gets them too), with `complete` as in `text_hints_for`."""
+        cfg = self.generator.config
+        if not cfg.hint_slots:
+            return None
+        image = hints_for(cells, sources.images, cfg.hint_slots) if sources.images else None
+        text = None
+        if cfg.text_hints and words is not None and sources.captions:
+            caption = [t for t, c in zip(ids, words, strict=True) if c is not None]
+            text = torch.full((len(cells), cfg.hint_slots), NO_HINT, dtype=torch.long)
+            text[: len(ids)] = text_hints_for(
+                ids, words, caption, sources.captions, cfg.hint_slots, cfg.hint_codes, complete
+            )
+        return merge_hints(image, text)
 
     def _room(self, main_tokens: int) -> int:
         room = self.generator.config.max_seq_len - main_tokens
@@ -279,7 +332,8 @@ class RACM3:
         prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + n))
         prompt = prefix + main
         uncond = [tok.bos_id, tok.img_src_id]
-        hints = self._hints([None] * len(prompt) + list(range(n)), sources)
+        words = caption_cells(len(prompt), len(prefix) + 1, len(prompt) - 1)
+        hints = self._hints([None] * len(prompt) + list(range(n)), sources, prompt, words)
         decoded = decode(
             self.generator,
             [prompt] * samples,
@@ -354,24 +408,41 @@ class RACM3:
             sentinel,
         ]
         evidence = self.evidence(left.strip() or None, image, retrieval, demos)
-        out = self._caption(main, evidence, samples, seed)
+        out = self._caption(main, evidence, samples, seed, len(tok.encode_text(left)))
         out.text = left + out.text + right
         out.candidates = [(left + t + right, p) for t, p in out.candidates]
         return out
 
     def _caption(
-        self, main: list[int], evidence: list[Evidence], samples: int | None, seed: int
+        self,
+        main: list[int],
+        evidence: list[Evidence],
+        samples: int | None,
+        seed: int,
+        start: int = 0,
     ) -> CaptionOutput:
+        """Decode the caption that `main` (ending with its sentinel) asks for; `start` is the
+        caption position of its first decoded token (the tokens of a kept left context)."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.caption_samples
-        prefix, evidence, images = self._prefix(
+        prefix, evidence, sources = self._prefix(
             evidence, self._room(len(main) + cfg.max_caption_tokens)
         )
-        cells = image_cells(prefix + main, len(prefix), tok.image_offset, tok.config.image_codes)
-        hints = self._hints(cells + [None] * cfg.max_caption_tokens, images)
+        prompt = prefix + main
+        cells = image_cells(prompt, len(prefix), tok.image_offset, tok.config.image_codes)
+        words = None
+        if start:  # the kept left context: main = <alt> left <sentinel> ...
+            words = caption_cells(len(prompt), len(prefix) + 1, len(prefix) + 1 + start)
+        hints = self._hints(
+            cells + [None] * cfg.max_caption_tokens, sources, prompt, words, complete=False
+        )
+        copy = None
+        if self.generator.config.text_hints and sources.captions:
+            offset = self.generator.config.hint_codes
+            copy = TextCopy(sources.captions, tok.eos_id, offset, start)
         decoded = decode(
             self.generator,
-            [prefix + main] * samples,
+            [prompt] * samples,
             cfg.max_caption_tokens,
             self.text_allowed,
             Sampling(cfg.caption_temperature, cfg.top_p),
@@ -379,6 +450,7 @@ class RACM3:
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
             hints=None if hints is None else [hints] * samples,
+            text_copy=None if copy is None else [copy] * samples,
         )
         texts = [tok.decode_text([t for t in row if t != tok.eos_id]) for row in decoded.tokens]
         candidates = sorted(
@@ -413,11 +485,13 @@ class RACM3:
         )
         main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
         evidence = self.evidence(caption, image, retrieval, demos)
-        prefix, evidence, images = self._prefix(evidence, self._room(len(main) + b - a))
+        prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + b - a))
         n = tok.config.image_tokens
         cells: Cells = [None] * (len(prefix) + len(head))
         cells += [*range(a), None, *range(b, n), None, None, *range(a, b)]
-        hints = self._hints(cells, images)
+        prompt = prefix + main
+        words = caption_cells(len(prompt), len(prefix) + 1, len(prefix) + len(head) - 1)
+        hints = self._hints(cells, sources, prompt, words if caption else None)
         decoded = decode(
             self.generator,
             [prefix + main],

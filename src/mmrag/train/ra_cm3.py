@@ -80,6 +80,9 @@ class RACM3TrainConfig(Config):
     # Copy hints (copy_hints.py): each retrieved image's code at the cell being predicted,
     # one embedding table per retrieval rank (GeneratorConfig.hint_slots = max(k_choices)).
     copy_hints: bool = False
+    # Text copy hints (needs copy_hints): at each token of the caption being written, the
+    # token each retrieved caption suggests next (copy_hints.suggest; GeneratorConfig.text_hints).
+    text_hints: bool = False
     k_choices: tuple[int, ...] = (0, 1, 2)
     retriever: RetrieverConfig = dataclasses.field(
         default_factory=lambda: RetrieverConfig.preset("training")
@@ -117,6 +120,8 @@ class RACM3TrainConfig(Config):
             raise ConfigError("RACM3TrainConfig: holdout in [0, 1), query_variants >= 1")
         if min(self.eval_every, self.save_every, self.val_docs) < 1:
             raise ConfigError("RACM3TrainConfig: eval_every, save_every, val_docs >= 1")
+        if self.text_hints and not self.copy_hints:
+            raise ConfigError("RACM3TrainConfig: text_hints needs copy_hints")
 
     @property
     def modes(self) -> ModeRates:
@@ -175,6 +180,7 @@ class Batcher:
                 rng,
                 prep.grid,
                 cfg.generator.hint_slots,
+                cfg.generator.text_hints,
             )
             wider = max(width, len(ex.ids))
             if batch and (len(batch) + 1) * wider > cfg.tokens_per_step:
@@ -225,8 +231,17 @@ def validate(
         if prep.val_found is not None:
             retrieved = [int(j) for j in prep.val_found[r, 0] if j >= 0]
         for mode, key in (("plain", "image"), ("caption", "caption")):
+            gen = config.generator
             ex = build_sequence(
-                tok, prep.corpus, main, retrieved, mode, rng, prep.grid, config.generator.hint_slots
+                tok,
+                prep.corpus,
+                main,
+                retrieved,
+                mode,
+                rng,
+                prep.grid,
+                gen.hint_slots,
+                gen.text_hints,
             )
             batch = collate([ex], tok.pad_id)
             ids = batch["ids"].to(device)
@@ -371,7 +386,9 @@ def resolve_generator(config: RACM3TrainConfig, prep: Prepared) -> RACM3TrainCon
         )
     if config.copy_hints:
         generator = generator.replace(
-            hint_slots=max(1, *config.k_choices), hint_codes=tok.config.image_codes
+            hint_slots=max(1, *config.k_choices),
+            hint_codes=tok.config.image_codes,
+            text_hints=config.text_hints,
         )
     return config.replace(generator=generator)
 
@@ -461,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {'on' if defaults.copy_hints else 'off'})",
     )
     p.add_argument(
+        "--text-hints",
+        choices=["on", "off"],
+        help="with --copy-hints on, also give it the token each retrieved caption suggests "
+        "next at every token of the caption being written (copy_hints.suggest) "
+        f"(default {'on' if defaults.text_hints else 'off'})",
+    )
+    p.add_argument(
         "--preset",
         default="small",
         metavar="NAME",
@@ -510,6 +534,8 @@ def config_from_args(args: argparse.Namespace) -> RACM3TrainConfig:
         changes["image_positions"] = args.image_positions == "on"
     if args.copy_hints is not None:
         changes["copy_hints"] = args.copy_hints == "on"
+    if args.text_hints is not None:
+        changes["text_hints"] = args.text_hints == "on"
     return config.replace(**changes)
 
 

@@ -21,7 +21,9 @@ the serialised training sequences (RA-CM3 section 3.3, CM3 section 2.2).
   spans (random spans, or a run of image rows, cut out: infilling of images).
 - **Copy hints** (`--copy-hints on`, copy_hints.py): with `hint_slots`, each example also
   carries, at every token that predicts a cell of the main image, the codes the retrieved
-  images hold at that cell (causal-masked spans keep their cells through the transform).
+  images hold at that cell (causal-masked spans keep their cells through the transform);
+  with `text_hints`, also at every token that predicts a token of the main caption, the
+  token each retrieved caption suggests next (copy_hints.suggest).
 """
 
 from __future__ import annotations
@@ -40,7 +42,17 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mmrag.config import RetrieverConfig
-from mmrag.copy_hints import NO_HINT, hints_for, image_cells, moved_cells, pad_hints
+from mmrag.copy_hints import (
+    NO_HINT,
+    Cells,
+    caption_cells,
+    hints_for,
+    image_cells,
+    merge_hints,
+    moved_cells,
+    pad_hints,
+    text_hints_for,
+)
 from mmrag.data.datasets import documents_files
 from mmrag.documents import Document, DocumentError, iter_jsonl, load_image
 from mmrag.encoders.base import l2_normalize
@@ -277,9 +289,11 @@ def build_sequence(
     rng: np.random.Generator,
     grid: int,
     hint_slots: int = 0,
+    text_hints: bool = False,
 ) -> Example:
     """One serialised training example (see the module docstring for the modes); with
-    `hint_slots`, the retrieved images' copy hints at the main image's cells."""
+    `hint_slots`, the retrieved images' copy hints at the main image's cells, and with
+    `text_hints` the retrieved captions' ones at the main caption's tokens."""
     if mode == "uncond":
         retrieved = []
         enc = tok.encode(corpus.coded(main, caption=False))
@@ -287,6 +301,27 @@ def build_sequence(
         enc = tok.encode(corpus.coded(main), [corpus.coded(j) for j in retrieved])
     cells = image_cells(enc.ids, enc.main_range[0], tok.image_offset, tok.config.image_codes)
     images = [corpus.codes[j].tolist() for j in retrieved]
+    words: Cells | None = None  # the main caption's cells, for text hints
+    caption: list[int] = []
+    sources: list[list[int]] = []
+    if text_hints and hint_slots and retrieved:
+        a, b = caption_span(tok, enc.ids)
+        words = caption_cells(len(enc.ids), a, b)
+        caption = enc.ids[a:b]
+        sources = [tok.encode_text(corpus.captions[j]) for j in retrieved]
+
+    def all_hints(ids: Sequence[int], source: Sequence[int] | None) -> torch.Tensor | None:
+        if not hint_slots:
+            return None
+        moved = (lambda c: c) if source is None else (lambda c: moved_cells(c, source))
+        image = hints_for(moved(cells), images, hint_slots)
+        if words is None:
+            return image
+        text = text_hints_for(
+            ids, moved(words), caption, sources, hint_slots, tok.config.image_codes
+        )
+        return merge_hints(image, text)
+
     spans: list[tuple[int, int]] = []
     if mode == "caption":
         a, b = caption_span(tok, enc.ids)
@@ -296,13 +331,11 @@ def build_sequence(
             spans = tok.sample_spans(rng, *enc.main_range)
         spans = spans or [image_span(tok, enc.ids, grid, rng)]
     if not spans:
-        hints = hints_for(cells, images, hint_slots) if hint_slots else None
-        return Example(enc.ids, enc.main, enc.retrieved, hints)
+        return Example(enc.ids, enc.main, enc.retrieved, all_hints(enc.ids, None))
     ids, source = tok.causal_mask(enc.ids, spans)
     main_mask = [True if j < 0 else enc.main[j] for j in source]
     retr_mask = [False if j < 0 else enc.retrieved[j] for j in source]
-    hints = hints_for(moved_cells(cells, source), images, hint_slots) if hint_slots else None
-    return Example(ids, main_mask, retr_mask, hints)
+    return Example(ids, main_mask, retr_mask, all_hints(ids, source))
 
 
 def collate(sequences: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
