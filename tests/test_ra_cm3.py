@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from conftest import build_tiny_racm3
 from mmrag.documents import Document
 from mmrag.memory.memory import Memory
-from mmrag.ra_cm3 import MASK, RACM3
+from mmrag.ra_cm3 import MASK, RACM3, reference_vq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,3 +128,25 @@ def test_from_pretrained_round_trip(tmp_path: Path, color_memory: Memory) -> Non
     )
     with pytest.raises(FileNotFoundError, match="model folder"):
         RACM3.from_pretrained(tmp_path / "generator")
+
+
+def test_a_model_folder_may_name_the_shipped_vq_instead_of_a_copy(
+    tmp_path: Path, color_memory: Memory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build(memory=color_memory)
+    model.save_pretrained(tmp_path / "model")
+    shutil.copytree(tmp_path / "model" / "vq", tmp_path / "shipped" / "vq")
+    monkeypatch.setenv("MMRAG_CHECKPOINTS", str(tmp_path / "shipped"))
+    reference_vq(tmp_path / "model")
+    assert not (tmp_path / "model" / "vq").exists()
+    loaded = RACM3.from_pretrained(tmp_path / "model", color_memory)
+    assert loaded.generate_image("a blue disc", seed=2).codes == (
+        model.generate_image("a blue disc", seed=2).codes
+    )
+    weights = tmp_path / "shipped" / "vq" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    with pytest.raises(ValueError, match="not the VQ this model uses"):
+        RACM3.from_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "vq.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no vq/ or vq"):
+        RACM3.from_pretrained(tmp_path / "model")

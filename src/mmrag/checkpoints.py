@@ -19,7 +19,7 @@ PRODUCERS: dict[str, str] = {
     "ra-cm3": (
         "mmrag data emoji .cache/data/emoji && mmrag train ra-cm3 --data .cache/data/emoji "
         "--out .cache/runs/ra-cm3 --preset small --steps 900 --seed 0 --threads 1, then copy "
-        "its generator/, tokenizer/, vq/ and config.json to checkpoints/ra-cm3 (see "
+        "its generator/, tokenizer/ and config.json to checkpoints/ra-cm3 (see "
         "checkpoints/ra-cm3/RECIPE.md)"
     ),
     "fromage": (

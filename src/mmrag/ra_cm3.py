@@ -8,7 +8,10 @@ of the documents it was conditioned on).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -39,6 +42,9 @@ from mmrag.tokenizer import CodedDocument, ImageCodes, MultimodalTokenizer, code
 from mmrag.vq import VQModel
 
 CONFIG_FILE = "config.json"  # beside generator/, tokenizer/, vq/
+# Instead of vq/: {"checkpoint": NAME, "sha256": ...}, the shipped VQ checkpoint the model uses
+# (checkpoints/ra-cm3 names checkpoints/vq rather than holding a second copy of it).
+VQ_REFERENCE_FILE = "vq.json"
 MASK = "<mask>"  # the placeholder a user writes in a caption to infill
 
 
@@ -155,6 +161,50 @@ class CopySources:
         return cls(tuple(images), tuple(captions))
 
 
+# --- the model folder's VQ -----------------------------------------------------------------
+
+
+def folder_sha256(folder: Path) -> str:
+    """SHA-256 over a folder's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def vq_folder(model: Path) -> Path:
+    """The VQ of an RA-CM3 model folder: its vq/, or the shipped checkpoint its vq.json names,
+    which must be byte for byte the one the model was saved with."""
+    if (model / "vq").is_dir():
+        return model / "vq"
+    ref = model / VQ_REFERENCE_FILE
+    if not ref.is_file():
+        raise FileNotFoundError(f"{model} is not an RA-CM3 model folder (no vq/ or vq.json)")
+    named = json.loads(ref.read_text(encoding="utf-8"))
+    target = checkpoint_dir(named["checkpoint"])
+    if folder_sha256(target) != named["sha256"]:
+        raise ValueError(
+            f"{ref} names the VQ checkpoint {named['checkpoint']!r} with SHA-256 "
+            f"{named['sha256'][:12]}..., but {target} differs: it is not the VQ this model uses"
+        )
+    return target
+
+
+def reference_vq(model: str | Path, checkpoint: str = "vq") -> None:
+    """Replace the model folder's vq/ by vq.json naming the shipped VQ checkpoint
+    `checkpoint`, which must be identical to it (to ship one copy of the VQ)."""
+    folder = Path(model)
+    target = checkpoint_dir(checkpoint)
+    digest = folder_sha256(folder / "vq")
+    if folder_sha256(target) != digest:
+        raise ValueError(f"{folder / 'vq'} is not the checkpoint {checkpoint!r} ({target})")
+    (folder / VQ_REFERENCE_FILE).write_text(
+        json.dumps({"checkpoint": checkpoint, "sha256": digest}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    shutil.rmtree(folder / "vq")
+
+
 # --- the model ------------------------------------------------------------------------------
 
 
@@ -195,14 +245,14 @@ class RACM3:
     ) -> RACM3:
         """Load a model folder (`mmrag train ra-cm3 --out`); default: the shipped checkpoint."""
         src = Path(directory) if directory is not None else checkpoint_dir("ra-cm3")
-        for sub in ("generator", "tokenizer", "vq"):
+        for sub in ("generator", "tokenizer"):
             if not (src / sub).is_dir():
                 raise FileNotFoundError(f"{src} is not an RA-CM3 model folder (no {sub}/)")
         config = RACM3Config.load(src / CONFIG_FILE) if (src / CONFIG_FILE).is_file() else None
         return cls(
             Generator.from_pretrained(src / "generator", device),
             MultimodalTokenizer.from_pretrained(src / "tokenizer"),
-            VQModel.from_pretrained(src / "vq", device),
+            VQModel.from_pretrained(vq_folder(src), device),
             config,
             memory,
         )
