@@ -173,3 +173,17 @@ def build_tiny_racm3(
     )
     config = RACM3Config(samples=2, caption_samples=3, max_caption_tokens=8)
     return RACM3(gen, tok, vq, config, memory)
+
+
+def trusting_racm3(memory: Memory) -> RACM3:
+    """A tiny RA-CM3 whose slot-0 hint of code c points at the head row of code c, with a
+    sharp output: it writes what its top retrieved image holds at each cell."""
+    model = build_tiny_racm3(memory=memory, hint_slots=2)
+    gen, tok = model.generator, model.tokenizer
+    assert gen.hints is not None
+    n = tok.config.image_codes
+    with torch.no_grad():
+        gen.hints.weight.zero_()
+        gen.hints.weight[:n] = 50 * gen.head.weight[tok.image_offset : tok.image_offset + n]
+        gen.norm.weight.fill_(30.0)
+    return model

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HASHING, build_tiny_racm3, tiny_ra_cm3_config
+from conftest import HASHING, build_tiny_racm3, tiny_ra_cm3_config, trusting_racm3
 from mmrag.copy_hints import (
     NO_HINT,
     TextCopy,
@@ -203,22 +203,8 @@ def test_training_with_copy_hints(shapes_dataset: Path, tiny_vq_dir: Path, tmp_p
 # --- RA-CM3 ---------------------------------------------------------------------------------
 
 
-def trusting(memory: Memory) -> RACM3:
-    """A tiny RA-CM3 whose slot-0 hint of code c points at the head row of code c, with a
-    sharp output: it writes what its top retrieved image holds at each cell."""
-    model = build_tiny_racm3(memory=memory, hint_slots=2)
-    gen, tok = model.generator, model.tokenizer
-    assert gen.hints is not None
-    n = tok.config.image_codes
-    with torch.no_grad():
-        gen.hints.weight.zero_()
-        gen.hints.weight[:n] = 50 * gen.head.weight[tok.image_offset : tok.image_offset + n]
-        gen.norm.weight.fill_(30.0)
-    return model
-
-
 def test_a_model_that_trusts_its_hints_draws_the_retrieved_image(color_memory: Memory) -> None:
-    model = trusting(color_memory)
+    model = trusting_racm3(color_memory)
     out = model.generate_image("a red square", seed=0)
     assert out.evidence
     top = color_memory.get([out.evidence[0].id])[0]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import COLORS, build_tiny_racm3, png_bytes
+from conftest import COLORS, build_tiny_racm3, png_bytes, trusting_racm3
 from mmrag.chat import Chat, ChatOptions, Message
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
@@ -27,6 +27,7 @@ from mmrag.lm_loading import tiny_language_model
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory, ensure_memory
 from mmrag.retrieval import Retriever
+from mmrag.tokenizer import ImageCodes, code_document
 from mmrag.train.fromage import FromageTrainConfig, train_fromage
 from mmrag.train.gill import GillTrainConfig, main, train_gill
 from mmrag.train.gill_decision import VARIANTS, fit_temperature, scores
@@ -128,6 +129,21 @@ def test_draw_images_from_soft_captions_equals_drawing_from_the_caption_ids(racm
     codes = torch.tensor(greedy) - tok.image_offset
     expected = racm3.vq.decode_images(codes.view(1, racm3.grid, racm3.grid))[0]
     assert images[0].tobytes() == expected.tobytes()
+
+
+def test_draw_images_copies_through_the_retrieved_images_hints(color_memory: Memory) -> None:
+    model = trusting_racm3(color_memory)
+    top = color_memory.get([model.evidence("a red square", None)[0].id])[0]
+    assert top is not None
+    ids = model.tokenizer.encode_text("a red square")
+    vectors = model.generator.embed(torch.tensor(ids)).detach()
+    config = GillConfig(samples=1, guidance=3.0)
+    drawn = draw_images(model, vectors, [top], config, seed=0)[0]
+    image = code_document(top.to_document(), model.vq).parts[0]
+    assert isinstance(image, ImageCodes)
+    expected = model.vq.decode_images(torch.tensor(image.codes).view(1, model.grid, -1))[0]
+    assert drawn.tobytes() == expected.tobytes()
+    assert draw_images(model, vectors, [], config, seed=0)[0].tobytes() != drawn.tobytes()
 
 
 def test_decision_scores_and_temperature_scaling() -> None:

@@ -54,6 +54,7 @@ from torch.nn import functional
 
 from mmrag.chat import ChatOptions, ImagePart
 from mmrag.config import Config, ConfigError
+from mmrag.copy_hints import hints_for
 from mmrag.frozen_lm import FrozenLM
 from mmrag.lm_loading import LanguageModel
 from mmrag.retrieval import Retriever, SearchResult
@@ -230,15 +231,16 @@ def draw_images(
     seed: int = 0,
 ) -> list[Image.Image]:
     """`config.samples` images from RA-CM3 conditioned on `documents` then the mapped
-    caption vectors (L, D): `<bos> m1 <sep> ... <img alt="` vectors `" src="` + codes."""
+    caption vectors (L, D): `<bos> m1 <sep> ... <img alt="` vectors `" src="` + codes, with
+    the retrieved images' copy hints when the generator has them (the vectors are not
+    tokens, so they get no text hints)."""
+    from mmrag.ra_cm3 import CopySources
     from mmrag.tokenizer import code_document
 
     gen, tok = racm3.generator, racm3.tokenizer
     n, codes = config.samples, tok.config.image_tokens
-    docs = [
-        [*tok.encode_document(code_document(d.to_document(), racm3.vq)), tok.sep_id]
-        for d in documents
-    ]
+    coded = [code_document(d.to_document(), racm3.vq) for d in documents]
+    docs = [[*tok.encode_document(c), tok.sep_id] for c in coded]
     while docs and 1 + sum(map(len, docs)) + len(vectors) + 2 + codes > gen.config.max_seq_len:
         docs.pop()  # the lowest-ranked document goes first, as RA-CM3 does
     ids = torch.tensor([tok.bos_id, *(t for d in docs for t in d), tok.img_alt_id])
@@ -246,17 +248,23 @@ def draw_images(
         [gen.embed(ids), vectors.to(gen.embed.weight), gen.embed(torch.tensor([tok.src_id]))]
     )
     uncond = gen.embed(torch.tensor([tok.bos_id, tok.img_src_id]))
+    images = CopySources.of(coded[: len(docs)], tok).images
+    hints = None
+    if gen.config.hint_slots and images:
+        cells = [None] * len(cond) + list(range(codes))
+        hints = hints_for(cells, images, gen.config.hint_slots)[None].expand(n, -1, -1)
     allowed = torch.zeros(gen.config.vocab_size, dtype=torch.bool)
     allowed[tok.image_offset : tok.vocab_size] = True
     rng = torch.Generator().manual_seed(seed)
     streams = [cond, uncond] if config.guidance != 1.0 else [cond]  # CFG needs the second
     caches = [gen.new_cache(n, len(x) + codes) for x in streams]
+    first = [None if hints is None else hints[:, : len(cond)], None]
     logits = [
-        gen(embeds=x[None].expand(n, -1, -1), cache=c)[:, -1]
-        for x, c in zip(streams, caches, strict=True)
+        gen(embeds=x[None].expand(n, -1, -1), cache=c, hints=h)[:, -1]
+        for x, c, h in zip(streams, caches, first, strict=False)
     ]
     out = []
-    for _ in range(codes):
+    for step in range(codes):
         guided = logits[0]  # (n, V)
         if len(logits) == 2:
             guided = logits[1] + config.guidance * (logits[0] - logits[1])
@@ -266,7 +274,11 @@ def draw_images(
         sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < config.top_p)
         pick = order.gather(-1, torch.multinomial(sorted_p, 1, generator=rng))  # (n, 1)
         out.append(pick)
-        logits = [gen(pick, cache=c)[:, -1] for c in caches]
+        at = len(cond) + step  # the slot `pick` goes to
+        step_hints = [None if hints is None else hints[:, at : at + 1], None]
+        logits = [
+            gen(pick, cache=c, hints=h)[:, -1] for c, h in zip(caches, step_hints, strict=False)
+        ]
     grid = torch.cat(out, 1) - tok.image_offset  # (n, codes)
     side = racm3.vq.config.grid_size
     return list(racm3.vq.decode_images(grid.view(n, side, side)))
