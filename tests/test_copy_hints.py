@@ -29,8 +29,9 @@ from mmrag.generator import Generator, GeneratorConfig
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import RACM3
 from mmrag.tokenizer import ImageCodes, code_document
-from mmrag.train.ra_cm3 import main, prepare, train_ra_cm3
+from mmrag.train.ra_cm3 import main, train_ra_cm3
 from mmrag.train.ra_cm3_data import MODES, build_sequence, caption_span, collate
+from mmrag.train.ra_cm3_prepare import Prepared, prepare
 
 TINY = GeneratorConfig.preset("tiny")
 HINTED = TINY.replace(hint_slots=2, hint_codes=50)
@@ -127,12 +128,14 @@ def test_cached_decoding_with_hints_equals_full_recomputation(guidance: float) -
 # --- training -------------------------------------------------------------------------------
 
 
-def test_training_sequences_carry_the_retrieved_codes_at_each_cell(
-    shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path
-) -> None:
-    prep = prepare(
-        [shapes_dataset], tmp_path / "run", tiny_ra_cm3_config(), tiny_vq_dir, HASHING, False
-    )
+@pytest.fixture
+def prep(shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path) -> Prepared:
+    """The tiny shapes corpus prepared for training (VQ codes, BPE, memory, retrievals)."""
+    config = tiny_ra_cm3_config()
+    return prepare([shapes_dataset], tmp_path / "run", config, tiny_vq_dir, HASHING, False)
+
+
+def test_training_sequences_carry_the_retrieved_codes_at_each_cell(prep: Prepared) -> None:
     tok, corpus = prep.tokenizer, prep.corpus
     n, codes = tok.config.image_tokens, tok.config.image_codes
     assert codes**2 >= n
@@ -307,12 +310,7 @@ def test_cached_decoding_with_text_copy_equals_full_recomputation() -> None:
         decode(Generator(HINTED), prompts, 2, text_copy=copies)
 
 
-def test_training_sequences_carry_the_retrieved_captions_suggestions(
-    shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path
-) -> None:
-    prep = prepare(
-        [shapes_dataset], tmp_path / "run", tiny_ra_cm3_config(), tiny_vq_dir, HASHING, False
-    )
+def test_training_sequences_carry_the_retrieved_captions_suggestions(prep: Prepared) -> None:
     tok, corpus = prep.tokenizer, prep.corpus
     codes = tok.config.image_codes
     sources = [tok.encode_text(corpus.captions[j]) for j in (1, 2)]

@@ -171,22 +171,36 @@ class Batcher:
                 retrieved = [int(j) for j in prep.found[pos, variant, :k] if j >= 0]
             main = int(prep.train_rows[pos])
             mode = cfg.modes.draw(rng)
-            ex = build_sequence(
-                prep.tokenizer,
-                prep.corpus,
-                main,
-                retrieved,
-                mode,
-                rng,
-                prep.grid,
-                cfg.generator.hint_slots,
-                cfg.generator.text_hints,
-            )
+            ex = example(prep, cfg, main, retrieved, mode, rng)
             wider = max(width, len(ex.ids))
             if batch and (len(batch) + 1) * wider > cfg.tokens_per_step:
                 return batch, cursor
             batch.append(ex)
             width, cursor = wider, cursor + 1
+
+
+def example(
+    prep: Prepared,
+    config: RACM3TrainConfig,
+    main: int,
+    retrieved: Sequence[int],
+    mode: str,
+    rng: np.random.Generator,
+) -> Example:
+    """The training sequence of corpus row `main` after `retrieved`, with the copy hints the
+    generator takes."""
+    gen = config.generator
+    return build_sequence(
+        prep.tokenizer,
+        prep.corpus,
+        main,
+        retrieved,
+        mode,
+        rng,
+        prep.grid,
+        gen.hint_slots,
+        gen.text_hints,
+    )
 
 
 def token_nll(
@@ -231,18 +245,7 @@ def validate(
         if prep.val_found is not None:
             retrieved = [int(j) for j in prep.val_found[r, 0] if j >= 0]
         for mode, key in (("plain", "image"), ("caption", "caption")):
-            gen = config.generator
-            ex = build_sequence(
-                tok,
-                prep.corpus,
-                main,
-                retrieved,
-                mode,
-                rng,
-                prep.grid,
-                gen.hint_slots,
-                gen.text_hints,
-            )
+            ex = example(prep, config, main, retrieved, mode, rng)
             batch = collate([ex], tok.pad_id)
             ids = batch["ids"].to(device)
             hints = batch["hints"].to(device) if "hints" in batch else None
