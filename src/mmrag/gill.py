@@ -83,7 +83,11 @@ class GillConfig(Config):
     top_k: int = 5  # retrieval scores the decision reads
     evidence_k: int = 50  # documents whose captions the decision checks against the request
     threshold: float = 0.5  # generate when p_generate >= threshold
-    retrieval_k: int = 2  # documents prepended when generating (RA-CM3's K)
+    # Documents prepended when generating (RA-CM3's K). 0: GILL generates when the memory
+    # lacks what was asked, and the shipped generator scores held-out images much worse given
+    # another family's documents and their copy hints (NLL per code 3.65) than given nothing
+    # (2.58; checkpoints/ra-cm3/RECIPE.md).
+    retrieval_k: int = 0
     samples: int = 2  # images drawn; the one closest to the [IMG0] query is kept
     guidance: float = 3.0
     temperature: float = 1.0
