@@ -153,10 +153,25 @@ def text_hints_for(
         while r >= 0 and cells[r] is not None and cells[r] == j - 1 - (t - r):
             r -= 1
         run = caption[j - (t - r) : j]
-        for s, source in enumerate(sources[:slots]):
-            hint = suggest(source, run, j, end)
-            if hint != NO_HINT:
-                out[t, s] = offset + hint
+        out[t] = torch.as_tensor(suggestions(sources, run, j, end, slots, offset))
+    return out
+
+
+def suggestions(
+    sources: Sequence[Sequence[int]],
+    run: Sequence[int],
+    position: int,
+    end: int,
+    slots: int,
+    offset: int,
+) -> list[int]:
+    """The text hints (slots,) of one token: `offset + suggest(...)` of each retrieved caption
+    in rank order, NO_HINT where it suggests nothing and for slots beyond the sources."""
+    out = [NO_HINT] * slots
+    for s, source in enumerate(sources[:slots]):
+        hint = suggest(source, run, position, end)
+        if hint != NO_HINT:
+            out[s] = offset + hint
     return out
 
 
@@ -187,9 +202,5 @@ class TextCopy:
 
     def row(self, decoded: Sequence[int], slots: int) -> list[int]:
         """The hints (slots,) of the token after `decoded`, the tokens decoded so far."""
-        out = [NO_HINT] * slots
-        for s, source in enumerate(self.sources[:slots]):
-            hint = suggest(source, decoded, self.start + len(decoded), self.end)
-            if hint != NO_HINT:
-                out[s] = self.offset + hint
-        return out
+        position = self.start + len(decoded)
+        return suggestions(self.sources, decoded, position, self.end, slots, self.offset)
