@@ -188,6 +188,32 @@ def merge_hints(image: torch.Tensor | None, text: torch.Tensor | None) -> torch.
     return out
 
 
+def sequence_hints(
+    cells: Sequence[int | None],
+    images: Sequence[Sequence[int]],
+    slots: int,
+    offset: int = 0,
+    ids: Sequence[int] = (),
+    words: Sequence[int | None] | None = None,
+    captions: Sequence[Sequence[int]] = (),
+    complete: bool = True,
+) -> torch.Tensor:
+    """(len(cells), slots) copy hints of a sequence, built the same way for training and
+    inference: the retrieved `images`' codes at the image `cells`, and, with the caption
+    cells `words` of its first tokens `ids` and retrieved `captions`, the text hints of its
+    caption (in cell order from `ids`; `complete` as in `text_hints_for`) merged in."""
+    hints = hints_for(cells, images, slots)
+    if words is None or not captions:
+        return hints
+    order = sorted((c, t) for t, c in enumerate(words) if c is not None)
+    caption = [ids[t] for _, t in order]
+    text = text_hints_for(ids, words, caption, captions, slots, offset, complete)
+    merged = merge_hints(hints[: len(ids)], text)
+    assert merged is not None
+    hints[: len(ids)] = merged
+    return hints
+
+
 @dataclasses.dataclass(frozen=True)
 class TextCopy:
     """Text copy hints for a caption being decoded: the retrieved captions' tokens in rank

@@ -22,16 +22,7 @@ from PIL import Image
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
-from mmrag.copy_hints import (
-    NO_HINT,
-    Cells,
-    TextCopy,
-    caption_cells,
-    hints_for,
-    image_cells,
-    merge_hints,
-    text_hints_for,
-)
+from mmrag.copy_hints import Cells, TextCopy, caption_cells, image_cells, sequence_hints
 from mmrag.decoding import Sampling, allowed_mask, decode
 from mmrag.encoders.base import l2_normalize
 from mmrag.generator import Generator
@@ -336,17 +327,19 @@ class RACM3:
         of its first tokens `ids`, whose caption cells are `words` (as in training: the
         prompt's caption gets them too), with `complete` as in `text_hints_for`."""
         cfg = self.generator.config
-        if not cfg.hint_slots:
+        words = words if cfg.text_hints and sources.captions else None
+        if not cfg.hint_slots or not (sources.images or words is not None):
             return None
-        image = hints_for(cells, sources.images, cfg.hint_slots) if sources.images else None
-        text = None
-        if cfg.text_hints and words is not None and sources.captions:
-            caption = [t for t, c in zip(ids, words, strict=True) if c is not None]
-            text = torch.full((len(cells), cfg.hint_slots), NO_HINT, dtype=torch.long)
-            text[: len(ids)] = text_hints_for(
-                ids, words, caption, sources.captions, cfg.hint_slots, cfg.hint_codes, complete
-            )
-        return merge_hints(image, text)
+        return sequence_hints(
+            cells,
+            sources.images,
+            cfg.hint_slots,
+            cfg.hint_codes,
+            ids,
+            words,
+            sources.captions,
+            complete,
+        )
 
     def _room(self, main_tokens: int) -> int:
         room = self.generator.config.max_seq_len - main_tokens

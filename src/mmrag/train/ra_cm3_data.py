@@ -46,12 +46,10 @@ from mmrag.copy_hints import (
     NO_HINT,
     Cells,
     caption_cells,
-    hints_for,
     image_cells,
-    merge_hints,
     moved_cells,
     pad_hints,
-    text_hints_for,
+    sequence_hints,
 )
 from mmrag.data.datasets import documents_files
 from mmrag.documents import Document, DocumentError, iter_jsonl, load_image
@@ -302,25 +300,24 @@ def build_sequence(
     cells = image_cells(enc.ids, enc.main_range[0], tok.image_offset, tok.config.image_codes)
     images = [corpus.codes[j].tolist() for j in retrieved]
     words: Cells | None = None  # the main caption's cells, for text hints
-    caption: list[int] = []
     sources: list[list[int]] = []
     if text_hints and hint_slots and retrieved:
-        a, b = caption_span(tok, enc.ids)
-        words = caption_cells(len(enc.ids), a, b)
-        caption = enc.ids[a:b]
+        words = caption_cells(len(enc.ids), *caption_span(tok, enc.ids))
         sources = [tok.encode_text(corpus.captions[j]) for j in retrieved]
 
     def all_hints(ids: Sequence[int], source: Sequence[int] | None) -> torch.Tensor | None:
         if not hint_slots:
             return None
         moved = (lambda c: c) if source is None else (lambda c: moved_cells(c, source))
-        image = hints_for(moved(cells), images, hint_slots)
-        if words is None:
-            return image
-        text = text_hints_for(
-            ids, moved(words), caption, sources, hint_slots, tok.config.image_codes
+        return sequence_hints(
+            moved(cells),
+            images,
+            hint_slots,
+            tok.config.image_codes,
+            ids,
+            None if words is None else moved(words),
+            sources,
         )
-        return merge_hints(image, text)
 
     spans: list[tuple[int, int]] = []
     if mode == "caption":
