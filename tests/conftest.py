@@ -150,9 +150,11 @@ def build_tiny_racm3(
     memory: Memory | None = None,
     hint_slots: int = 0,
     text_hints: bool = False,
+    same_document_slot: bool = False,
 ) -> RACM3:
     """A random RA-CM3 on 16 px images (64 codes each) retrieving from `memory`, with
-    `hint_slots` copy-hint tables (and text copy hints)."""
+    `hint_slots` copy-hint tables (and text copy hints, and the last slot kept for the same
+    document)."""
     torch.manual_seed(0)
     vq = VQModel(VQConfig.preset("tiny"))
     captions = ["a red square", "a green square", "a blue disc", "a yellow bar"] * 3
@@ -171,7 +173,12 @@ def build_tiny_racm3(
     gen = Generator(
         GeneratorConfig.preset("tiny").replace(vocab_size=320, max_seq_len=max_seq_len, **hints)
     )
-    config = RACM3Config(samples=2, caption_samples=3, max_caption_tokens=8)
+    config = RACM3Config(
+        samples=2,
+        caption_samples=3,
+        max_caption_tokens=8,
+        same_document_slot=same_document_slot,
+    )
     return RACM3(gen, tok, vq, config, memory)
 
 

@@ -4,6 +4,7 @@ way, down to an RA-CM3 that trusts them writing the retrieved caption."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from mmrag.copy_hints import (
     caption_cells,
     hints_for,
     image_cells,
+    in_slots,
     merge_hints,
     moved_cells,
     pad_hints,
@@ -25,11 +27,12 @@ from mmrag.copy_hints import (
     text_hints_for,
 )
 from mmrag.decoding import Sampling, decode
+from mmrag.documents import load_image
 from mmrag.generator import Generator, GeneratorConfig
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import RACM3
 from mmrag.tokenizer import ImageCodes, code_document
-from mmrag.train.ra_cm3 import main, train_ra_cm3
+from mmrag.train.ra_cm3 import Batcher, main, resolve_generator, train_ra_cm3
 from mmrag.train.ra_cm3_data import MODES, build_sequence, caption_span, collate
 from mmrag.train.ra_cm3_prepare import Prepared, prepare
 
@@ -410,3 +413,146 @@ def test_the_prompts_caption_gets_the_text_hints_training_gives_it(color_memory:
         assert hints[a - 1 + j].tolist() == copy.row(caption[:j], 2)
     assert (hints[: a - 1] == NO_HINT).all()
     assert (hints[-n - 1 : -1] < offset).all() and (hints[-n - 1 : -1] >= 0).all()
+
+
+# --- the same-document slot -----------------------------------------------------------------
+
+
+def test_in_slots_keeps_the_last_slot_for_the_same_document() -> None:
+    docs = [(1,), (2,), (3,)]
+    assert in_slots(docs, 2, False, None) == [(1,), (2,)]
+    assert in_slots(docs, 2, False, 1) == [(1,), (2,)]  # no such slot: rank order
+    assert in_slots(docs, 3, True, None) == [(1,), (2,), ()]  # the slot stays free
+    assert in_slots(docs, 3, True, 1) == [(1,), (3,), (2,)]
+    assert in_slots(docs[:1], 3, True, 0) == [(), (), (1,)]
+    # an empty image is a free slot
+    cells = [None, 0, 1, None]
+    assert hints_for(cells, [(), (20, 21)], 2).tolist() == [
+        [NO_HINT, 20],
+        [NO_HINT, 21],
+        [NO_HINT, NO_HINT],
+        [NO_HINT, NO_HINT],
+    ]
+
+
+def test_training_sequences_give_the_document_itself_its_own_slot(prep: Prepared) -> None:
+    tok, corpus = prep.tokenizer, prep.corpus
+    codes = tok.config.image_codes
+    rng = np.random.default_rng(0)
+    for mode in ("plain", "caption"):
+        ex = build_sequence(tok, corpus, 0, [0, 3], mode, rng, prep.grid, 3, True, True)
+        assert ex.hints is not None
+        image_rows = [
+            t for t in range(len(ex.ids) - 1) if 0 <= ex.hints[t, 2] < codes and ex.main[t + 1]
+        ]
+        assert len(image_rows) == tok.config.image_tokens
+        for t in image_rows:  # the same slot holds the document's own code; slot 0 the other's
+            assert ex.hints[t, 2] == ex.ids[t + 1] - tok.image_offset
+            assert 0 <= ex.hints[t, 0] < codes and ex.hints[t, 1] == NO_HINT
+        text_rows = [t for t in range(len(ex.ids) - 1) if ex.hints[t, 2] >= codes]
+        assert text_rows
+        for t in text_rows:  # and suggests its own next caption token (or the caption's end)
+            assert ex.hints[t, 2] - codes == ex.ids[t + 1]
+    other = build_sequence(tok, corpus, 0, [1, 3], "plain", rng, prep.grid, 3, True, True)
+    assert other.hints is not None and (other.hints[:, 2] == NO_HINT).all()
+
+
+def test_training_with_the_same_document_slot(
+    shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="same_document"):
+        tiny_ra_cm3_config(same_document=0.5)
+    with pytest.raises(ValueError, match="same_document"):
+        tiny_ra_cm3_config(copy_hints=True, same_document=1.5)
+    config = tiny_ra_cm3_config(copy_hints=True, text_hints=True, same_document=1.0)
+    run = tmp_path / "ra"
+    out = train_ra_cm3([shapes_dataset], run, config, tiny_vq_dir, HASHING, progress=False)
+    assert np.isfinite(out["loss"])
+    model = RACM3.from_pretrained(run)
+    assert model.generator.config.hint_slots == 3 and model.config.same_document_slot
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_batches_retrieve_the_document_itself_at_the_same_document_rate(
+    prep: Prepared, rate: float
+) -> None:
+    config = resolve_generator(tiny_ra_cm3_config(copy_hints=True, same_document=rate), prep)
+    assert config.generator.hint_slots == 2 + (rate > 0)
+    batcher, cursor = Batcher(prep, config), 0
+    same = other = 0
+    for step in range(12):
+        examples, cursor = batcher.batch(step, cursor)
+        for ex in examples:
+            assert ex.hints is not None
+            if rate and (ex.hints[:, 2] != NO_HINT).any():
+                same += 1
+            elif (ex.hints != NO_HINT).any():
+                other += 1
+    assert other > 0 and (same > 0) == (rate > 0)
+
+
+def spied_hints(model: RACM3, call: Callable[[], object]) -> torch.Tensor:
+    """The hints of the first row `call` decodes with."""
+    seen: list[torch.Tensor] = []
+    real_decode = decode
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.extend(kwargs["hints"] or [])  # type: ignore[arg-type]
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mmrag.ra_cm3.decode", spy)
+        call()
+    return seen[0]
+
+
+def stored(memory: Memory, model: RACM3, text: str) -> tuple[Image.Image, list[int]]:
+    """The image of the memory's document `text` and its codes."""
+    doc = next(d for d in memory.get_by_seq(list(range(1, 7))) if d and d.text == text)
+    assert doc.image is not None
+    image = load_image(doc.image)
+    return image, model.vq.encode_images([image])[0].flatten().tolist()
+
+
+def test_inference_routes_the_document_asked_about_to_the_same_slot(
+    color_memory: Memory,
+) -> None:
+    model = build_tiny_racm3(memory=color_memory, hint_slots=3, same_document_slot=True)
+    image, codes = stored(color_memory, model, "a red square")
+    n = model.tokenizer.config.image_tokens
+    # image -> caption of an image the memory holds: its codes in the last slot at the
+    # prompt's image cells (the prompt ends <alt> <sentinel> <src> codes <close> <sentinel>)
+    hints = spied_hints(model, lambda: model.generate_caption(image, seed=0))
+    last = hints.shape[0] - 8  # max_caption_tokens
+    cells = hints[last - 3 - n : last - 3]  # the tokens that predict codes 0 .. n-1
+    assert cells[:, 2].tolist() == codes
+    assert (cells[:, 0] >= 0).all() and (cells[:, 1] == NO_HINT).all()  # one other retrieved
+    # caption -> image with a caption the memory holds: the same
+    hints = spied_hints(model, lambda: model.generate_image("a red square", samples=1))
+    assert hints[-n - 1 : -1, 2].tolist() == codes
+    # nothing the memory holds: the slot stays free; a model without it: rank order
+    novel = Image.new("RGB", (16, 16), (90, 10, 200))
+    hints = spied_hints(model, lambda: model.generate_caption(novel, seed=0))
+    assert (hints[:, 2] == NO_HINT).all() and (hints[:, 1] != NO_HINT).any()
+    plain = build_tiny_racm3(memory=color_memory, hint_slots=3)
+    hints = spied_hints(plain, lambda: plain.generate_caption(image, seed=0))
+    assert (hints[:, 2] == NO_HINT).all() and (hints[:, 1] != NO_HINT).any()
+
+
+def test_a_model_that_trusts_the_same_slot_writes_the_stored_caption(
+    color_memory: Memory,
+) -> None:
+    model = build_tiny_racm3(
+        memory=color_memory, hint_slots=3, text_hints=True, same_document_slot=True
+    )
+    gen = model.generator
+    assert gen.text_hint_maps is not None
+    with torch.no_grad():
+        gen.head.weight.copy_(gen.embed.weight)
+        gen.text_hint_maps[2] = 200 * torch.eye(gen.config.dim)
+        gen.norm.weight.fill_(30.0)
+    for text in ("a red square", "a blue square"):
+        image, _ = stored(color_memory, model, text)
+        assert model.generate_caption(image, seed=0).text == text
+    novel = model.generate_caption(Image.new("RGB", (16, 16), (90, 10, 200)), seed=0)
+    assert novel.text not in {d.text for d in color_memory.get_by_seq(list(range(1, 7))) if d}

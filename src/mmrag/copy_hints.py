@@ -61,18 +61,37 @@ def hints_for(
     cells: Sequence[int | None], images: Sequence[Sequence[int]], slots: int
 ) -> torch.Tensor:
     """(T, slots) int64: at token t, the code retrieved image s holds at the cell token t + 1
-    is (NO_HINT where t + 1 is not a cell of the image being written, at the last token, and
-    for slots beyond len(images))."""
+    is (NO_HINT where t + 1 is not a cell of the image being written, at the last token, for
+    an empty image (a slot left free, see `in_slots`), and for slots beyond len(images))."""
     out = torch.full((len(cells), slots), NO_HINT, dtype=torch.long)
-    if not images or len(cells) < 2:
+    used = [(s, g) for s, g in enumerate(images[:slots]) if len(g)]
+    if not used or len(cells) < 2:
         return out
-    grids = torch.as_tensor([list(g) for g in images[:slots]], dtype=torch.long)  # (S', N)
+    grids = torch.as_tensor([list(g) for _, g in used], dtype=torch.long)  # (S', N)
     nxt = torch.as_tensor([NO_HINT if c is None else c for c in cells[1:]], dtype=torch.long)
     rows = (nxt >= 0).nonzero().squeeze(1)  # tokens that predict a cell
     if int(nxt.max()) >= grids.shape[1]:
         raise ValueError(f"a cell {int(nxt.max())} beyond the retrieved grids' {grids.shape[1]}")
-    out[rows, : grids.shape[0]] = grids[:, nxt[rows]].T
+    picked = grids[:, nxt[rows]].T  # (rows, S')
+    for column, (s, _) in enumerate(used):
+        out[rows, s] = picked[:, column]
     return out
+
+
+def in_slots(
+    items: Sequence[Sequence[int]], slots: int, same_slot: bool, same: int | None
+) -> list[Sequence[int]]:
+    """The retrieved documents' images (or captions), in rank order, placed in the hint
+    slots: with `same_slot` the model keeps its last slot for *the same document* as the
+    one being written (training puts the document itself there; inference, a retrieved one
+    whose given part, the query image or caption, is identical), so the `same`-th item goes
+    there and the others fill the slots before it; empty entries are free slots. Items
+    beyond the slots get no hints."""
+    if not same_slot:
+        return list(items[:slots])
+    others = [x for i, x in enumerate(items) if i != same][: slots - 1]
+    out: list[Sequence[int]] = [*others, *([()] * (slots - 1 - len(others)))]
+    return [*out, items[same] if same is not None else ()]
 
 
 def pad_hints(rows: Sequence[torch.Tensor], width: int, left: bool) -> torch.Tensor:

@@ -252,9 +252,10 @@ def draw_images(
         [gen.embed(ids), vectors.to(gen.embed.weight), gen.embed(torch.tensor([tok.src_id]))]
     )
     uncond = gen.embed(torch.tensor([tok.bos_id, tok.img_src_id]))
-    images = CopySources.of(coded[: len(docs)], tok).images
+    sources = CopySources.of(coded[: len(docs)], tok)
+    images = sources.in_slots(gen.config.hint_slots, racm3.config.same_document_slot).images
     hints = None
-    if gen.config.hint_slots and images:
+    if gen.config.hint_slots and any(images):
         cells = [None] * len(cond) + list(range(codes))
         hints = hints_for(cells, images, gen.config.hint_slots)[None].expand(n, -1, -1)
     allowed = torch.zeros(gen.config.vocab_size, dtype=torch.bool)

@@ -22,7 +22,14 @@ from PIL import Image
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
-from mmrag.copy_hints import Cells, TextCopy, caption_cells, image_cells, sequence_hints
+from mmrag.copy_hints import (
+    Cells,
+    TextCopy,
+    caption_cells,
+    image_cells,
+    in_slots,
+    sequence_hints,
+)
 from mmrag.decoding import Sampling, allowed_mask, decode
 from mmrag.encoders.base import l2_normalize
 from mmrag.generator import Generator
@@ -52,6 +59,10 @@ class RACM3Config(Config):
     preset_prefix: ClassVar[str] = "ra-cm3"
 
     trained_with_retrieval: bool = True
+    # The generator keeps its last hint slot for a retrieved document that is the one asked
+    # about (train ra-cm3 --same-document): its image is the query image, or its caption
+    # the query caption.
+    same_document_slot: bool = False
     retriever: RetrieverConfig = dataclasses.field(default_factory=_inference_retriever)
     samples: int = 4  # caption -> image: N samples reranked by the dual encoder
     guidance: float = 3.0  # classifier-free guidance scale on image tokens (1 = off)
@@ -128,8 +139,9 @@ class CaptionOutput:
 
 @dataclasses.dataclass(frozen=True)
 class CopySources:
-    """What the copy hints copy from, in rank order: each retrieved document's first image's
-    codes and its caption's tokens (the text after that image, else its first text)."""
+    """What the copy hints copy from, one entry per retrieved document in rank order: its
+    first image's codes and its caption's tokens (the text after that image, else its first
+    text); empty where it has none."""
 
     images: tuple[tuple[int, ...], ...]
     captions: tuple[tuple[int, ...], ...]
@@ -142,14 +154,30 @@ class CopySources:
             parts = doc.parts
             at = [i for i, p in enumerate(parts) if isinstance(p, ImageCodes)]
             texts = [p for p in parts if isinstance(p, str) and p]
+            image: tuple[int, ...] = ()
             if at:
-                image, alt = parts[at[0]], parts[at[0] + 1 : at[0] + 2]
-                assert isinstance(image, ImageCodes)
-                images.append(tuple(image.codes))
+                first, alt = parts[at[0]], parts[at[0] + 1 : at[0] + 2]
+                assert isinstance(first, ImageCodes)
+                image = tuple(first.codes)
                 texts = [*(t for t in alt if isinstance(t, str) and t), *texts]
-            if texts:
-                captions.append(tuple(tok.encode_text(texts[0])))
+            images.append(image)
+            captions.append(tuple(tok.encode_text(texts[0])) if texts else ())
         return cls(tuple(images), tuple(captions))
+
+    def same_image(self, codes: Sequence[int]) -> int | None:
+        """The first document whose image has exactly these codes, else None."""
+        return next((i for i, image in enumerate(self.images) if image == tuple(codes)), None)
+
+    def same_caption(self, tokens: Sequence[int]) -> int | None:
+        """The first document whose caption is exactly these tokens, else None."""
+        return next((i for i, text in enumerate(self.captions) if text == tuple(tokens)), None)
+
+    def in_slots(self, slots: int, same_slot: bool, same: int | None = None) -> CopySources:
+        """The sources placed in the model's hint slots (copy_hints.in_slots)."""
+        return CopySources(
+            tuple(tuple(x) for x in in_slots(self.images, slots, same_slot, same)),
+            tuple(tuple(x) for x in in_slots(self.captions, slots, same_slot, same)),
+        )
 
 
 # --- the model folder's VQ -----------------------------------------------------------------
@@ -323,12 +351,13 @@ class RACM3:
         complete: bool = True,
     ) -> torch.Tensor | None:
         """The copy hints (len(cells), S) of a sequence whose tokens are `cells` (None without
-        a hint table or without sources); with text hints, also those of the caption tokens
-        of its first tokens `ids`, whose caption cells are `words` (as in training: the
-        prompt's caption gets them too), with `complete` as in `text_hints_for`."""
+        a hint table or without sources), from `sources` in slot order (`_slotted`); with
+        text hints, also those of the caption tokens of its first tokens `ids`, whose caption
+        cells are `words` (as in training: the prompt's caption gets them too), with
+        `complete` as in `text_hints_for`."""
         cfg = self.generator.config
-        words = words if cfg.text_hints and sources.captions else None
-        if not cfg.hint_slots or not (sources.images or words is not None):
+        words = words if cfg.text_hints and any(sources.captions) else None
+        if not cfg.hint_slots or not (any(sources.images) or words is not None):
             return None
         return sequence_hints(
             cells,
@@ -340,6 +369,13 @@ class RACM3:
             sources.captions,
             complete,
         )
+
+    def _slotted(self, sources: CopySources, same: int | None = None) -> CopySources:
+        """`sources` placed in the generator's hint slots; `same` is the retrieved document
+        that is the one asked about, which a model with the same-document slot copies
+        through it."""
+        slots = self.generator.config.hint_slots
+        return sources.in_slots(slots, self.config.same_document_slot, same)
 
     def _room(self, main_tokens: int) -> int:
         room = self.generator.config.max_seq_len - main_tokens
@@ -370,9 +406,11 @@ class RACM3:
         samples = samples or cfg.samples
         guidance = cfg.guidance if guidance is None else guidance
         evidence = self.evidence(caption, None, retrieval, demos, k, filters)
-        main = [tok.img_alt_id, *tok.encode_text(caption), tok.src_id]
+        words_ids = tok.encode_text(caption)
+        main = [tok.img_alt_id, *words_ids, tok.src_id]
         n = tok.config.image_tokens
         prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + n))
+        sources = self._slotted(sources, sources.same_caption(words_ids))
         prompt = prefix + main
         uncond = [tok.bos_id, tok.img_src_id]
         words = caption_cells(len(prompt), len(prefix) + 1, len(prompt) - 1)
@@ -422,7 +460,7 @@ class RACM3:
         sentinel = tok.sentinel_ids[0]
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
         evidence = self.evidence(None, image, retrieval, demos, k, filters)
-        return self._caption(main, evidence, samples, seed)
+        return self._caption(main, codes, evidence, samples, seed)
 
     def infill_caption(
         self,
@@ -451,7 +489,7 @@ class RACM3:
             sentinel,
         ]
         evidence = self.evidence(left.strip() or None, image, retrieval, demos)
-        out = self._caption(main, evidence, samples, seed, len(tok.encode_text(left)))
+        out = self._caption(main, codes, evidence, samples, seed, len(tok.encode_text(left)))
         out.text = left + out.text + right
         out.candidates = [(left + t + right, p) for t, p in out.candidates]
         return out
@@ -459,18 +497,21 @@ class RACM3:
     def _caption(
         self,
         main: list[int],
+        image: Sequence[int],
         evidence: list[Evidence],
         samples: int | None,
         seed: int,
         start: int = 0,
     ) -> CaptionOutput:
-        """Decode the caption that `main` (ending with its sentinel) asks for; `start` is the
-        caption position of its first decoded token (the tokens of a kept left context)."""
+        """Decode the caption that `main` (ending with its sentinel) asks for of the image
+        whose tokens are `image`; `start` is the caption position of its first decoded token
+        (the tokens of a kept left context)."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.caption_samples
         prefix, evidence, sources = self._prefix(
             evidence, self._room(len(main) + cfg.max_caption_tokens)
         )
+        sources = self._slotted(sources, sources.same_image([t - tok.image_offset for t in image]))
         prompt = prefix + main
         cells = image_cells(prompt, len(prefix), tok.image_offset, tok.config.image_codes)
         words = None
@@ -480,7 +521,7 @@ class RACM3:
             cells + [None] * cfg.max_caption_tokens, sources, prompt, words, complete=False
         )
         copy = None
-        if self.generator.config.text_hints and sources.captions:
+        if self.generator.config.text_hints and any(sources.captions):
             offset = self.generator.config.hint_codes
             copy = TextCopy(sources.captions, tok.eos_id, offset, start)
         decoded = decode(
@@ -529,6 +570,7 @@ class RACM3:
         main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
         evidence = self.evidence(caption, image, retrieval, demos)
         prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + b - a))
+        sources = self._slotted(sources)  # the image is partly unknown: no same document
         n = tok.config.image_tokens
         cells: Cells = [None] * (len(prefix) + len(head))
         cells += [*range(a), None, *range(b, n), None, None, *range(a, b)]

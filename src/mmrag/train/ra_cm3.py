@@ -83,6 +83,14 @@ class RACM3TrainConfig(Config):
     # Text copy hints (needs copy_hints): at each token of the caption being written, the
     # token each retrieved caption suggests next (copy_hints.suggest; GeneratorConfig.text_hints).
     text_hints: bool = False
+    # The same-document slot (needs copy_hints; GeneratorConfig.hint_slots one more): in this
+    # share of the plain and caption-infilling examples that retrieve (K >= 1), the document
+    # itself is retrieved first, in place of the K-th retrieved one, and gives its hints
+    # through a slot of its own (copy_hints.in_slots). The relevance cap and self-exclusion
+    # teach the model that retrieved documents are other documents, so it never learns to
+    # copy one that *is* the document asked about (an image the memory holds, a caption it
+    # holds); inference routes such a document to this slot.
+    same_document: float = 0.0
     k_choices: tuple[int, ...] = (0, 1, 2)
     retriever: RetrieverConfig = dataclasses.field(
         default_factory=lambda: RetrieverConfig.preset("training")
@@ -122,6 +130,10 @@ class RACM3TrainConfig(Config):
             raise ConfigError("RACM3TrainConfig: eval_every, save_every, val_docs >= 1")
         if self.text_hints and not self.copy_hints:
             raise ConfigError("RACM3TrainConfig: text_hints needs copy_hints")
+        if not 0.0 <= self.same_document <= 1.0:
+            raise ConfigError("RACM3TrainConfig: same_document in [0, 1]")
+        if self.same_document and not (self.copy_hints and self.retrieval):
+            raise ConfigError("RACM3TrainConfig: same_document needs copy_hints and retrieval")
 
     @property
     def modes(self) -> ModeRates:
@@ -171,6 +183,13 @@ class Batcher:
                 retrieved = [int(j) for j in prep.found[pos, variant, :k] if j >= 0]
             main = int(prep.train_rows[pos])
             mode = cfg.modes.draw(rng)
+            if (
+                cfg.same_document
+                and retrieved
+                and mode in ("plain", "caption")
+                and rng.random() < cfg.same_document
+            ):
+                retrieved = [main, *retrieved[: k - 1]]
             ex = example(prep, cfg, main, retrieved, mode, rng)
             wider = max(width, len(ex.ids))
             if batch and (len(batch) + 1) * wider > cfg.tokens_per_step:
@@ -200,6 +219,7 @@ def example(
         prep.grid,
         gen.hint_slots,
         gen.text_hints,
+        config.same_document > 0,
     )
 
 
@@ -269,7 +289,9 @@ def validate(
 def write_model(out: Path, model: Generator, config: RACM3TrainConfig) -> None:
     """The loadable model folder: generator weights and the inference config."""
     model.save_pretrained(out / "generator")
-    RACM3Config(trained_with_retrieval=config.retrieval).save(out / RACM3_CONFIG_FILE)
+    RACM3Config(
+        trained_with_retrieval=config.retrieval, same_document_slot=config.same_document > 0
+    ).save(out / RACM3_CONFIG_FILE)
 
 
 def train_ra_cm3(
@@ -389,7 +411,7 @@ def resolve_generator(config: RACM3TrainConfig, prep: Prepared) -> RACM3TrainCon
         )
     if config.copy_hints:
         generator = generator.replace(
-            hint_slots=max(1, *config.k_choices),
+            hint_slots=max(1, *config.k_choices) + (config.same_document > 0),
             hint_codes=tok.config.image_codes,
             text_hints=config.text_hints,
         )
@@ -435,6 +457,12 @@ FLAGS: dict[str, tuple[type, str]] = {
     "eval_every": (int, "steps between held-out validations"),
     "save_every": (int, "steps between checkpoints (model + training state)"),
     "val_docs": (int, "held-out documents scored at each validation"),
+    "same_document": (
+        float,
+        "share of plain and caption-infilling examples that retrieve the document itself, "
+        "through a hint slot of its own, so the model learns to copy a document the memory "
+        "holds (needs --copy-hints on)",
+    ),
 }
 
 

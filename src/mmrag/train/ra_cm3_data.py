@@ -47,6 +47,7 @@ from mmrag.copy_hints import (
     Cells,
     caption_cells,
     image_cells,
+    in_slots,
     moved_cells,
     pad_hints,
     sequence_hints,
@@ -288,22 +289,27 @@ def build_sequence(
     grid: int,
     hint_slots: int = 0,
     text_hints: bool = False,
+    same_slot: bool = False,
 ) -> Example:
     """One serialised training example (see the module docstring for the modes); with
     `hint_slots`, the retrieved images' copy hints at the main image's cells, and with
-    `text_hints` the retrieved captions' ones at the main caption's tokens."""
+    `text_hints` the retrieved captions' ones at the main caption's tokens. With
+    `same_slot`, a retrieved `main` (the document itself) gives its hints through the last
+    slot (copy_hints.in_slots)."""
     if mode == "uncond":
         retrieved = []
         enc = tok.encode(corpus.coded(main, caption=False))
     else:
         enc = tok.encode(corpus.coded(main), [corpus.coded(j) for j in retrieved])
     cells = image_cells(enc.ids, enc.main_range[0], tok.image_offset, tok.config.image_codes)
-    images = [corpus.codes[j].tolist() for j in retrieved]
+    same = retrieved.index(main) if main in retrieved else None
+    images = in_slots([corpus.codes[j].tolist() for j in retrieved], hint_slots, same_slot, same)
     words: Cells | None = None  # the main caption's cells, for text hints
-    sources: list[list[int]] = []
+    sources: list[Sequence[int]] = []
     if text_hints and hint_slots and retrieved:
         words = caption_cells(len(enc.ids), *caption_span(tok, enc.ids))
-        sources = [tok.encode_text(corpus.captions[j]) for j in retrieved]
+        captions = [tok.encode_text(corpus.captions[j]) for j in retrieved]
+        sources = in_slots(captions, hint_slots, same_slot, same)
 
     def all_hints(ids: Sequence[int], source: Sequence[int] | None) -> torch.Tensor | None:
         if not hint_slots:
