@@ -42,7 +42,7 @@ def test_made_up_names_are_distinct_and_seeded() -> None:
 def test_evaluate_scores_every_system(runs: tuple[Path, Path], tmp_path: Path) -> None:
     ra, vanilla = runs
     settings = Settings(
-        n=2, samples=1, caption_samples=2, guidance=2.0, knowledge=3, progress=False
+        n=2, samples=1, caption_samples=2, guidance=2.0, knowledge=3, stored=2, progress=False
     )
     result = evaluate(ra, vanilla, None, settings)
     systems = result["systems"]
@@ -54,7 +54,10 @@ def test_evaluate_scores_every_system(runs: tuple[Path, Path], tmp_path: Path) -
     knowledge = result["knowledge"]
     assert knowledge["chance"] == pytest.approx(1 / 3)
     assert all(0 <= knowledge[k] <= 1 for k in ("ra-cm3", "ra-cm3 (no retrieval)", "vanilla"))
-    assert "EfficientNet-Lite0" in markdown(result)
+    stored = result["stored"]
+    assert set(stored) == {"ra-cm3", "ra-cm3 (no retrieval)", "vanilla"}
+    assert all(m["cider"] >= 0 and 0 <= m["exact"] <= 1 for m in stored.values())
+    assert "EfficientNet-Lite0" in markdown(result) and "stored document" in markdown(result)
     # The retrieval-only baseline returns a stored training image; the held-out one is absent.
     assert result["heldout_documents"] == 2
 
@@ -73,9 +76,12 @@ def test_evaluate_scores_every_system(runs: tuple[Path, Path], tmp_path: Path) -
             "1",
             "--knowledge",
             "2",
+            "--stored",
+            "0",
             "--out",
             str(out),
             "--no-progress",
         ]
     )
-    assert rc == 0 and json.loads(out.read_text())["knowledge"]["names"] == 2
+    written = json.loads(out.read_text())
+    assert rc == 0 and written["knowledge"]["names"] == 2 and written["stored"] == {}

@@ -15,6 +15,8 @@ image-caption score; image -> caption CIDEr-D against the true caption. The know
 adds documents whose names the model never saw ("a <made-up word>", each paired with an
 existing image) to a copy of the memory *after* training, then draws each name: a hit is a
 generated image whose nearest candidate image (same extractor, cosine) is the paired one.
+The stored test captions images of training documents, which the memory holds: CIDEr-D and
+the share of captions written exactly as stored (retrieval finds the document itself).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Settings:
     caption_samples: int = 4  # captions per image (reranked by perplexity)
     guidance: float = 3.0
     knowledge: int = 20  # made-up names
+    stored: int = 20  # images of documents the memory holds, captioned
     seed: int = 0
     progress: bool = True
 
@@ -191,6 +194,24 @@ def knowledge_test(
     return hits | {"chance": 1.0 / len(rows), "names": float(len(rows))}
 
 
+def stored_test(
+    systems: Sequence[tuple[str, RACM3, bool]],
+    corpus: Corpus,
+    rows: Sequence[int],
+    settings: Settings,
+) -> dict[str, dict[str, float]]:
+    """Image -> caption of documents the memory holds: CIDEr-D against the stored caption
+    and the share written exactly as stored."""
+    images = [_load(corpus.image_paths[i]) for i in rows]
+    truth = [corpus.captions[i] for i in rows]
+    out: dict[str, dict[str, float]] = {}
+    for name, model, retrieval in systems:
+        written = image_to_caption(model, images, retrieval, settings, f"stored {name}")
+        exact = np.mean([w == t for w, t in zip(written, truth, strict=True)])
+        out[name] = {"cider": cider(written, [[t] for t in truth]), "exact": float(exact)}
+    return out
+
+
 def evaluate(
     ra_dir: Path, vanilla_dir: Path, memory_dir: Path | None, settings: Settings
 ) -> dict[str, Any]:
@@ -223,9 +244,13 @@ def evaluate(
         step = max(1, len(split["train"]) // settings.knowledge)
         paired = split["train"][::step][: settings.knowledge]
         knowledge = knowledge_test(ra, vanilla, memory_dir, corpus, paired, settings)
+        step = max(1, len(split["train"]) // max(1, settings.stored))
+        kept = split["train"][step // 2 :: step][: settings.stored]
+        stored = stored_test(runs, corpus, kept, settings) if settings.stored else {}
     return {
         "systems": results,
         "knowledge": knowledge,
+        "stored": stored,
         "heldout_documents": len(rows),
         "fid_extractor": FID_EXTRACTOR,
         "settings": dataclasses.asdict(settings),
@@ -252,6 +277,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"\n{result['heldout_documents']} held-out emoji variants; knowledge test: "
         f"{int(knowledge['names'])} made-up names, chance {knowledge['chance']:.2f}."
     )
+    stored = result.get("stored") or {}
+    if stored:
+        lines += [
+            "\n| image -> caption of a stored document | CIDEr-D | written exactly |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {100 * m['cider']:.1f} | {m['exact']:.2f} |" for name, m in stored.items()
+        ]
     return "\n".join(lines)
 
 
@@ -296,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.knowledge,
         help=f"made-up names in the knowledge test (default {d.knowledge})",
     )
+    p.add_argument(
+        "--stored",
+        type=int,
+        default=d.stored,
+        help=f"images of stored documents captioned in the stored test (default {d.stored})",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of names and sampling")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/eval-ra-cm3.json"), help="results JSON")
@@ -315,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.caption_samples,
         args.guidance,
         args.knowledge,
+        args.stored,
         args.seed,
         not args.no_progress,
     )
