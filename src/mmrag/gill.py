@@ -85,8 +85,8 @@ class GillConfig(Config):
     threshold: float = 0.5  # generate when p_generate >= threshold
     # Documents prepended when generating (RA-CM3's K). 0: GILL generates when the memory
     # lacks what was asked, and the shipped generator scores held-out images much worse given
-    # another family's documents and their copy hints (NLL per code 3.65) than given nothing
-    # (2.58; checkpoints/ra-cm3/RECIPE.md).
+    # another family's documents and their copy hints (NLL per code 3.54) than given nothing
+    # (2.60; the previous generator 3.45 and 2.58, README "Chatting with FROMAGe and GILL").
     retrieval_k: int = 0
     samples: int = 2  # images drawn; the one closest to the [IMG0] query is kept
     guidance: float = 3.0
