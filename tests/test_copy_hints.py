@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -40,6 +41,8 @@ TINY = GeneratorConfig.preset("tiny")
 HINTED = TINY.replace(hint_slots=2, hint_codes=50)
 TEXT_HINTED = HINTED.replace(text_hints=True)
 
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -362,15 +365,21 @@ def test_training_with_text_hints(shapes_dataset: Path, tiny_vq_dir: Path, tmp_p
     assert model.text_hint_maps.abs().sum() > 0  # trained away from zero
 
 
-def trusting_text(memory: Memory) -> RACM3:
-    """A tiny RA-CM3 whose slot-0 text hint points at the head row of the hinted token, with
-    a sharp output: it writes what its top retrieved caption suggests."""
-    model = build_tiny_racm3(memory=memory, hint_slots=2, text_hints=True)
+def trusting_text(memory: Memory, slot: int = 0, same_document_slot: bool = False) -> RACM3:
+    """A tiny RA-CM3 whose text hint in `slot` points at the head row of the hinted token,
+    with a sharp output: it writes what that slot's caption suggests (slot 0: the top
+    retrieved one; with `same_document_slot`, slot 2 is the document asked about)."""
+    model = build_tiny_racm3(
+        memory=memory,
+        hint_slots=3 if same_document_slot else 2,
+        text_hints=True,
+        same_document_slot=same_document_slot,
+    )
     gen = model.generator
     assert gen.text_hint_maps is not None
     with torch.no_grad():
         gen.head.weight.copy_(gen.embed.weight)
-        gen.text_hint_maps[0] = 200 * torch.eye(gen.config.dim)
+        gen.text_hint_maps[slot] = 200 * torch.eye(gen.config.dim)
         gen.norm.weight.fill_(30.0)
     return model
 
@@ -388,24 +397,30 @@ def test_a_model_that_trusts_its_text_hints_writes_the_retrieved_caption(
     assert model.generate_caption(image, seed=0, retrieval=False).text != out.text
 
 
-def test_the_prompts_caption_gets_the_text_hints_training_gives_it(color_memory: Memory) -> None:
-    # caption -> image: the caption in the prompt is hinted as in a plain training sequence
-    model = build_tiny_racm3(memory=color_memory, hint_slots=2, text_hints=True)
-    tok, offset = model.tokenizer, model.generator.config.hint_codes
+def spied_hints(call: Callable[[], T]) -> tuple[torch.Tensor, T]:
+    """The hints of the first row that `call` (an RA-CM3 method) decodes with, and its
+    result."""
     seen: list[torch.Tensor] = []
     real_decode = decode
 
     def spy(*args: object, **kwargs: object) -> object:
-        seen.extend(kwargs["hints"])  # type: ignore[arg-type]
+        seen.extend(kwargs["hints"] or [])  # type: ignore[arg-type]
         return real_decode(*args, **kwargs)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("mmrag.ra_cm3.decode", spy)
-        out = model.generate_image("a red square", samples=1, seed=0)
+        result = call()
+    return seen[0], result
+
+
+def test_the_prompts_caption_gets_the_text_hints_training_gives_it(color_memory: Memory) -> None:
+    # caption -> image: the caption in the prompt is hinted as in a plain training sequence
+    model = build_tiny_racm3(memory=color_memory, hint_slots=2, text_hints=True)
+    tok, offset = model.tokenizer, model.generator.config.hint_codes
+    hints, out = spied_hints(lambda: model.generate_image("a red square", samples=1, seed=0))
     docs = color_memory.get([e.id for e in out.evidence])
     sources = tuple(tuple(tok.encode_text(d.text)) for d in docs if d is not None)
     caption = tok.encode_text("a red square")
-    hints = seen[0]
     n = tok.config.image_tokens
     a = hints.shape[0] - n - 1 - len(caption)  # <alt> caption <src> [n codes]
     copy = TextCopy(sources, tok.src_id, offset)
@@ -491,21 +506,6 @@ def test_batches_retrieve_the_document_itself_at_the_same_document_rate(
     assert other > 0 and (same > 0) == (rate > 0)
 
 
-def spied_hints(model: RACM3, call: Callable[[], object]) -> torch.Tensor:
-    """The hints of the first row `call` decodes with."""
-    seen: list[torch.Tensor] = []
-    real_decode = decode
-
-    def spy(*args: object, **kwargs: object) -> object:
-        seen.extend(kwargs["hints"] or [])  # type: ignore[arg-type]
-        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("mmrag.ra_cm3.decode", spy)
-        call()
-    return seen[0]
-
-
 def stored(memory: Memory, model: RACM3, text: str) -> tuple[Image.Image, list[int]]:
     """The image of the memory's document `text` and its codes."""
     doc = next(d for d in memory.get_by_seq(list(range(1, 7))) if d and d.text == text)
@@ -522,35 +522,27 @@ def test_inference_routes_the_document_asked_about_to_the_same_slot(
     n = model.tokenizer.config.image_tokens
     # image -> caption of an image the memory holds: its codes in the last slot at the
     # prompt's image cells (the prompt ends <alt> <sentinel> <src> codes <close> <sentinel>)
-    hints = spied_hints(model, lambda: model.generate_caption(image, seed=0))
+    hints, _ = spied_hints(lambda: model.generate_caption(image, seed=0))
     last = hints.shape[0] - 8  # max_caption_tokens
     cells = hints[last - 3 - n : last - 3]  # the tokens that predict codes 0 .. n-1
     assert cells[:, 2].tolist() == codes
     assert (cells[:, 0] >= 0).all() and (cells[:, 1] == NO_HINT).all()  # one other retrieved
     # caption -> image with a caption the memory holds: the same
-    hints = spied_hints(model, lambda: model.generate_image("a red square", samples=1))
+    hints, _ = spied_hints(lambda: model.generate_image("a red square", samples=1))
     assert hints[-n - 1 : -1, 2].tolist() == codes
     # nothing the memory holds: the slot stays free; a model without it: rank order
     novel = Image.new("RGB", (16, 16), (90, 10, 200))
-    hints = spied_hints(model, lambda: model.generate_caption(novel, seed=0))
+    hints, _ = spied_hints(lambda: model.generate_caption(novel, seed=0))
     assert (hints[:, 2] == NO_HINT).all() and (hints[:, 1] != NO_HINT).any()
     plain = build_tiny_racm3(memory=color_memory, hint_slots=3)
-    hints = spied_hints(plain, lambda: plain.generate_caption(image, seed=0))
+    hints, _ = spied_hints(lambda: plain.generate_caption(image, seed=0))
     assert (hints[:, 2] == NO_HINT).all() and (hints[:, 1] != NO_HINT).any()
 
 
 def test_a_model_that_trusts_the_same_slot_writes_the_stored_caption(
     color_memory: Memory,
 ) -> None:
-    model = build_tiny_racm3(
-        memory=color_memory, hint_slots=3, text_hints=True, same_document_slot=True
-    )
-    gen = model.generator
-    assert gen.text_hint_maps is not None
-    with torch.no_grad():
-        gen.head.weight.copy_(gen.embed.weight)
-        gen.text_hint_maps[2] = 200 * torch.eye(gen.config.dim)
-        gen.norm.weight.fill_(30.0)
+    model = trusting_text(color_memory, slot=2, same_document_slot=True)
     for text in ("a red square", "a blue square"):
         image, _ = stored(color_memory, model, text)
         assert model.generate_caption(image, seed=0).text == text
