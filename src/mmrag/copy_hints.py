@@ -20,6 +20,13 @@ the retrieved caption's token at the same position. The rule depends on the toke
 so decoding computes it step by step (`TextCopy`); training computes it from the true caption
 (`text_hints_for`).
 
+The same-document slot (`in_slots`). Training with RA-CM3's relevance cap and self-exclusion
+never retrieves the document being written, so the model learns that a retrieval is always
+another document and does not copy one the memory holds even when it is exactly the one
+asked about. A model trained with `--same-document` keeps its last slot for that case: the
+document itself in a share of training examples, at inference a retrieved document whose
+image or caption is the query's.
+
 Conventions. A sequence's *cells* say, for each token, which cell of the image being written
 (the main document's) it is, or None; `hints_for` shifts them by one (a token predicts the
 next one) and looks the codes up. Codes are 0-based VQ codes (token id - image_offset); -1

@@ -23,7 +23,9 @@ the serialised training sequences (RA-CM3 section 3.3, CM3 section 2.2).
   carries, at every token that predicts a cell of the main image, the codes the retrieved
   images hold at that cell (causal-masked spans keep their cells through the transform);
   with `text_hints`, also at every token that predicts a token of the main caption, the
-  token each retrieved caption suggests next (copy_hints.suggest).
+  token each retrieved caption suggests next (copy_hints.suggest). With the same-document
+  slot (`same_slot`), the document itself, when the batcher retrieves it, gives its hints
+  through the last slot (copy_hints.in_slots).
 """
 
 from __future__ import annotations
