@@ -238,22 +238,19 @@ def draw_images(
     caption vectors (L, D): `<bos> m1 <sep> ... <img alt="` vectors `" src="` + codes, with
     the retrieved images' copy hints when the generator has them (the vectors are not
     tokens, so they get no text hints)."""
-    from mmrag.ra_cm3 import CopySources
     from mmrag.tokenizer import code_document
 
     gen, tok = racm3.generator, racm3.tokenizer
     n, codes = config.samples, tok.config.image_tokens
     coded = [code_document(d.to_document(), racm3.vq) for d in documents]
-    docs = [[*tok.encode_document(c), tok.sep_id] for c in coded]
-    while docs and 1 + sum(map(len, docs)) + len(vectors) + 2 + codes > gen.config.max_seq_len:
-        docs.pop()  # the lowest-ranked document goes first, as RA-CM3 does
-    ids = torch.tensor([tok.bos_id, *(t for d in docs for t in d), tok.img_alt_id])
+    room = gen.config.max_seq_len - len(vectors) - 2 - codes  # <alt> vectors <src> codes
+    prefix, sources = racm3.fit_documents(coded, room)
+    ids = torch.tensor([*prefix, tok.img_alt_id])
     cond = torch.cat(
         [gen.embed(ids), vectors.to(gen.embed.weight), gen.embed(torch.tensor([tok.src_id]))]
     )
     uncond = gen.embed(torch.tensor([tok.bos_id, tok.img_src_id]))
-    sources = CopySources.of(coded[: len(docs)], tok)
-    images = sources.in_slots(gen.config.hint_slots, racm3.config.same_document_slot).images
+    images = racm3.slotted(sources).images
     hints = None
     if gen.config.hint_slots and any(images):
         cells = [None] * len(cond) + list(range(codes))

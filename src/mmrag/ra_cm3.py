@@ -331,16 +331,22 @@ class RACM3:
     def _prefix(
         self, evidence: list[Evidence], room: int
     ) -> tuple[list[int], list[Evidence], CopySources]:
+        """`fit_documents` of the evidence's documents; also the kept evidence."""
+        prefix, sources = self.fit_documents(self._coded(evidence), room)
+        return prefix, evidence[: len(sources.images)], sources
+
+    def fit_documents(
+        self, coded: Sequence[CodedDocument], room: int
+    ) -> tuple[list[int], CopySources]:
         """`<bos> m1 <sep> m2 <sep>` fitting in `room` tokens: the lowest-ranked documents are
-        dropped first when the prompt would not fit. Also the kept evidence and the copy
-        hints' sources in rank order."""
+        dropped first when the prompt would not fit. Also the kept documents' copy-hint
+        sources in rank order."""
         tok = self.tokenizer
-        coded = self._coded(evidence)
         docs = [[*tok.encode_document(c), tok.sep_id] for c in coded]
         while 1 + sum(map(len, docs)) > room and docs:
             docs.pop()
         sources = CopySources.of(coded[: len(docs)], tok)
-        return [tok.bos_id, *(t for d in docs for t in d)], evidence[: len(docs)], sources
+        return [tok.bos_id, *(t for d in docs for t in d)], sources
 
     def _hints(
         self,
@@ -351,7 +357,7 @@ class RACM3:
         complete: bool = True,
     ) -> torch.Tensor | None:
         """The copy hints (len(cells), S) of a sequence whose tokens are `cells` (None without
-        a hint table or without sources), from `sources` in slot order (`_slotted`); with
+        a hint table or without sources), from `sources` in slot order (`slotted`); with
         text hints, also those of the caption tokens of its first tokens `ids`, whose caption
         cells are `words` (as in training: the prompt's caption gets them too), with
         `complete` as in `text_hints_for`."""
@@ -370,7 +376,7 @@ class RACM3:
             complete,
         )
 
-    def _slotted(self, sources: CopySources, same: int | None = None) -> CopySources:
+    def slotted(self, sources: CopySources, same: int | None = None) -> CopySources:
         """`sources` placed in the generator's hint slots; `same` is the retrieved document
         that is the one asked about, which a model with the same-document slot copies
         through it."""
@@ -410,7 +416,7 @@ class RACM3:
         main = [tok.img_alt_id, *words_ids, tok.src_id]
         n = tok.config.image_tokens
         prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + n))
-        sources = self._slotted(sources, sources.same_caption(words_ids))
+        sources = self.slotted(sources, sources.same_caption(words_ids))
         prompt = prefix + main
         uncond = [tok.bos_id, tok.img_src_id]
         words = caption_cells(len(prompt), len(prefix) + 1, len(prompt) - 1)
@@ -456,11 +462,12 @@ class RACM3:
     ) -> CaptionOutput:
         """Sample captions as the infilling of the alt text and keep the lowest perplexity."""
         tok = self.tokenizer
-        codes = tok.encode_image(ImageCodes.of(self.vq.encode_images([image])[0]))
+        grid = ImageCodes.of(self.vq.encode_images([image])[0])
+        codes = tok.encode_image(grid)
         sentinel = tok.sentinel_ids[0]
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
         evidence = self.evidence(None, image, retrieval, demos, k, filters)
-        return self._caption(main, codes, evidence, samples, seed)
+        return self._caption(main, grid.codes, evidence, samples, seed)
 
     def infill_caption(
         self,
@@ -476,7 +483,8 @@ class RACM3:
             raise ValueError(f"the caption must contain {MASK} exactly once")
         tok = self.tokenizer
         left, right = caption.split(MASK)
-        codes = tok.encode_image(ImageCodes.of(self.vq.encode_images([image])[0]))
+        grid = ImageCodes.of(self.vq.encode_images([image])[0])
+        codes = tok.encode_image(grid)
         sentinel = tok.sentinel_ids[0]
         main = [
             tok.img_alt_id,
@@ -489,7 +497,7 @@ class RACM3:
             sentinel,
         ]
         evidence = self.evidence(left.strip() or None, image, retrieval, demos)
-        out = self._caption(main, codes, evidence, samples, seed, len(tok.encode_text(left)))
+        out = self._caption(main, grid.codes, evidence, samples, seed, len(tok.encode_text(left)))
         out.text = left + out.text + right
         out.candidates = [(left + t + right, p) for t, p in out.candidates]
         return out
@@ -504,14 +512,14 @@ class RACM3:
         start: int = 0,
     ) -> CaptionOutput:
         """Decode the caption that `main` (ending with its sentinel) asks for of the image
-        whose tokens are `image`; `start` is the caption position of its first decoded token
+        whose VQ codes are `image`; `start` is the caption position of its first decoded token
         (the tokens of a kept left context)."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.caption_samples
         prefix, evidence, sources = self._prefix(
             evidence, self._room(len(main) + cfg.max_caption_tokens)
         )
-        sources = self._slotted(sources, sources.same_image([t - tok.image_offset for t in image]))
+        sources = self.slotted(sources, sources.same_image(image))
         prompt = prefix + main
         cells = image_cells(prompt, len(prefix), tok.image_offset, tok.config.image_codes)
         words = None
@@ -570,7 +578,7 @@ class RACM3:
         main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
         evidence = self.evidence(caption, image, retrieval, demos)
         prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + b - a))
-        sources = self._slotted(sources)  # the image is partly unknown: no same document
+        sources = self.slotted(sources)  # the image is partly unknown: no same document
         n = tok.config.image_tokens
         cells: Cells = [None] * (len(prefix) + len(head))
         cells += [*range(a), None, *range(b, n), None, None, *range(a, b)]
@@ -579,7 +587,7 @@ class RACM3:
         hints = self._hints(cells, sources, prompt, words if caption else None)
         decoded = decode(
             self.generator,
-            [prefix + main],
+            [prompt],
             b - a,
             self.image_allowed,
             Sampling(cfg.temperature, cfg.top_p),
