@@ -18,8 +18,9 @@ PRODUCERS: dict[str, str] = {
     ),
     "ra-cm3": (
         "mmrag data emoji .cache/data/emoji && mmrag train ra-cm3 --data .cache/data/emoji "
-        "--out .cache/runs/ra-cm3 --preset small --copy-hints on --text-hints on --steps 900 "
-        "--seed 0 --threads 1, the same with --steps 2400, then copy its generator/, "
+        "--out .cache/runs/ra-cm3 --preset small --copy-hints on --text-hints on "
+        "--same-document 0.15 --steps 900 --seed 0 --threads 1, the same with --steps 2400, "
+        "then copy its generator/, "
         "tokenizer/ and config.json to checkpoints/ra-cm3 (see checkpoints/ra-cm3/RECIPE.md)"
     ),
     "fromage": (
