@@ -183,3 +183,84 @@ def test_main_flags_and_help(
     saved = VQTrainConfig.load(out / "train-config.json")
     assert saved.steps == 2 and saved.batch_size == 2 and saved.vq == VQConfig.preset("tiny")
     assert main(["--data", str(tmp_path / "missing"), "--out", str(out)]) == 1
+
+
+def _refine_config(base: Path, steps: int) -> VQTrainConfig:
+    return _config(steps).replace(
+        init=str(base),
+        decoder_only=True,
+        pixel_loss="l1",
+        adversarial_weight=0.1,
+        adversarial_start=2,
+        perceptual_weight=0.0,
+    )
+
+
+def test_decoder_only_refinement_keeps_every_code_and_trains_the_decoder(
+    dataset: Path, tmp_path: Path
+) -> None:
+    base, refined = tmp_path / "base", tmp_path / "refined"
+    train_vq([dataset], base, _config(6), progress=False)
+    final = train_vq([dataset], refined, _refine_config(base, 6), progress=False)
+    assert final["step"] == 6 and final["disc_loss"] > 0 and final["adaptive_weight"] >= 0
+    before, after = VQModel.from_pretrained(base), VQModel.from_pretrained(refined)
+    a, b = before.state_dict(), after.state_dict()
+    frozen = [k for k in a if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert any(k.startswith("quantize.") for k in frozen)
+    for key in frozen:  # encoder, quant_conv, codebook and its EMA statistics untouched
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["decoder.conv_out.weight"], b["decoder.conv_out.weight"])
+    images = [Image.open(p) for p in sorted((dataset / "images").iterdir())]
+    assert torch.equal(before.encode_images(images), after.encode_images(images))
+
+
+def test_refinement_with_a_discriminator_resumes_exactly(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, straight, resumed = tmp_path / "base", tmp_path / "straight", tmp_path / "resumed"
+    train_vq([dataset], base, _config(3), progress=False)
+    train_vq([dataset], straight, _refine_config(base, 8), progress=False)
+    real_save = vq_trainer.save_state
+
+    def save_then_die(*args: object, **kwargs: object) -> None:
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+        if args[3] == 6:
+            raise KilledError
+
+    monkeypatch.setattr(vq_trainer, "save_state", save_then_die)
+    with pytest.raises(KilledError):
+        train_vq([dataset], resumed, _refine_config(base, 8), progress=False)
+    monkeypatch.undo()
+    assert any(k.startswith("disc.") for k in load_file(str(resumed / STATE_FILE)))
+    train_vq([dataset], resumed, _refine_config(base, 8), progress=False)
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(resumed / "model.safetensors"))
+    for key in a:  # the discriminator and its optimizer came back too
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_refinement_configuration_errors(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="init"):
+        _config(2).replace(decoder_only=True)
+    with pytest.raises(ConfigError, match="pixel_loss"):
+        _config(2).replace(pixel_loss="huber")
+    with pytest.raises(ConfigError, match="adversarial"):
+        _config(2).replace(adversarial_weight=-1.0)
+    other = tmp_path / "other"
+    VQModel(VQConfig.preset("tiny").replace(codebook_size=32)).save_pretrained(other)
+    with pytest.raises(ValueError, match="architecture"):
+        train_vq([dataset], tmp_path / "run", _config(2).replace(init=str(other)), progress=False)
+
+
+def test_main_refines_from_a_checkpoint_with_its_architecture(
+    dataset: Path, tmp_path: Path
+) -> None:
+    base, out = tmp_path / "base", tmp_path / "refined"
+    train_vq([dataset], base, _config(2), progress=False)
+    argv = ["--data", str(dataset), "--out", str(out), "--init", str(base), "--decoder-only"]
+    argv += ["--steps", "2", "--batch-size", "2", "--no-progress", "--threads", "1"]
+    argv += ["--pixel-loss", "l1", "--adversarial-weight", "0.5"]
+    assert main(argv) == 0
+    saved = VQTrainConfig.load(out / "train-config.json")
+    assert saved.vq == VQConfig.preset("tiny")  # from the checkpoint, not --preset's default
+    assert saved.decoder_only and saved.init == str(base) and saved.adversarial_weight == 0.5

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
@@ -41,7 +42,8 @@ from mmrag.data.datasets import documents_files
 from mmrag.documents import DocumentError, iter_jsonl
 from mmrag.train.distributed import Collectives, DistEnv, global_sum, setup, shard, teardown, wrap
 from mmrag.train.state import check_resumable
-from mmrag.vq import PerceptualLoss, VQConfig, VQModel, psnr, square_resize
+from mmrag.train.vq_adversarial import PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
+from mmrag.vq import PerceptualLoss, VQConfig, VQModel, VQOutput, psnr, square_resize
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ TRAIN_CONFIG_FILE = "train-config.json"
 METRICS_FILE = "metrics.json"
 # Fields that may change when a run resumes (they do not change what a step computes).
 RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "save_every", "eval_images"})
+PIXEL_LOSSES = {"mse": functional.mse_loss, "l1": functional.l1_loss}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,18 @@ class VQTrainConfig(Config):
     # Weight of the EfficientNet-Lite0 feature distance (0: pixels only, which is what PSNR
     # rewards; > 0 sharpens edges at some PSNR cost and ~25% more time per step).
     perceptual_weight: float = 0.0
+    pixel_loss: str = "mse"  # "mse" (what PSNR rewards) or "l1" (VQGAN's)
+    # Weight of the VQGAN adversarial term (PatchGAN, hinge, adaptive weight; 0: none), from
+    # step `adversarial_start` on (the discriminator trains from then too).
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0
+    # Start from this VQ checkpoint (a folder with config.json + model.safetensors; its
+    # config must be `vq`). With `decoder_only`, only post_quant_conv and the decoder train:
+    # the encoder and the codebook stay frozen, so every image keeps its codes and models
+    # trained on those codes keep working with the refined decoder (an asymmetric VQGAN's
+    # second stage, Zhu et al. 2023).
+    init: str = ""
+    decoder_only: bool = False
     hflip: bool = True  # random horizontal flips (emoji and photos are flip-tolerant)
     holdout: float = 0.1  # fraction of groups held out for the PSNR
     group_key: str = "base"
@@ -88,6 +103,12 @@ class VQTrainConfig(Config):
             raise ConfigError("VQTrainConfig: eval_every, save_every, eval_images must be >= 1")
         if self.perceptual_weight < 0 or self.grad_clip <= 0:
             raise ConfigError("VQTrainConfig: perceptual_weight >= 0, grad_clip > 0")
+        if self.pixel_loss not in PIXEL_LOSSES:
+            raise ConfigError(f"VQTrainConfig: pixel_loss must be one of {sorted(PIXEL_LOSSES)}")
+        if self.adversarial_weight < 0 or self.adversarial_start < 0:
+            raise ConfigError("VQTrainConfig: adversarial_weight >= 0, adversarial_start >= 0")
+        if self.decoder_only and not self.init:
+            raise ConfigError("VQTrainConfig: decoder_only refines a trained VQ: give init")
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -197,6 +218,33 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass
+class Adversary:
+    """The discriminator and its optimizer (when `adversarial_weight` > 0)."""
+
+    disc: PatchDiscriminator
+    optimizer: torch.optim.Optimizer
+
+
+def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.{index}.{name}": torch.as_tensor(value)
+        for index, slots in optimizer.state_dict()["state"].items()
+        for name, value in slots.items()
+    }
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], groups: str
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups)})
+
+
 def save_state(
     out: Path,
     model: VQModel,
@@ -204,30 +252,36 @@ def save_state(
     step: int,
     config: VQTrainConfig,
     history: list[dict[str, float]],
+    adversary: Adversary | None = None,
 ) -> None:
     """Weights (`model.safetensors`) and the training state, each written atomically."""
     model.config.save(out / "config.json")
     weights = dict(model.state_dict())
     _atomic_save(weights, out / "model.safetensors", {"step": str(step)})
-    opt = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in weights.items()}
-    for index, slots in opt["state"].items():
-        for name, value in slots.items():
-            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+    tensors |= _optimizer_tensors("optimizer", optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "step": str(step),
         "config": config.to_json(),
-        "param_groups": json.dumps(opt["param_groups"]),
+        "param_groups": json.dumps(optimizer.state_dict()["param_groups"]),
         "history": json.dumps(history),
     }
+    if adversary is not None:
+        tensors |= {f"disc.{k}": v for k, v in adversary.disc.state_dict().items()}
+        tensors |= _optimizer_tensors("disc_optimizer", adversary.optimizer)
+        meta["disc_param_groups"] = json.dumps(adversary.optimizer.state_dict()["param_groups"])
     _atomic_save(tensors, out / STATE_FILE, meta)
 
 
 def load_state(
-    out: Path, model: VQModel, optimizer: torch.optim.Optimizer, config: VQTrainConfig
+    out: Path,
+    model: VQModel,
+    optimizer: torch.optim.Optimizer,
+    config: VQTrainConfig,
+    adversary: Adversary | None = None,
 ) -> tuple[int, list[dict[str, float]]]:
-    """Restore weights, optimizer, RNG from `out/train_state.safetensors`; (step, history)."""
+    """Restore weights, optimizers, RNG from `out/train_state.safetensors`; (step, history)."""
     path = out / STATE_FILE
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -237,12 +291,14 @@ def load_state(
         {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
         strict=True,
     )
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    _restore_optimizer(optimizer, "optimizer", tensors, meta["param_groups"])
+    if adversary is not None:
+        adversary.disc.load_state_dict(
+            {k.removeprefix("disc."): v for k, v in tensors.items() if k.startswith("disc.")},
+            strict=True,
+        )
+        groups = meta["disc_param_groups"]
+        _restore_optimizer(adversary.optimizer, "disc_optimizer", tensors, groups)
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"]), json.loads(meta["history"])
 
@@ -269,6 +325,46 @@ def evaluate(
 
 
 # --- training -------------------------------------------------------------------------------
+
+
+def init_weights(model: VQModel, folder: Path) -> None:
+    """Load the VQ checkpoint `folder` into `model`; its config must be the model's."""
+    if VQConfig.load(folder / "config.json") != model.config:
+        raise ValueError(f"the VQ checkpoint {folder} has another architecture than --config's")
+    state = VQModel.from_pretrained(folder).state_dict()
+    model.load_state_dict(state, strict=True)
+
+
+def trainable(model: VQModel, decoder_only: bool) -> list[nn.Parameter]:
+    """The parameters that train: all, or (decoder_only) post_quant_conv's and the decoder's,
+    with the rest frozen."""
+    if not decoder_only:
+        return list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+class DecoderRefiner(nn.Module):
+    """A training forward that leaves the codes alone: frozen encoder and codebook (no EMA
+    update, no restarts), then the trainable post_quant_conv and decoder."""
+
+    def __init__(self, model: VQModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> VQOutput:
+        with torch.no_grad():
+            codes = self.model.encode(x)  # (B, h, w)
+            z_q = self.model.quantize.lookup(codes)  # (B, D, h, w)
+        recon = self.model.decoder(self.model.post_quant_conv(z_q))  # (B, 3, S, S)
+        counts = torch.bincount(codes.flatten(), minlength=self.model.config.codebook_size)
+        probs = counts.float() / counts.sum()
+        perplexity = torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum())
+        return VQOutput(recon, codes, recon.new_zeros(()), perplexity)
 
 
 def train_vq(
@@ -298,17 +394,28 @@ def train_vq(
 
     torch.manual_seed(config.seed)
     model = VQModel(config.vq).to(device).train()
+    if config.init:
+        init_weights(model, Path(config.init))
     if env.distributed:
         model.quantize.sync = Collectives(env)
+    trained = trainable(model, config.decoder_only)
     # The codebook buffers are kept equal by `sync`, not by DDP's broadcast from rank 0.
-    ddp = wrap(model, env, broadcast_buffers=False)
+    net: nn.Module = DecoderRefiner(model) if config.decoder_only else model
+    ddp = wrap(net, env, broadcast_buffers=False)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
+        trained, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
     )
     perceptual = PerceptualLoss().to(device) if config.perceptual_weight > 0 else None
+    adversary = None
+    if config.adversarial_weight > 0:
+        disc = PatchDiscriminator().to(device)
+        betas = (0.5, 0.9)  # VQGAN's, for both players
+        adversary = Adversary(disc, torch.optim.AdamW(disc.parameters(), config.lr, betas))
+        ddp_disc = wrap(disc, env)
+    pixel_loss = PIXEL_LOSSES[config.pixel_loss]
     step, history = 0, list[dict[str, float]]()
     if (out / STATE_FILE).is_file():
-        step, history = load_state(out, model, optimizer, config)
+        step, history = load_state(out, model, optimizer, config, adversary)
         logger.info("resuming %s at step %d of %d", out, step, config.steps)
     if env.is_main:
         config.save(out / TRAIN_CONFIG_FILE)
@@ -328,30 +435,49 @@ def train_vq(
             flips = order.flips(step)
             x[flips] = x[flips].flip(-1)
         x = x[rows].to(device)  # (B / world, 3, S, S)
+        lr = lr_at(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr
         result = ddp(x)
-        mse = functional.mse_loss(result.recon, x)
-        loss = mse + result.commitment_loss
+        pixels = pixel_loss(result.recon, x)
+        reconstruction = pixels
         if perceptual is not None:
-            loss = loss + config.perceptual_weight * perceptual(result.recon, x)
+            reconstruction = reconstruction + config.perceptual_weight * perceptual(result.recon, x)
+        loss = reconstruction + result.commitment_loss
+        adversarial = adversary is not None and step >= config.adversarial_start
+        if adversarial:
+            fooling = -ddp_disc(result.recon).mean()
+            last = model.decoder.conv_out.weight
+            weight = adaptive_weight(reconstruction, fooling, last)
+            loss = loss + config.adversarial_weight * weight * fooling
         optimizer.zero_grad(set_to_none=True)
         (loss * share * env.loss_scale).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
         optimizer.step()
+        if adversarial and adversary is not None:
+            for group in adversary.optimizer.param_groups:
+                group["lr"] = lr
+            real, fake = ddp_disc(x), ddp_disc(result.recon.detach())
+            disc_loss = hinge_discriminator_loss(real, fake)
+            adversary.optimizer.zero_grad(set_to_none=True)
+            (disc_loss * share * env.loss_scale).backward()
+            adversary.optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(mse=f"{mse.item():.4f}", ppl=f"{result.perplexity.item():.0f}")
+        bar.set_postfix(mse=f"{pixels.item():.4f}", ppl=f"{result.perplexity.item():.0f}")
         if step % config.eval_every == 0 or step == config.steps:
             row = {"step": float(step), "loss": global_sum(loss * share, env).item()}
-            row |= {"mse": global_sum(mse * share, env).item()}
+            row |= {config.pixel_loss: global_sum(pixels * share, env).item()}
             row |= {"perplexity": result.perplexity.item(), "ema_usage": model.quantize.usage()}
+            if adversarial:
+                row |= {"disc_loss": global_sum(disc_loss * share, env).item()}
+                row |= {"adaptive_weight": weight.item()}
             if len(eval_pixels) and env.is_main:
                 row |= {f"heldout_{k}": v for k, v in evaluate(model, eval_pixels, device).items()}
             history.append(row)
             logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()})
         if env.is_main and (step % config.save_every == 0 or step == config.steps):
-            save_state(out, model, optimizer, step, config, history)
+            save_state(out, model, optimizer, step, config, history, adversary)
     bar.close()
     final = history[-1] if history else {"step": float(step)}
     metrics = {
@@ -381,6 +507,18 @@ FLAGS: dict[str, tuple[type, str]] = {
         float,
         "weight of the frozen EfficientNet-Lite0 feature distance (0: pixels only; needs the "
         "`lite` extra)",
+    ),
+    "pixel_loss": (str, "pixel reconstruction loss: mse or l1"),
+    "adversarial_weight": (
+        float,
+        "weight of the VQGAN adversarial term (patch discriminator, hinge loss, adaptive "
+        "weight; 0: none)",
+    ),
+    "adversarial_start": (int, "step from which the adversarial term and discriminator train"),
+    "init": (
+        str,
+        "start from this VQ checkpoint folder (config.json + model.safetensors); its "
+        "architecture replaces --preset",
     ),
     "holdout": (float, "fraction of --group-key groups held out for the PSNR"),
     "group_key": (str, "metadata key whose groups are held out whole (documents without it train)"),
@@ -435,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text} (default {default})",
         )
     p.add_argument(
+        "--decoder-only",
+        action="store_true",
+        default=None,
+        help="with --init: train only post_quant_conv and the decoder; the encoder and codebook "
+        "stay frozen, so every image keeps its codes (models trained on them keep working)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -453,9 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> VQTrainConfig:
     if args.config:
         config = VQTrainConfig.load(args.config)
+    elif args.init:
+        config = VQTrainConfig(vq=VQConfig.load(Path(args.init) / "config.json"))
     else:
         config = VQTrainConfig(vq=VQConfig.preset(args.preset))
     changes = {f: getattr(args, f) for f in FLAGS if getattr(args, f) is not None}
+    if args.decoder_only:
+        changes["decoder_only"] = True
     return config.replace(**changes) if changes else config
 
 
