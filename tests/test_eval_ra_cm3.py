@@ -39,7 +39,9 @@ def test_made_up_names_are_distinct_and_seeded() -> None:
 
 @pytest.mark.pretrained  # the FID extractor is the packaged EfficientNet-Lite0
 @pytest.mark.slow
-def test_evaluate_scores_every_system(runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_evaluate_scores_every_system(
+    runs: tuple[Path, Path], tiny_vq_dir: Path, tmp_path: Path
+) -> None:
     ra, vanilla = runs
     settings = Settings(
         n=2, samples=1, caption_samples=2, guidance=2.0, knowledge=3, stored=2, progress=False
@@ -81,7 +83,10 @@ def test_evaluate_scores_every_system(runs: tuple[Path, Path], tmp_path: Path) -
             "--out",
             str(out),
             "--no-progress",
+            "--vq",
+            str(tiny_vq_dir),  # the runs' own VQ: the same codes, so it is accepted
         ]
     )
     written = json.loads(out.read_text())
     assert rc == 0 and written["knowledge"]["names"] == 2 and written["stored"] == {}
+    assert written["models"]["vq"] == str(tiny_vq_dir)

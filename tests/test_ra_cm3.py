@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import build_tiny_racm3
 from mmrag.documents import Document
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import MASK, RACM3, reference_vq
+from mmrag.vq import VQModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +45,25 @@ def test_generate_image_returns_best_sample_and_evidence(color_memory: Memory) -
     assert best == pytest.approx(max(out.scores), abs=1e-5)
     again = model.generate_image("a red square", seed=1)
     assert again.codes == out.codes  # seeded
+
+
+def test_with_vq_draws_the_same_codes_with_another_decoder(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
+    refined = VQModel(model.vq.config)
+    refined.load_state_dict(model.vq.state_dict())
+    with torch.no_grad():
+        refined.decoder.conv_out.bias.add_(0.5)  # a different decoder, the same codes
+    redrawn = model.with_vq(refined)
+    assert redrawn.vq is refined and redrawn.memory is color_memory
+    a = model.generate_image("a red square", seed=1)
+    b = redrawn.generate_image("a red square", seed=1, samples=1)
+    c = model.generate_image("a red square", seed=1, samples=1)
+    assert b.codes == c.codes and b.image.tobytes() != c.image.tobytes()
+    assert a.evidence == b.evidence
+    with torch.no_grad():
+        refined.quantize.codebook.mul_(2.0)
+    with pytest.raises(ValueError, match="codes images differently"):
+        model.with_vq(refined)
 
 
 def test_no_retrieval_and_pinned_demos(color_memory: Memory, color_docs: list[Document]) -> None:

@@ -134,6 +134,24 @@ def test_save_load_round_trip(model: VQModel, tmp_path: Path) -> None:
         VQModel.from_pretrained(tmp_path / "vq")
 
 
+def test_same_codes_ignores_the_decoder_only(model: VQModel) -> None:
+    other = VQModel(model.config)
+    other.load_state_dict(model.state_dict())
+    assert model.same_codes(other)
+    with torch.no_grad():
+        other.decoder.conv_out.weight.add_(1.0)
+        other.post_quant_conv.bias.add_(1.0)
+    assert model.same_codes(other)  # a refined decoder draws the same codes differently
+    with torch.no_grad():
+        other.quantize.codebook[0].add_(1.0)
+    assert not model.same_codes(other)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(1.0)
+    assert not model.same_codes(other)
+    assert not model.same_codes(VQModel(model.config.replace(codebook_size=32)))
+
+
 def test_pil_round_trip_flattens_transparency_onto_white(model: VQModel) -> None:
     rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))  # fully transparent, non-square
     x = images_to_tensor([rgba], 16)

@@ -289,6 +289,13 @@ class RACM3:
         """The same weights retrieving from another memory (e.g. one updated after training)."""
         return RACM3(self.generator, self.tokenizer, self.vq, self.config, memory)
 
+    def with_vq(self, vq: VQModel) -> RACM3:
+        """The same model drawing with another VQ that codes images as this one's does (same
+        encoder and codebook, e.g. a decoder refined with `mmrag train vq --decoder-only`)."""
+        if not self.vq.same_codes(vq):
+            raise ValueError("that VQ codes images differently (encoder or codebook differ)")
+        return RACM3(self.generator, self.tokenizer, vq.eval(), self.config, self.memory)
+
     # -- evidence ---------------------------------------------------------------------------
 
     def evidence(

@@ -413,6 +413,10 @@ class VQOutput:
     perplexity: torch.Tensor
 
 
+# The parameters that turn codes into pixels; the rest decide the codes.
+DECODING_PREFIXES = ("post_quant_conv.", "decoder.")
+
+
 class VQModel(nn.Module):
     """Encoder -> quant_conv -> EMA quantiser -> post_quant_conv -> decoder.
 
@@ -455,6 +459,15 @@ class VQModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.quantize.codebook.device
+
+    def same_codes(self, other: VQModel) -> bool:
+        """Whether `other` turns every image into the same codes: same architecture, encoder,
+        quant_conv and codebook (its decoder may differ, e.g. after `--decoder-only`)."""
+        if other.config != self.config:
+            return False
+        mine, theirs = self.state_dict(), other.state_dict()
+        coding = [k for k in mine if not k.startswith(DECODING_PREFIXES)]
+        return all(torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in coding)
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images (any size, RGBA flattened onto white) -> (B, h, w) codes on CPU."""

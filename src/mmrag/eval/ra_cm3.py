@@ -50,6 +50,7 @@ from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import RACM3
 from mmrag.train.ra_cm3_data import CORPUS_FILE, Corpus
+from mmrag.vq import VQModel
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +214,14 @@ def stored_test(
 
 
 def evaluate(
-    ra_dir: Path, vanilla_dir: Path, memory_dir: Path | None, settings: Settings
+    ra_dir: Path,
+    vanilla_dir: Path,
+    memory_dir: Path | None,
+    settings: Settings,
+    vq_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Every system on the first `settings.n` held-out variants; see the module docstring."""
+    """Every system on the first `settings.n` held-out variants; see the module docstring.
+    `vq_dir`: both models draw with that VQ (it must give their codes; see `RACM3.with_vq`)."""
     corpus = Corpus.load(ra_dir / CORPUS_FILE)
     split = json.loads((ra_dir / "split.json").read_text(encoding="utf-8"))
     rows = split["heldout"][: settings.n]
@@ -227,6 +233,9 @@ def evaluate(
     with Memory.open(memory_dir) as memory:
         ra = RACM3.from_pretrained(ra_dir, memory)
         vanilla = RACM3.from_pretrained(vanilla_dir, memory)
+        if vq_dir is not None:
+            vq = VQModel.from_pretrained(vq_dir)
+            ra, vanilla = ra.with_vq(vq), vanilla.with_vq(vq)
         runs = [
             ("ra-cm3", ra, True),
             ("ra-cm3 (no retrieval)", ra, False),
@@ -254,7 +263,12 @@ def evaluate(
         "heldout_documents": len(rows),
         "fid_extractor": FID_EXTRACTOR,
         "settings": dataclasses.asdict(settings),
-        "models": {"ra": str(ra_dir), "vanilla": str(vanilla_dir), "memory": str(memory_dir)},
+        "models": {
+            "ra": str(ra_dir),
+            "vanilla": str(vanilla_dir),
+            "memory": str(memory_dir),
+            "vq": str(vq_dir or "the models' own"),
+        },
     }
 
 
@@ -305,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--vanilla", required=True, type=Path, help="vanilla run folder (--retrieval off)"
     )
     p.add_argument("--memory", type=Path, help="memory to retrieve from (default: RA/memory)")
+    p.add_argument(
+        "--vq",
+        type=Path,
+        help="draw with this VQ instead of the models' own; it must give the same codes (same "
+        "encoder and codebook, e.g. a decoder refined with train vq --decoder-only)",
+    )
     p.add_argument("--n", type=int, default=d.n, help=f"held-out documents scored (default {d.n})")
     p.add_argument(
         "--samples",
@@ -359,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         not args.no_progress,
     )
-    result = evaluate(args.ra, args.vanilla, args.memory, settings)
+    result = evaluate(args.ra, args.vanilla, args.memory, settings, args.vq)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(markdown(result))
