@@ -241,6 +241,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from mmrag.eval.gill import main as eval_gill_main
 
         return eval_gill_main(args.rest)
+    if args.what == "vq":
+        from mmrag.eval.vq import main as eval_vq_main
+
+        return eval_vq_main(args.rest)
     raise CommandError(f"unknown evaluation {args.what!r}")
 
 
@@ -498,9 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_eval,
         "evaluate a model: ra-cm3 (retrieval vs none: FID, dual-encoder score, CIDEr, "
         "knowledge test), fromage (contextual image retrieval R@k, captioning CIDEr), gill "
-        "(decision F1 and calibration, mapper, generated images); `mmrag eval NAME --help`",
+        "(decision F1 and calibration, mapper, generated images), vq (held-out PSNR, code "
+        "usage, reconstruction FID); `mmrag eval NAME --help`",
     )
-    p.add_argument("what", choices=["ra-cm3", "fromage", "gill"], help="what to evaluate")
+    p.add_argument("what", choices=["ra-cm3", "fromage", "gill", "vq"], help="what to evaluate")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that evaluation")
 
     p = add(
