@@ -379,7 +379,7 @@ class Generator(nn.Module):
         if self.hints is None or hints.shape[2] > cfg.hint_slots:
             raise ValueError(f"the model takes {cfg.hint_slots} hint slots; got {hints.shape[2]}")
         top = cfg.hint_codes + (cfg.vocab_size if cfg.text_hints else 0)
-        if bool((hints >= top).any()) or bool((hints < -1).any()):
+        if bool(((hints >= top) | (hints < -1)).any()):  # one device sync, not two
             raise ValueError(f"hints must be in [0, {top}) or -1")
         image = (hints >= 0) & (hints < cfg.hint_codes)  # (B, T, S)
         slot = torch.arange(hints.shape[2], device=hints.device) * cfg.hint_codes  # (S,)
