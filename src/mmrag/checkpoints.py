@@ -16,6 +16,15 @@ PRODUCERS: dict[str, str] = {
         "mmrag train encoder --data .cache/data/emoji .cache/data/photos "
         "--out checkpoints/lite-encoder --holdout 0 --seed 0 --epochs 30 --batch-size 1024"
     ),
+    "vq": (
+        "mmrag data emoji .cache/data/emoji && mmrag data photos .cache/data/photos && "
+        "mmrag train vq --data .cache/data/emoji .cache/data/photos --out .cache/runs/vq-small "
+        "--preset small --steps 4000 --batch-size 16 --lr 3e-4 --seed 0 --threads 1, then "
+        "mmrag train vq --data (the same) --out .cache/runs/vq-refined --init "
+        ".cache/runs/vq-small --decoder-only --pixel-loss l1 --perceptual-weight 0.3 "
+        "--adversarial-weight 0.1 --lr 1e-4 --steps 1000 --batch-size 16 --seed 0 --threads 1 "
+        "and copy it to checkpoints/vq (see checkpoints/vq/RECIPE.md)"
+    ),
     "ra-cm3": (
         "mmrag data emoji .cache/data/emoji && mmrag train ra-cm3 --data .cache/data/emoji "
         "--out .cache/runs/ra-cm3 --preset small --copy-hints on --text-hints on "
