@@ -12,7 +12,12 @@ between two writes), `train-config.json` and `metrics.json`.
 
 Under `torchrun` every rank builds the same global batch and trains on its shard (DDP); each
 rank's loss is its shard's share of the global mean, and the codebook's EMA statistics and
-restart candidates are combined over ranks, so N processes end with the one-process weights.
+restart candidates are combined over ranks, so N processes end with the one-process weights
+(with the adversarial term, close to them: each rank takes the adaptive weight of its shard).
+
+`--init DIR --decoder-only` refines a trained VQ's decoder (optionally with the perceptual and
+adversarial losses, `train/vq_adversarial.py`) with the encoder and codebook frozen: every
+image keeps its codes, so the generators trained on them keep working.
 """
 
 from __future__ import annotations
@@ -439,8 +444,8 @@ def train_vq(
         for group in optimizer.param_groups:
             group["lr"] = lr
         result = ddp(x)
-        pixels = pixel_loss(result.recon, x)
-        reconstruction = pixels
+        pixel_term = pixel_loss(result.recon, x)
+        reconstruction = pixel_term
         if perceptual is not None:
             reconstruction = reconstruction + config.perceptual_weight * perceptual(result.recon, x)
         loss = reconstruction + result.commitment_loss
@@ -464,10 +469,11 @@ def train_vq(
             adversary.optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(mse=f"{pixels.item():.4f}", ppl=f"{result.perplexity.item():.0f}")
+        shown = {config.pixel_loss: f"{pixel_term.item():.4f}"}
+        bar.set_postfix(shown | {"ppl": f"{result.perplexity.item():.0f}"})
         if step % config.eval_every == 0 or step == config.steps:
             row = {"step": float(step), "loss": global_sum(loss * share, env).item()}
-            row |= {config.pixel_loss: global_sum(pixels * share, env).item()}
+            row |= {config.pixel_loss: global_sum(pixel_term * share, env).item()}
             row |= {"perplexity": result.perplexity.item(), "ema_usage": model.quantize.usage()}
             if adversarial:
                 row |= {"disc_loss": global_sum(disc_loss * share, env).item()}
