@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmrag.eval.report import prepare, report
 from mmrag.frozen_lm import IMAGE_SLOT, FrozenLM, GenerateOptions, TokenRow
 from mmrag.train.pairs import PairData, load_pair_data, pair_row
 from mmrag.train.retrieval_heads import recall, split_matches
@@ -244,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmrag.checkpoints import checkpoint_dir
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prepare(args.threads)
     checkpoint = args.checkpoint or checkpoint_dir("fromage")
     result = evaluate_fromage(
         checkpoint,
@@ -257,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_progress,
         caption_limit=args.caption_limit,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(markdown(result))
+    report(result, args.out, markdown)
     return 0
 
 

@@ -17,7 +17,6 @@ it, on the emoji families held out of FROMAGe's and GILL's training.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmrag.eval.report import prepare, report
 from mmrag.gill import Gill, draw_images
 from mmrag.train.fromage import FromageTrainConfig
 from mmrag.train.gill import GillTrainConfig, cached_states, load_gill_data
@@ -169,17 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/eval-gill.json"), help="results JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prepare(args.threads)
     checkpoint = args.checkpoint or checkpoint_dir("gill")
     result = evaluate_gill(
         checkpoint, args.data, args.generate, args.cache_dir, not args.no_progress
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(markdown(result))
+    report(result, args.out, markdown)
     return 0
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -46,6 +45,7 @@ from mmrag.eval.metrics import (
     frechet_distance,
     nearest_is_right,
 )
+from mmrag.eval.report import prepare, report
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import RACM3
@@ -365,10 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prepare(args.threads)
     settings = Settings(
         args.n,
         args.samples,
@@ -380,9 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_progress,
     )
     result = evaluate(args.ra, args.vanilla, args.memory, settings, args.vq)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(markdown(result))
+    report(result, args.out, markdown)
     return 0
 
 

@@ -12,7 +12,6 @@ seed), so the images are emoji the tokenizer never saw in any variant. Per token
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from mmrag.eval.metrics import FID_EXTRACTOR, fid_features, frechet_distance
+from mmrag.eval.report import prepare, report
 from mmrag.train.vq import evaluate as psnr_and_usage
 from mmrag.train.vq import load_images, split_holdout, to_unit
 from mmrag.vq import VQModel, tensor_to_images
@@ -108,10 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prepare(args.threads)
     try:
         result = evaluate_vqs(
             args.vq, args.data, args.holdout, args.seed, args.group_key, args.limit
@@ -119,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(markdown(result))
+    report(result, args.out, markdown)
     return 0
 
 
