@@ -174,3 +174,31 @@ def test_fromage_under_torchrun_equals_one_process(tmp_path: Path) -> None:
 
     one, two = (tmp_path / d / "adapters.safetensors" for d in ("one", "two"))
     assert_same_weights(one, two, atol=1e-5)
+
+
+def test_vq_decoder_refinement_under_torchrun(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "data")
+    base = vq_trainer.VQTrainConfig(
+        vq=VQConfig.preset("tiny"), steps=2, batch_size=4, lr=3e-3, warmup_steps=1, holdout=0.2
+    )
+    vq_trainer.train_vq([data], tmp_path / "base", base, progress=False)
+    refine = base.replace(
+        init=str(tmp_path / "base"), decoder_only=True, pixel_loss="l1", steps=3, eval_every=3
+    )
+    refine.save(tmp_path / "refine.json")
+    argv = ["--data", str(data), "--config", str(tmp_path / "refine.json"), "--no-progress"]
+    assert vq_trainer.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    torchrun("mmrag.train.vq", *argv, "--out", str(tmp_path / "two"))
+    # Without the adversarial term the two ranks' refinement is the one-process refinement.
+    one_weights, two_weights = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
+    assert_same_weights(one_weights, two_weights, atol=1e-4)
+    frozen = load_file(str(tmp_path / "base" / "model.safetensors"))
+    refined = load_file(str(two_weights))
+    assert torch.equal(frozen["quantize.codebook"], refined["quantize.codebook"])
+
+    # With it, each rank weighs the term by its own shard: it runs and trains the decoder.
+    refine.replace(adversarial_weight=0.1).save(tmp_path / "adversarial.json")
+    argv[3] = str(tmp_path / "adversarial.json")
+    torchrun("mmrag.train.vq", *argv, "--out", str(tmp_path / "gan"))
+    history = json.loads((tmp_path / "gan" / "metrics.json").read_text())["history"]
+    assert history[-1]["disc_loss"] > 0 and np.isfinite(history[-1]["l1"])
