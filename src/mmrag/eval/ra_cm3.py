@@ -250,9 +250,11 @@ def evaluate(
         results["retrieval only"] = score_system(
             memory.encoder, drawn, written, captions, reference
         )
-        step = max(1, len(split["train"]) // settings.knowledge)
-        paired = split["train"][::step][: settings.knowledge]
-        knowledge = knowledge_test(ra, vanilla, memory_dir, corpus, paired, settings)
+        knowledge: dict[str, float] = {}
+        if settings.knowledge:
+            step = max(1, len(split["train"]) // settings.knowledge)
+            paired = split["train"][::step][: settings.knowledge]
+            knowledge = knowledge_test(ra, vanilla, memory_dir, corpus, paired, settings)
         step = max(1, len(split["train"]) // max(1, settings.stored))
         kept = split["train"][step // 2 :: step][: settings.stored]
         stored = stored_test(runs, corpus, kept, settings) if settings.stored else {}
@@ -287,10 +289,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {m['fid']:.1f} | {m['dual_encoder_score']:.3f} | "
             f"{100 * m['cider']:.1f} | {cell} |"
         )
-    lines.append(
-        f"\n{result['heldout_documents']} held-out emoji variants; knowledge test: "
-        f"{int(knowledge['names'])} made-up names, chance {knowledge['chance']:.2f}."
-    )
+    told = f"\n{result['heldout_documents']} held-out emoji variants"
+    if knowledge:
+        told += f"; knowledge test: {int(knowledge['names'])} made-up names"
+        told += f", chance {knowledge['chance']:.2f}"
+    lines.append(told + ".")
     stored = result.get("stored") or {}
     if stored:
         lines += [
@@ -348,13 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--knowledge",
         type=int,
         default=d.knowledge,
-        help=f"made-up names in the knowledge test (default {d.knowledge})",
+        help=f"made-up names in the knowledge test, 0 skips it (default {d.knowledge})",
     )
     p.add_argument(
         "--stored",
         type=int,
         default=d.stored,
-        help=f"images of stored documents captioned in the stored test (default {d.stored})",
+        help=f"stored documents captioned in the stored test, 0 skips it (default {d.stored})",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of names and sampling")
     p.add_argument("--threads", type=int, help="torch CPU threads")
