@@ -17,6 +17,8 @@ from mmrag.train.distributed import DistEnv
 from mmrag.train.ra_cm3 import (
     STATE_FILE,
     Batcher,
+    build_parser,
+    config_from_args,
     main,
     prepare,
     ra_loss,
@@ -184,6 +186,19 @@ def test_main_cli_trains_on_a_tiny_budget(dataset: Path, vq_dir: Path, tmp_path:
         tok.config.image_codes,
     )
     assert MultimodalTokenizer.from_pretrained(tmp_path / "cli" / "tokenizer").vocab_size <= 320
+
+
+def test_flags_override_config_only_when_given(tmp_path: Path) -> None:
+    vanilla = tmp_path / "vanilla.json"
+    tiny_config(steps=2).replace(retrieval=False).save(vanilla)
+    base = ["--data", "d", "--out", "o"]
+    # Continuing a vanilla run from its train-config.json keeps it vanilla.
+    kept = config_from_args(build_parser().parse_args([*base, "--config", str(vanilla)]))
+    assert kept.retrieval is False and kept.steps == 2
+    on = ["--config", str(vanilla), "--retrieval", "on", "--steps", "5"]
+    turned = config_from_args(build_parser().parse_args([*base, *on]))
+    assert turned.retrieval is True and turned.steps == 5
+    assert config_from_args(build_parser().parse_args(base)).retrieval is True
 
 
 def test_blank_patches_blanks_the_requested_share() -> None:

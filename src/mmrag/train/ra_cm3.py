@@ -491,8 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retrieval",
         choices=["on", "off"],
-        default="on",
-        help="on: RA-CM3; off: the vanilla baseline (default on)",
+        help="on: RA-CM3; off: the vanilla baseline (default on, or --config's)",
     )
     p.add_argument(
         "--image-positions",
@@ -560,7 +559,8 @@ def config_from_args(args: argparse.Namespace) -> RACM3TrainConfig:
     else:
         config = RACM3TrainConfig(generator=GeneratorConfig.preset(args.preset))
     changes: dict[str, Any] = {f: getattr(args, f) for f in FLAGS if getattr(args, f) is not None}
-    changes["retrieval"] = args.retrieval == "on"
+    if args.retrieval is not None:  # unset keeps --config's choice (a vanilla run stays vanilla)
+        changes["retrieval"] = args.retrieval == "on"
     if args.image_positions is not None:
         changes["image_positions"] = args.image_positions == "on"
     if args.copy_hints is not None:
