@@ -40,6 +40,20 @@ def torchrun(module: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def vq_one_and_two(
+    config: vq_trainer.VQTrainConfig, data: Path, out: Path, one: bool = True
+) -> tuple[Path, Path]:
+    """Train `config` in one process (out/one, unless `one` is False) and under torchrun with
+    two (out/two); the two model.safetensors paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.json")
+    argv = ["--data", str(data), "--config", str(out / "config.json"), "--no-progress"]
+    if one:
+        assert vq_trainer.main([*argv, "--out", str(out / "one")]) == 0
+    torchrun("mmrag.train.vq", *argv, "--out", str(out / "two"))
+    return out / "one" / "model.safetensors", out / "two" / "model.safetensors"
+
+
 def assert_same_weights(a: Path, b: Path, atol: float) -> None:
     left, right = load_file(str(a)), load_file(str(b))
     assert sorted(left) == sorted(right)
@@ -125,13 +139,7 @@ def test_vq_under_torchrun_equals_one_process(tmp_path: Path) -> None:
         save_every=2,
         eval_images=4,
     )
-    config.save(tmp_path / "config.json")
-    argv = ["--data", str(data), "--config", str(tmp_path / "config.json"), "--no-progress"]
-
-    assert vq_trainer.main([*argv, "--out", str(tmp_path / "one")]) == 0
-    torchrun("mmrag.train.vq", *argv, "--out", str(tmp_path / "two"))
-
-    one_weights, two_weights = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
+    one_weights, two_weights = vq_one_and_two(config, data, tmp_path)
     # Float sums in another order differ in the last bits; Adam turns the noise on weights
     # whose true gradient is zero (attention key biases) into steps of up to ~lr/100.
     assert_same_weights(one_weights, two_weights, atol=1e-4)
@@ -185,20 +193,15 @@ def test_vq_decoder_refinement_under_torchrun(tmp_path: Path) -> None:
     refine = base.replace(
         init=str(tmp_path / "base"), decoder_only=True, pixel_loss="l1", steps=3, eval_every=3
     )
-    refine.save(tmp_path / "refine.json")
-    argv = ["--data", str(data), "--config", str(tmp_path / "refine.json"), "--no-progress"]
-    assert vq_trainer.main([*argv, "--out", str(tmp_path / "one")]) == 0
-    torchrun("mmrag.train.vq", *argv, "--out", str(tmp_path / "two"))
     # Without the adversarial term the two ranks' refinement is the one-process refinement.
-    one_weights, two_weights = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
+    one_weights, two_weights = vq_one_and_two(refine, data, tmp_path / "plain")
     assert_same_weights(one_weights, two_weights, atol=1e-4)
     frozen = load_file(str(tmp_path / "base" / "model.safetensors"))
     refined = load_file(str(two_weights))
     assert torch.equal(frozen["quantize.codebook"], refined["quantize.codebook"])
 
     # With it, each rank weighs the term by its own shard: it runs and trains the decoder.
-    refine.replace(adversarial_weight=0.1).save(tmp_path / "adversarial.json")
-    argv[3] = str(tmp_path / "adversarial.json")
-    torchrun("mmrag.train.vq", *argv, "--out", str(tmp_path / "gan"))
-    history = json.loads((tmp_path / "gan" / "metrics.json").read_text())["history"]
+    adversarial = refine.replace(adversarial_weight=0.1)
+    _, gan = vq_one_and_two(adversarial, data, tmp_path / "gan", one=False)
+    history = json.loads((gan.parent / "metrics.json").read_text())["history"]
     assert history[-1]["disc_loss"] > 0 and np.isfinite(history[-1]["l1"])
