@@ -90,3 +90,6 @@ def test_evaluate_scores_every_system(
     written = json.loads(out.read_text())
     assert rc == 0 and written["knowledge"] == {} and written["stored"] == {}  # both skipped
     assert written["models"]["vq"] == str(tiny_vq_dir)
+    chosen = written["settings"]
+    assert (chosen["n"], chosen["samples"], chosen["caption_samples"]) == (2, 1, 1)
+    assert (chosen["guidance"], chosen["seed"], chosen["progress"]) == (3.0, 0, False)

@@ -101,6 +101,18 @@ class Settings:
     progress: bool = True
 
 
+# The Settings fields the command line sets, with their help (each flag's default is the field's).
+SETTING_FLAGS = {
+    "n": "held-out documents scored",
+    "samples": "images sampled per caption, reranked",
+    "caption_samples": "captions sampled per image, reranked",
+    "guidance": "classifier-free guidance scale",
+    "knowledge": "made-up names in the knowledge test, 0 skips it",
+    "stored": "stored documents captioned in the stored test, 0 skips it",
+    "seed": "seed of names and sampling",
+}
+
+
 def caption_to_image(
     model: RACM3, captions: Sequence[str], retrieval: bool, settings: Settings, desc: str
 ) -> list[Image.Image]:
@@ -328,38 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw with this VQ instead of the models' own; it must give the same codes (same "
         "encoder and codebook, e.g. a decoder refined with train vq --decoder-only)",
     )
-    p.add_argument("--n", type=int, default=d.n, help=f"held-out documents scored (default {d.n})")
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=d.samples,
-        help=f"images sampled per caption, reranked (default {d.samples})",
-    )
-    p.add_argument(
-        "--caption-samples",
-        type=int,
-        default=d.caption_samples,
-        help=f"captions sampled per image, reranked (default {d.caption_samples})",
-    )
-    p.add_argument(
-        "--guidance",
-        type=float,
-        default=d.guidance,
-        help=f"classifier-free guidance scale (default {d.guidance})",
-    )
-    p.add_argument(
-        "--knowledge",
-        type=int,
-        default=d.knowledge,
-        help=f"made-up names in the knowledge test, 0 skips it (default {d.knowledge})",
-    )
-    p.add_argument(
-        "--stored",
-        type=int,
-        default=d.stored,
-        help=f"stored documents captioned in the stored test, 0 skips it (default {d.stored})",
-    )
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of names and sampling")
+    for name, text in SETTING_FLAGS.items():
+        default = getattr(d, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{text} (default {default})",
+        )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/eval-ra-cm3.json"), help="results JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -369,16 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     prepare(args.threads)
-    settings = Settings(
-        args.n,
-        args.samples,
-        args.caption_samples,
-        args.guidance,
-        args.knowledge,
-        args.stored,
-        args.seed,
-        not args.no_progress,
-    )
+    chosen = {name: getattr(args, name) for name in SETTING_FLAGS}
+    settings = Settings(**chosen, progress=not args.no_progress)
     result = evaluate(args.ra, args.vanilla, args.memory, settings, args.vq)
     report(result, args.out, markdown)
     return 0
