@@ -8,26 +8,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmrag.eval.vq import evaluate_vqs, main, markdown, reconstruction_fid
+from mmrag.eval.vq import evaluate_vqs, main, markdown, scores
 from mmrag.vq import VQConfig, VQModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.pretrained  # the FID extractor is the packaged EfficientNet-Lite0
-def test_reconstruction_fid_is_zero_for_a_perfect_copy_only(tiny_vq_dir: Path) -> None:
+def test_scores_give_a_perfect_copy_zero_fid_and_infinite_psnr_only(tiny_vq_dir: Path) -> None:
     model = VQModel.from_pretrained(tiny_vq_dir)
     pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
-    assert reconstruction_fid(model, pixels) > 1.0  # a random tokenizer loses the picture
+    lossy = scores(model, pixels, batch_size=3)  # two batches
+    assert lossy["reconstruction_fid"] > 1.0  # a random tokenizer loses the picture
+    assert 0 < lossy["usage"] <= 1 and lossy["psnr"] < 20
 
     class Identity(VQModel):
+        """Code 0 everywhere, and the decoder draws the last images encoded."""
+
         def encode(self, x: torch.Tensor) -> torch.Tensor:
-            return x
+            self.last = x
+            return torch.zeros(len(x), 4, 4, dtype=torch.long)
 
         def decode(self, codes: torch.Tensor) -> torch.Tensor:
-            return codes
+            return self.last
 
-    assert reconstruction_fid(Identity(model.config), pixels) == pytest.approx(0.0, abs=1e-6)
+    perfect = scores(Identity(model.config), pixels, batch_size=3)
+    assert perfect["reconstruction_fid"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["usage"] == pytest.approx(1 / model.config.codebook_size)
+    assert perfect["psnr"] > 60
 
 
 @pytest.mark.pretrained

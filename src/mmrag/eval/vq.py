@@ -22,23 +22,27 @@ import torch
 
 from mmrag.eval.metrics import FID_EXTRACTOR, fid_features, frechet_distance
 from mmrag.eval.report import prepare, report
-from mmrag.train.vq import evaluate as psnr_and_usage
-from mmrag.train.vq import load_images, split_holdout, to_unit
-from mmrag.vq import VQModel, tensor_to_images
+from mmrag.train.vq import load_images, reconstructions, split_holdout
+from mmrag.vq import VQModel, psnr, tensor_to_images
 
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def reconstruction_fid(model: VQModel, pixels: torch.Tensor, batch_size: int = 64) -> float:
-    """FID between the reconstructions of uint8 (N, 3, S, S) `pixels` and the pixels."""
-    model.eval()
+def scores(model: VQModel, pixels: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+    """PSNR, codebook usage and reconstruction FID of uint8 (N, 3, S, S) `pixels`, from one
+    encode -> decode pass."""
     originals, recons = [], []
-    for start in range(0, len(pixels), batch_size):
-        x = to_unit(pixels[start : start + batch_size]).to(model.device)
+    psnrs, used = [], torch.zeros(model.config.codebook_size, dtype=torch.bool)
+    for x, codes, recon in reconstructions(model, pixels, model.device, batch_size):
+        psnrs.append(psnr(recon, x).cpu())
+        used[codes.flatten().cpu()] = True
         originals += tensor_to_images(x.cpu())
-        recons += tensor_to_images(model.decode(model.encode(x)).cpu())
-    return frechet_distance(fid_features(recons), fid_features(originals))
+        recons += tensor_to_images(recon.cpu())
+    return {
+        "psnr": float(torch.cat(psnrs).mean()),
+        "usage": float(used.float().mean()),
+        "reconstruction_fid": frechet_distance(fid_features(recons), fid_features(originals)),
+    }
 
 
 def evaluate_vqs(
@@ -61,8 +65,7 @@ def evaluate_vqs(
         raise ValueError("fewer than two held-out images: lower --holdout or add data")
     results = {}
     for folder, model in zip(folders, models, strict=True):
-        row = psnr_and_usage(model, pixels, model.device)
-        row["reconstruction_fid"] = reconstruction_fid(model, pixels)
+        row = scores(model, pixels)
         results[str(folder)] = row
         logger.info("%s: %s", folder, row)
     return {

@@ -30,7 +30,7 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -311,21 +311,32 @@ def load_state(
 # --- evaluation -------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+def reconstructions(
+    model: VQModel, pixels: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch of uint8 (N, 3, S, S) `pixels`, in eval mode and without gradients: the
+    images in [0, 1] on `device`, their codes (B, h, w) and their reconstructions."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(pixels), batch_size):
+                x = to_unit(pixels[start : start + batch_size]).to(device)
+                codes = model.encode(x)  # (B, h, w)
+                yield x, codes, model.decode(codes)
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: VQModel, pixels: torch.Tensor, device: torch.device, batch_size: int = 64
 ) -> dict[str, float]:
     """Mean per-image PSNR (dB, [0, 1] scale) of encode -> decode and the fraction of the
     codebook those images use."""
-    was_training = model.training
-    model.eval()
     scores, used = [], torch.zeros(model.config.codebook_size, dtype=torch.bool)
-    for start in range(0, len(pixels), batch_size):
-        x = to_unit(pixels[start : start + batch_size]).to(device)
-        codes = model.encode(x)  # (B, h, w)
-        scores.append(psnr(model.decode(codes), x).cpu())
+    for x, codes, recon in reconstructions(model, pixels, device, batch_size):
+        scores.append(psnr(recon, x).cpu())
         used[codes.flatten().cpu()] = True
-    model.train(was_training)
     return {"psnr": float(torch.cat(scores).mean()), "usage": float(used.float().mean())}
 
 
