@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmrag.decoding import Sampling, allowed_mask, continuation_nll, decode, left_pad, sample_next
+from mmrag.decoding import (
+    Sampling,
+    allowed_mask,
+    continuation_nll,
+    decode,
+    left_pad,
+    mix_in,
+    sample_next,
+)
 from mmrag.generator import Generator, GeneratorConfig
 
 
@@ -78,3 +86,56 @@ def test_seeded_sampling_is_reproducible(model: Generator) -> None:
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+def test_mix_in_is_the_interpolated_distribution() -> None:
+    scores = torch.tensor([[0.0, 1.0, 2.0, float("-inf")], [0.0, 0.0, 0.0, 0.0]])
+    mixed = mix_in(scores, torch.tensor([0, -1]), 0.25)
+    expected = 0.75 * scores[0].softmax(-1) + 0.25 * torch.tensor([1.0, 0, 0, 0])
+    assert mixed[0].softmax(-1) == pytest.approx(expected, abs=1e-6)
+    assert mixed[0, 3] == float("-inf")  # a forbidden token stays forbidden
+    assert torch.equal(mixed[1], scores[1])  # no suggestion: the row is unchanged
+    assert torch.equal(mix_in(scores, torch.tensor([-1, 9]), 0.5), scores)
+
+
+def test_copy_weight_draws_the_suggested_tokens(model: Generator) -> None:
+    allowed = allowed_mask(model.config.vocab_size, [(40, 60)])
+    sampled = Sampling(temperature=1.0)
+    suggested = [[41 + i % 3 for i in range(12)], [-1] * 6 + [50] * 6]
+
+    def run(weight: float, seed: int = 0) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        kwargs = {"allowed": allowed, "copy": suggested, "copy_weight": weight, "generator": g}
+        return decode(model, PROMPTS, 12, sampling=sampled, **kwargs).tokens  # type: ignore[arg-type]
+
+    copied = run(1.0)
+    assert copied[0] == suggested[0]  # weight 1: every suggested token
+    assert copied[1][6:] == suggested[1][6:]
+    assert (
+        run(0.0)
+        == decode(
+            model, PROMPTS, 12, allowed, sampled, generator=torch.Generator().manual_seed(0)
+        ).tokens
+    )  # weight 0: the plain decoder
+    hits = [
+        sum(a == b for a, b in zip(run(0.5, s)[0], suggested[0], strict=True)) for s in range(8)
+    ]
+    assert 0 < sum(hits) < 8 * 12  # in between: some suggestions taken, some not
+    with pytest.raises(ValueError, match="copy row"):
+        decode(model, PROMPTS, 12, copy=[[41] * 3, [41] * 3], copy_weight=0.5)
+    with pytest.raises(ValueError, match="copy_weight"):
+        decode(model, PROMPTS, 12, copy=suggested, copy_weight=1.5)
+
+
+def test_a_suggestion_outside_the_allowed_tokens_is_ignored(model: Generator) -> None:
+    allowed = allowed_mask(model.config.vocab_size, [(40, 60)])
+    out = decode(
+        model,
+        PROMPTS,
+        8,
+        allowed,
+        Sampling(temperature=0),
+        copy=[[3] * 8, [70] * 8],
+        copy_weight=1.0,
+    )
+    assert all(40 <= t < 60 for row in out.tokens for t in row)

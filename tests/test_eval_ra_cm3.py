@@ -48,14 +48,18 @@ def test_evaluate_scores_every_system(
     )
     result = evaluate(ra, vanilla, None, settings)
     systems = result["systems"]
-    assert set(systems) == {"ra-cm3", "ra-cm3 (no retrieval)", "vanilla", "retrieval only"}
+    copied = "ra-cm3 + copy 0.5"  # the default copy weight
+    assert set(systems) == {"ra-cm3", copied, "ra-cm3 (no retrieval)", "vanilla", "retrieval only"}
+    assert systems[copied]["cider"] == systems["ra-cm3"]["cider"]  # image codes only
     for metrics in systems.values():
         assert metrics["fid"] >= 0 and math.isfinite(metrics["fid"])
         assert -1 <= metrics["dual_encoder_score"] <= 1
         assert metrics["cider"] >= 0
     knowledge = result["knowledge"]
     assert knowledge["chance"] == pytest.approx(1 / 3)
-    assert all(0 <= knowledge[k] <= 1 for k in ("ra-cm3", "ra-cm3 (no retrieval)", "vanilla"))
+    assert all(
+        0 <= knowledge[k] <= 1 for k in ("ra-cm3", copied, "ra-cm3 (no retrieval)", "vanilla")
+    )
     stored = result["stored"]
     assert set(stored) == {"ra-cm3", "ra-cm3 (no retrieval)", "vanilla"}
     assert all(m["cider"] >= 0 and 0 <= m["exact"] <= 1 for m in stored.values())
@@ -80,6 +84,8 @@ def test_evaluate_scores_every_system(
             "0",
             "--stored",
             "0",
+            "--copy-weight",
+            "0",
             "--out",
             str(out),
             "--no-progress",
@@ -89,6 +95,7 @@ def test_evaluate_scores_every_system(
     )
     written = json.loads(out.read_text())
     assert rc == 0 and written["knowledge"] == {} and written["stored"] == {}  # both skipped
+    assert not any("copy" in name for name in written["systems"])  # --copy-weight 0
     assert written["models"]["vq"] == str(tiny_vq_dir)
     chosen = written["settings"]
     assert (chosen["n"], chosen["samples"], chosen["caption_samples"]) == (2, 1, 1)

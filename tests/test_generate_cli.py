@@ -59,6 +59,14 @@ def test_generate_image_json(
     assert main([*argv[:-1], "--demo", pinned, "--json"]) == 0
     assert [e["id"] for e in json.loads(capsys.readouterr().out)["evidence"]] == [pinned]
 
+    def drawn_with(*flags: str) -> bytes:
+        assert main([*argv[:-1], *flags]) == 0
+        return out.read_bytes()
+
+    copied = drawn_with("--copy-weight", "1", "--seed", "1")
+    assert drawn_with("--copy-weight", "1", "--seed", "2") == copied  # every cell copied
+    assert drawn_with("--copy-weight", "0", "--seed", "1") != copied
+
 
 def test_generate_caption_and_infill(
     model_dir: Path, memory: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import build_tiny_racm3
-from mmrag.documents import Document
+from mmrag.documents import Document, load_image
 from mmrag.memory.memory import Memory
 from mmrag.ra_cm3 import MASK, RACM3, reference_vq
 from mmrag.vq import VQModel
@@ -64,6 +64,27 @@ def test_with_vq_draws_the_same_codes_with_another_decoder(color_memory: Memory)
         refined.quantize.codebook.mul_(2.0)
     with pytest.raises(ValueError, match="codes images differently"):
         model.with_vq(refined)
+
+
+def test_copy_weight_follows_the_top_retrieved_image(
+    color_memory: Memory, color_docs: list[Document]
+) -> None:
+    model = build(memory=color_memory)
+
+    def codes_of(path: str | None) -> list[int]:
+        assert path is not None
+        return model.vq.encode_images([load_image(path)])[0].reshape(-1).tolist()
+
+    out = model.generate_image("a red square", seed=2, copy_weight=1.0)
+    assert out.codes == codes_of(out.evidence[0].image)  # weight 1: the top image, cell by cell
+    assert model.generate_image("a red square", seed=2, copy_weight=0.0).codes != out.codes
+    pinned = model.generate_image("a red square", demos=[color_docs[4].id], copy_weight=1.0)
+    assert pinned.codes == codes_of(pinned.evidence[0].image)  # pinned demonstrations too
+    nothing = model.generate_image("a red square", retrieval=False, seed=2, copy_weight=1.0)
+    assert nothing.codes == model.generate_image("a red square", retrieval=False, seed=2).codes
+    band = model.infill_image(color_docs[0].images[0].open_image(), (1, 3), copy_weight=1.0)
+    grid = model.grid
+    assert band.codes[grid : 3 * grid] == codes_of(band.evidence[0].image)[grid : 3 * grid]
 
 
 def test_no_retrieval_and_pinned_demos(color_memory: Memory, color_docs: list[Document]) -> None:

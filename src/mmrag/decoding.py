@@ -5,6 +5,12 @@ Classifier-free guidance (Ho & Salimans 2022; on image tokens as in CM3Leon, Yu 
 every conditional row has an unconditional twin (its prompt without the caption and the
 retrieved documents) decoded in the same batch; the next token is sampled from
 `uncond + s * (cond - uncond)` and appended to both rows, so the twins stay aligned.
+
+Copy interpolation (kNN-LM's, Khandelwal et al. 2020, with a retrieved document as the
+neighbour): where retrieval suggests the next token (e.g. the code the top retrieved image
+holds at the cell being drawn), the next token is drawn from `(1 - w) * p + w * onehot`, p the
+guided, constrained model distribution; where it suggests nothing, or the suggestion is not an
+allowed token, from p alone.
 """
 
 from __future__ import annotations
@@ -100,6 +106,8 @@ def decode(
     use_cache: bool = True,
     hints: Sequence[torch.Tensor] | None = None,
     text_copy: Sequence[TextCopy | None] | None = None,
+    copy: Sequence[Sequence[int]] | None = None,
+    copy_weight: float = 0.0,
 ) -> Decoded:
     """Continue every prompt by up to `max_new_tokens` tokens drawn from `allowed` (V,) ids.
 
@@ -110,9 +118,13 @@ def decode(
     sequence (copy_hints.py); unconditional twins get none. `text_copy`: per prompt, the
     retrieved captions whose text copy hints follow the tokens as they are decoded (they
     replace the static hints from the prompt's last token on); needs a model with
-    `text_hints`.
+    `text_hints`. `copy`: per prompt, the token retrieval suggests for each new token
+    (max_new_tokens ids, NO_HINT where none), mixed in with weight `copy_weight` (see the
+    module docstring; 0 = off).
     """
     sampling = sampling or Sampling()
+    if not 0.0 <= copy_weight <= 1.0:
+        raise ValueError(f"copy_weight must be in [0, 1], got {copy_weight}")
     guided = uncond_prompts is not None and guidance != 1.0
     rows = list(prompts) + (list(uncond_prompts) if guided and uncond_prompts else [])
     b = len(prompts)
@@ -128,9 +140,9 @@ def decode(
         if all_hints is not None:
             wide[:, :, : all_hints.shape[2]] = all_hints
         all_hints = wide
-    for r, copy in copying:
+    for r, suggester in copying:
         assert all_hints is not None
-        all_hints[r, width - 1] = torch.as_tensor(copy.row([], slots))
+        all_hints[r, width - 1] = torch.as_tensor(suggester.row([], slots))
     if all_hints is not None:
         all_hints = all_hints.to(device)  # (R, width + max_new_tokens, S)
     cache: KVCache | None = None
@@ -146,12 +158,15 @@ def decode(
         bias = torch.zeros(allowed.shape[0], device=device).masked_fill(
             ~allowed.to(device), float("-inf")
         )
+    targets = _copy_targets(copy, b, max_new_tokens, allowed) if copy_weight else None
     for step in range(max_new_tokens):
         scores = logits[:b]
         if guided:
             scores = logits[b:] + guidance * (logits[:b] - logits[b:])  # (B, V)
         if bias is not None:
             scores = scores + bias
+        if targets is not None:
+            scores = mix_in(scores, targets[:, step].to(device), copy_weight)
         token = sample_next(scores.float(), sampling, generator)  # (B,)
         logp = functional.log_softmax(scores.float(), -1).gather(-1, token[:, None]).squeeze(-1)
         for r in range(b):
@@ -164,10 +179,10 @@ def decode(
             break
         step_tokens = torch.cat([token, token[: len(rows) - b]])[:, None]  # (R, 1)
         at = width + step  # the slot step_tokens go to
-        for r, copy in copying:
+        for r, suggester in copying:
             assert all_hints is not None
             if not done[r]:
-                all_hints[r, at] = torch.as_tensor(copy.row(out[r], slots), device=device)
+                all_hints[r, at] = torch.as_tensor(suggester.row(out[r], slots), device=device)
         if cache is not None:
             step_hints = None if all_hints is None else all_hints[:, at : at + 1]
             logits = model(step_tokens, cache=cache, hints=step_hints)[:, -1]
@@ -178,6 +193,41 @@ def decode(
             logits = model(ids, attention_mask=mask, hints=seen)[:, -1]
     mean = [float(nll[r]) / max(1, len(out[r])) for r in range(b)]
     return Decoded(out, mean)
+
+
+def mix_in(scores: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+    """Logits (B, V) of `(1 - weight) * softmax(scores) + weight * onehot(targets)` in the rows
+    whose target (B,) is a token id; rows with NO_HINT (or an id beyond V) keep their scores."""
+    has = (targets >= 0) & (targets < scores.shape[-1])
+    if not bool(has.any()):
+        return scores
+    probs = scores.float().softmax(-1) * (1.0 - weight)
+    probs[has, targets[has]] += weight
+    mixed = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
+    mixed = mixed.masked_fill(scores.float() == float("-inf"), float("-inf"))
+    return torch.where(has[:, None], mixed, scores.float())
+
+
+def _copy_targets(
+    copy: Sequence[Sequence[int]] | None,
+    prompts: int,
+    max_new_tokens: int,
+    allowed: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """(B, max_new_tokens) suggested token ids, NO_HINT where none or not allowed."""
+    if copy is None:
+        return None
+    if len(copy) != prompts:
+        raise ValueError(f"{len(copy)} copy rows for {prompts} prompts")
+    if any(len(c) != max_new_tokens for c in copy):
+        raise ValueError("each prompt's copy row must hold max_new_tokens ids")
+    targets = torch.as_tensor([list(c) for c in copy], dtype=torch.long).reshape(prompts, -1)
+    if allowed is not None:
+        known = (targets >= 0) & (targets < allowed.shape[0])
+        ok = known.clone()
+        ok[known] = allowed.cpu()[targets[known]]
+        targets = targets.masked_fill(~ok, NO_HINT)
+    return targets
 
 
 def _text_copy_rows(

@@ -42,6 +42,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _copy_weight(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--copy-weight",
+        type=float,
+        default=None,
+        help="draw each image code from (1 - W) * the model + W * the top retrieved image's code "
+        "at that cell; 0 = the generator alone (default: model config)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmrag generate",
@@ -64,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="classifier-free guidance scale, 1 = off (default: model config)",
     )
+    _copy_weight(p)
     p = sub.add_parser("caption", help="image -> caption")
     _common(p)
     p.add_argument("--image", required=True, help="image file to caption")
@@ -84,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--caption", default=None, help="what the image shows (optional)")
     p.add_argument("--out", required=True, help="PNG file to write")
+    _copy_weight(p)
     p = sub.add_parser("infill-caption", help="fill the <mask> in a caption of an image")
     _common(p)
     p.add_argument("--image", required=True, help="image file")
@@ -102,10 +114,13 @@ def _rows(text: str) -> tuple[int, int]:
 def _generate(model: RACM3, args: argparse.Namespace) -> ImageOutput | CaptionOutput:
     common = {"retrieval": not args.no_retrieval, "demos": args.demo, "seed": args.seed}
     if args.what == "image":
-        return model.generate_image(args.caption, args.samples, args.guidance, **common)
+        return model.generate_image(
+            args.caption, args.samples, args.guidance, copy_weight=args.copy_weight, **common
+        )
     image = decode_image(Path(args.image).read_bytes(), args.image)
     if args.what == "infill-image":
-        return model.infill_image(image, _rows(args.rows), args.caption, **common)
+        rows = _rows(args.rows)
+        return model.infill_image(image, rows, args.caption, copy_weight=args.copy_weight, **common)
     if args.what == "caption":
         return model.generate_caption(image, args.samples, **common)
     return model.infill_caption(image, args.caption, samples=args.samples, **common)

@@ -71,6 +71,10 @@ class RACM3Config(Config):
     caption_samples: int = 4  # image -> caption: samples reranked by perplexity
     caption_temperature: float = 0.7
     max_caption_tokens: int = 48
+    # Copy interpolation on image codes (decoding.py, kNN-LM style): each code is drawn from
+    # (1 - w) * the model's distribution + w * the code the top retrieved image (or the same
+    # document) holds at that cell. 0 = the generator alone; nothing retrieved, nothing mixed.
+    copy_weight: float = 0.5
 
     def validate(self) -> None:
         if self.samples < 1 or self.caption_samples < 1 or self.max_caption_tokens < 1:
@@ -79,6 +83,8 @@ class RACM3Config(Config):
             raise ConfigError("RACM3Config: guidance >= 0, temperatures > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("RACM3Config: top_p in (0, 1]")
+        if not 0.0 <= self.copy_weight <= 1.0:
+            raise ConfigError("RACM3Config: copy_weight in [0, 1]")
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -167,6 +173,15 @@ class CopySources:
     def same_image(self, codes: Sequence[int]) -> int | None:
         """The first document whose image has exactly these codes, else None."""
         return next((i for i, image in enumerate(self.images) if image == tuple(codes)), None)
+
+    def copy_image(self, same: int | None = None) -> tuple[int, ...]:
+        """The image codes a copy interpolation follows (`RACM3Config.copy_weight`): the same
+        document's (`same`) if given, else the top-ranked document's that has an image; ()
+        when none has one. One document for the whole image, so a copied cell always agrees
+        with its copied neighbours."""
+        if same is not None and self.images[same]:
+            return self.images[same]
+        return next((image for image in self.images if image), ())
 
     def same_caption(self, tokens: Sequence[int]) -> int | None:
         """The first document whose caption is exactly these tokens, else None."""
@@ -390,6 +405,13 @@ class RACM3:
         slots = self.generator.config.hint_slots
         return sources.in_slots(slots, self.config.same_document_slot, same)
 
+    def _copy(self, image: Sequence[int], cells: range) -> list[int] | None:
+        """The copy interpolation's suggested tokens for `cells` of the image being drawn:
+        `image`'s codes there as token ids (None without an image to copy)."""
+        if len(image) != self.tokenizer.config.image_tokens:
+            return None
+        return [self.tokenizer.image_offset + image[c] for c in cells]
+
     def _room(self, main_tokens: int) -> int:
         room = self.generator.config.max_seq_len - main_tokens
         if room < 1:
@@ -411,10 +433,12 @@ class RACM3:
         seed: int = 0,
         k: int | None = None,
         filters: Filters | None = None,
+        copy_weight: float | None = None,
     ) -> ImageOutput:
         """Draw `samples` images for `caption` with classifier-free guidance and keep the one
         the memory's dual encoder scores highest against the caption. `k` and `filters`
-        change what is retrieved (default: the model config's k, no filters)."""
+        change what is retrieved (default: the model config's k, no filters); `copy_weight`
+        the copy interpolation (default: the model config's)."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.samples
         guidance = cfg.guidance if guidance is None else guidance
@@ -422,8 +446,10 @@ class RACM3:
         words_ids = tok.encode_text(caption)
         main = [tok.img_alt_id, *words_ids, tok.src_id]
         n = tok.config.image_tokens
-        prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + n))
-        sources = self.slotted(sources, sources.same_caption(words_ids))
+        prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + n))
+        same = retrieved.same_caption(words_ids)
+        copy = self._copy(retrieved.copy_image(same), range(n))
+        sources = self.slotted(retrieved, same)
         prompt = prefix + main
         uncond = [tok.bos_id, tok.img_src_id]
         words = caption_cells(len(prompt), len(prefix) + 1, len(prompt) - 1)
@@ -439,6 +465,8 @@ class RACM3:
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
             hints=None if hints is None else [hints] * samples,
+            copy=None if copy is None else [copy] * samples,
+            copy_weight=cfg.copy_weight if copy_weight is None else copy_weight,
         )
         grids = [[t - tok.image_offset for t in row] for row in decoded.tokens]
         images = self.vq.decode_images(torch.tensor(grids).view(samples, self.grid, self.grid))
@@ -469,8 +497,7 @@ class RACM3:
     ) -> CaptionOutput:
         """Sample captions as the infilling of the alt text and keep the lowest perplexity."""
         tok = self.tokenizer
-        grid = ImageCodes.of(self.vq.encode_images([image])[0])
-        codes = tok.encode_image(grid)
+        grid, codes = self._image_tokens(image)
         sentinel = tok.sentinel_ids[0]
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
         evidence = self.evidence(None, image, retrieval, demos, k, filters)
@@ -490,8 +517,7 @@ class RACM3:
             raise ValueError(f"the caption must contain {MASK} exactly once")
         tok = self.tokenizer
         left, right = caption.split(MASK)
-        grid = ImageCodes.of(self.vq.encode_images([image])[0])
-        codes = tok.encode_image(grid)
+        grid, codes = self._image_tokens(image)
         sentinel = tok.sentinel_ids[0]
         main = [
             tok.img_alt_id,
@@ -508,6 +534,11 @@ class RACM3:
         out.text = left + out.text + right
         out.candidates = [(left + t + right, p) for t, p in out.candidates]
         return out
+
+    def _image_tokens(self, image: Image.Image) -> tuple[ImageCodes, list[int]]:
+        """The image's VQ code grid and its tokens."""
+        grid = ImageCodes.of(self.vq.encode_images([image])[0])
+        return grid, self.tokenizer.encode_image(grid)
 
     def _caption(
         self,
@@ -568,15 +599,17 @@ class RACM3:
         retrieval: bool = True,
         demos: Sequence[str] = (),
         seed: int = 0,
+        copy_weight: float | None = None,
     ) -> ImageOutput:
         """Regenerate the band of VQ grid rows [rows[0], rows[1]) of `image` (each row is
         image_size / grid pixels high) given the rest of the image and optionally a caption;
-        the rest of the image keeps its codes."""
+        the rest of the image keeps its codes. `copy_weight`: the copy interpolation with the
+        top retrieved image's codes in the band (default: the model config's)."""
         top, bottom = rows
         if not 0 <= top < bottom <= self.grid:
             raise ValueError(f"rows must satisfy 0 <= top < bottom <= {self.grid}")
         cfg, tok = self.config, self.tokenizer
-        codes = tok.encode_image(ImageCodes.of(self.vq.encode_images([image])[0]))
+        _, codes = self._image_tokens(image)
         a, b = top * self.grid, bottom * self.grid
         sentinel = tok.sentinel_ids[0]
         head = (
@@ -584,8 +617,9 @@ class RACM3:
         )
         main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
         evidence = self.evidence(caption, image, retrieval, demos)
-        prefix, evidence, sources = self._prefix(evidence, self._room(len(main) + b - a))
-        sources = self.slotted(sources)  # the image is partly unknown: no same document
+        prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + b - a))
+        copy = self._copy(retrieved.copy_image(), range(a, b))
+        sources = self.slotted(retrieved)  # the image is partly unknown: no same document
         n = tok.config.image_tokens
         cells: Cells = [None] * (len(prefix) + len(head))
         cells += [*range(a), None, *range(b, n), None, None, *range(a, b)]
@@ -601,6 +635,8 @@ class RACM3:
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
             hints=None if hints is None else [hints],
+            copy=None if copy is None else [copy],
+            copy_weight=cfg.copy_weight if copy_weight is None else copy_weight,
         )
         filled = [*codes[:a], *decoded.tokens[0], *codes[b:]]
         grid = [t - tok.image_offset for t in filled]

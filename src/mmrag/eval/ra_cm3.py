@@ -3,7 +3,10 @@ same compute, on emoji variants held out of training whose siblings stay in the 
 
 Systems, each on the same held-out documents:
 - `ra-cm3`: the retrieval-augmented model, retrieving K = 2 from the memory of training
-  documents (the held-out variants are not in it; their siblings are);
+  documents (the held-out variants are not in it; their siblings are), the generator alone;
+- `ra-cm3 + copy w`: the same, with the copy interpolation on image codes (decoding.py:
+  each code drawn from (1 - w) * the model + w * the top retrieved image's code at that cell);
+  its captions are `ra-cm3`'s (the interpolation is on image codes only);
 - `ra-cm3 (no retrieval)`: the same weights with nothing retrieved (an ablation);
 - `vanilla`: the baseline trained with `--retrieval off`, identical steps and tokens;
 - `retrieval only`: the top retrieved document's image / caption returned as the output
@@ -95,6 +98,7 @@ class Settings:
     samples: int = 2  # images per caption (reranked by the dual encoder)
     caption_samples: int = 4  # captions per image (reranked by perplexity)
     guidance: float = 3.0
+    copy_weight: float = 0.5  # the `ra-cm3 + copy` system's; 0 leaves that system out
     knowledge: int = 20  # made-up names
     stored: int = 20  # images of documents the memory holds, captioned
     seed: int = 0
@@ -107,6 +111,7 @@ SETTING_FLAGS = {
     "samples": "images sampled per caption, reranked",
     "caption_samples": "captions sampled per image, reranked",
     "guidance": "classifier-free guidance scale",
+    "copy_weight": "copy interpolation weight of the ra-cm3 + copy system, 0 leaves it out",
     "knowledge": "made-up names in the knowledge test, 0 skips it",
     "stored": "stored documents captioned in the stored test, 0 skips it",
     "seed": "seed of names and sampling",
@@ -114,7 +119,12 @@ SETTING_FLAGS = {
 
 
 def caption_to_image(
-    model: RACM3, captions: Sequence[str], retrieval: bool, settings: Settings, desc: str
+    model: RACM3,
+    captions: Sequence[str],
+    retrieval: bool,
+    settings: Settings,
+    desc: str,
+    copy_weight: float = 0.0,
 ) -> list[Image.Image]:
     return [
         model.generate_image(
@@ -123,6 +133,7 @@ def caption_to_image(
             settings.guidance,
             retrieval=retrieval,
             seed=settings.seed + i,
+            copy_weight=copy_weight,
         ).image
         for i, caption in enumerate(tqdm(captions, desc=desc, disable=not settings.progress))
     ]
@@ -168,6 +179,10 @@ def score_system(
     }
 
 
+def copied_name(weight: float) -> str:
+    return f"ra-cm3 + copy {weight:g}"
+
+
 def knowledge_test(
     model: RACM3,
     vanilla: RACM3,
@@ -192,6 +207,13 @@ def knowledge_test(
             updated = model.with_memory(memory)
             runs = {
                 "ra-cm3": caption_to_image(updated, captions, True, settings, "knowledge ra"),
+                **{
+                    copied_name(w): caption_to_image(
+                        updated, captions, True, settings, "knowledge copy", w
+                    )
+                    for w in [settings.copy_weight]
+                    if w
+                },
                 "ra-cm3 (no retrieval)": caption_to_image(
                     updated, captions, False, settings, "knowledge no retrieval"
                 ),
@@ -253,11 +275,19 @@ def evaluate(
             ("ra-cm3 (no retrieval)", ra, False),
             ("vanilla", vanilla, False),
         ]
+        written_by: dict[str, list[str]] = {}
         for name, model, retrieval in runs:
             drawn = caption_to_image(model, captions, retrieval, settings, name)
-            written = image_to_caption(model, truth, retrieval, settings, name)
+            written = written_by[name] = image_to_caption(model, truth, retrieval, settings, name)
             results[name] = score_system(memory.encoder, drawn, written, captions, reference)
             logger.info("%s: %s", name, results[name])
+            if name == "ra-cm3" and settings.copy_weight:
+                copied = copied_name(settings.copy_weight)
+                drawn = caption_to_image(ra, captions, True, settings, copied, settings.copy_weight)
+                results[copied] = score_system(
+                    memory.encoder, drawn, written_by[name], captions, reference
+                )
+                logger.info("%s: %s", copied, results[copied])
         drawn, written = retrieval_only(ra, captions, truth)
         results["retrieval only"] = score_system(
             memory.encoder, drawn, written, captions, reference
