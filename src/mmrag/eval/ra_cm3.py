@@ -205,22 +205,17 @@ def knowledge_test(
             ]
             ingest(memory, docs, progress=False)
             updated = model.with_memory(memory)
-            runs = {
-                "ra-cm3": caption_to_image(updated, captions, True, settings, "knowledge ra"),
-                **{
-                    copied_name(w): caption_to_image(
-                        updated, captions, True, settings, "knowledge copy", w
-                    )
-                    for w in [settings.copy_weight]
-                    if w
-                },
-                "ra-cm3 (no retrieval)": caption_to_image(
-                    updated, captions, False, settings, "knowledge no retrieval"
-                ),
-                "vanilla": caption_to_image(
-                    vanilla.with_memory(memory), captions, False, settings, "knowledge vanilla"
-                ),
-            }
+            runs = {"ra-cm3": caption_to_image(updated, captions, True, settings, "knowledge ra")}
+            if settings.copy_weight:
+                runs[copied_name(settings.copy_weight)] = caption_to_image(
+                    updated, captions, True, settings, "knowledge copy", settings.copy_weight
+                )
+            runs["ra-cm3 (no retrieval)"] = caption_to_image(
+                updated, captions, False, settings, "knowledge no retrieval"
+            )
+            runs["vanilla"] = caption_to_image(
+                vanilla.with_memory(memory), captions, False, settings, "knowledge vanilla"
+            )
     right = list(range(len(rows)))
     hits = {
         name: float(nearest_is_right(fid_features(images), cand_feats, right).mean())
@@ -275,18 +270,16 @@ def evaluate(
             ("ra-cm3 (no retrieval)", ra, False),
             ("vanilla", vanilla, False),
         ]
-        written_by: dict[str, list[str]] = {}
         for name, model, retrieval in runs:
             drawn = caption_to_image(model, captions, retrieval, settings, name)
-            written = written_by[name] = image_to_caption(model, truth, retrieval, settings, name)
+            written = image_to_caption(model, truth, retrieval, settings, name)
             results[name] = score_system(memory.encoder, drawn, written, captions, reference)
             logger.info("%s: %s", name, results[name])
-            if name == "ra-cm3" and settings.copy_weight:
+            if name == "ra-cm3" and settings.copy_weight:  # the same captions, copied images
                 copied = copied_name(settings.copy_weight)
-                drawn = caption_to_image(ra, captions, True, settings, copied, settings.copy_weight)
-                results[copied] = score_system(
-                    memory.encoder, drawn, written_by[name], captions, reference
-                )
+                w = settings.copy_weight
+                drawn = caption_to_image(model, captions, True, settings, copied, w)
+                results[copied] = score_system(memory.encoder, drawn, written, captions, reference)
                 logger.info("%s: %s", copied, results[copied])
         drawn, written = retrieval_only(ra, captions, truth)
         results["retrieval only"] = score_system(
