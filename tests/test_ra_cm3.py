@@ -82,9 +82,13 @@ def test_copy_weight_follows_the_top_retrieved_image(
     assert pinned.codes == codes_of(pinned.evidence[0].image)  # pinned demonstrations too
     nothing = model.generate_image("a red square", retrieval=False, seed=2, copy_weight=1.0)
     assert nothing.codes == model.generate_image("a red square", retrieval=False, seed=2).codes
-    band = model.infill_image(color_docs[0].images[0].open_image(), (1, 3), copy_weight=1.0)
-    grid = model.grid
-    assert band.codes[grid : 3 * grid] == codes_of(band.evidence[0].image)[grid : 3 * grid]
+    query = color_docs[0].images[0].open_image()  # a stored image: retrieval finds it first
+    band = model.infill_image(query, (1, 3), copy_weight=1.0)
+    own = model.vq.encode_images([query])[0].reshape(-1).tolist()
+    assert codes_of(band.evidence[0].image) == own
+    followed = next(codes_of(e.image) for e in band.evidence if codes_of(e.image) != own)
+    grid = model.grid  # the band follows the next document, not the image's own band back
+    assert band.codes[grid : 3 * grid] == followed[grid : 3 * grid] != own[grid : 3 * grid]
 
 
 def test_no_retrieval_and_pinned_demos(color_memory: Memory, color_docs: list[Document]) -> None:

@@ -174,14 +174,14 @@ class CopySources:
         """The first document whose image has exactly these codes, else None."""
         return next((i for i, image in enumerate(self.images) if image == tuple(codes)), None)
 
-    def copy_image(self, same: int | None = None) -> tuple[int, ...]:
+    def copy_image(self, same: int | None = None, skip: int | None = None) -> tuple[int, ...]:
         """The image codes a copy interpolation follows (`RACM3Config.copy_weight`): the same
-        document's (`same`) if given, else the top-ranked document's that has an image; ()
-        when none has one. One document for the whole image, so a copied cell always agrees
-        with its copied neighbours."""
+        document's (`same`) if given, else the top-ranked document's that has an image, other
+        than the `skip`-th; () when none has one. One document for the whole image, so a
+        copied cell always agrees with its copied neighbours."""
         if same is not None and self.images[same]:
             return self.images[same]
-        return next((image for image in self.images if image), ())
+        return next((im for i, im in enumerate(self.images) if im and i != skip), ())
 
     def same_caption(self, tokens: Sequence[int]) -> int | None:
         """The first document whose caption is exactly these tokens, else None."""
@@ -609,7 +609,7 @@ class RACM3:
         if not 0 <= top < bottom <= self.grid:
             raise ValueError(f"rows must satisfy 0 <= top < bottom <= {self.grid}")
         cfg, tok = self.config, self.tokenizer
-        _, codes = self._image_tokens(image)
+        grid, codes = self._image_tokens(image)
         a, b = top * self.grid, bottom * self.grid
         sentinel = tok.sentinel_ids[0]
         head = (
@@ -618,7 +618,8 @@ class RACM3:
         main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
         evidence = self.evidence(caption, image, retrieval, demos)
         prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + b - a))
-        copy = self._copy(retrieved.copy_image(), range(a, b))
+        # not the image being infilled, where the memory holds it: that would copy its band back
+        copy = self._copy(retrieved.copy_image(skip=retrieved.same_image(grid.codes)), range(a, b))
         sources = self.slotted(retrieved)  # the image is partly unknown: no same document
         n = tok.config.image_tokens
         cells: Cells = [None] * (len(prefix) + len(head))
