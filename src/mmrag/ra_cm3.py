@@ -609,7 +609,7 @@ class RACM3:
         if not 0 <= top < bottom <= self.grid:
             raise ValueError(f"rows must satisfy 0 <= top < bottom <= {self.grid}")
         cfg, tok = self.config, self.tokenizer
-        grid, codes = self._image_tokens(image)
+        given, codes = self._image_tokens(image)
         a, b = top * self.grid, bottom * self.grid
         sentinel = tok.sentinel_ids[0]
         head = (
@@ -619,7 +619,7 @@ class RACM3:
         evidence = self.evidence(caption, image, retrieval, demos)
         prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + b - a))
         # not the image being infilled, where the memory holds it: that would copy its band back
-        copy = self._copy(retrieved.copy_image(skip=retrieved.same_image(grid.codes)), range(a, b))
+        copy = self._copy(retrieved.copy_image(skip=retrieved.same_image(given.codes)), range(a, b))
         sources = self.slotted(retrieved)  # the image is partly unknown: no same document
         n = tok.config.image_tokens
         cells: Cells = [None] * (len(prefix) + len(head))
