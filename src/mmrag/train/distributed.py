@@ -66,8 +66,15 @@ def setup(device: str | None = None) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def teardown(env: DistEnv) -> None:
+def teardown(env: DistEnv, wait: bool = True) -> None:
+    """Leave the process group. `wait` (a run that finished on every rank): first a barrier,
+    so no rank tears its connections down while a peer still uses them (once, in a clean-clone
+    test run, a gloo peer aborted at exit: "terminate called without an active exception").
+    Without it (a rank that failed) the group is left at once, so a failure never waits on
+    ranks that will not come."""
     if env.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -656,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         level = logging.INFO if env.is_main else logging.WARNING  # one rank tells the story
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    finished = False
     try:
         train_encoder(
             args.data,
@@ -665,11 +666,12 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             env=env,
         )
+        finished = True
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
     finally:
-        teardown(env)
+        teardown(env, wait=finished)
     return 0
 
 

@@ -644,13 +644,15 @@ def main(argv: list[str] | None = None) -> int:
         level = logging.INFO if env.is_main else logging.WARNING  # one rank tells the story
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logger.info("command: %s", command_line(argv))
+    finished = False
     try:
         final = train_vq(args.data, args.out, config, env.device, not args.no_progress, env=env)
+        finished = True
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 1
     finally:
-        teardown(env)
+        teardown(env, wait=finished)
     logger.info("final: %s", json.dumps(final))
     return 0
 
