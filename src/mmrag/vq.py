@@ -286,6 +286,12 @@ class Quantized:
     perplexity: torch.Tensor  # scalar, exp(entropy of the batch's code histogram)
 
 
+def code_perplexity(counts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a code histogram: `counts` (K,) assignments out of `total`."""
+    probs = counts / total
+    return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+
+
 class RankSync(Protocol):
     """How a data-parallel trainer combines batch statistics over its ranks
     (`mmrag.train.distributed.Collectives`)."""
@@ -347,10 +353,8 @@ class EMAQuantizer(nn.Module):
             self.restart_dead_codes(rows)
         z_q = self.codebook[codes].view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
         commitment = self.config.commitment * functional.mse_loss(z, z_q.detach())
-        probs = counts / total
-        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         z_q = z + (z_q - z).detach()  # straight-through estimator
-        return Quantized(z_q, codes.view(b, h, w), commitment, perplexity)
+        return Quantized(z_q, codes.view(b, h, w), commitment, code_perplexity(counts, total))
 
     @torch.no_grad()
     def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:

@@ -48,7 +48,16 @@ from mmrag.documents import DocumentError, iter_jsonl
 from mmrag.train.distributed import Collectives, DistEnv, global_sum, setup, shard, teardown, wrap
 from mmrag.train.state import check_resumable
 from mmrag.train.vq_adversarial import PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
-from mmrag.vq import PerceptualLoss, VQConfig, VQModel, VQOutput, psnr, square_resize
+from mmrag.vq import (
+    DECODING_PREFIXES,
+    PerceptualLoss,
+    VQConfig,
+    VQModel,
+    VQOutput,
+    code_perplexity,
+    psnr,
+    square_resize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -352,15 +361,15 @@ def init_weights(model: VQModel, folder: Path) -> None:
 
 
 def trainable(model: VQModel, decoder_only: bool) -> list[nn.Parameter]:
-    """The parameters that train: all, or (decoder_only) post_quant_conv's and the decoder's,
-    with the rest frozen."""
+    """The parameters that train: all, or (decoder_only) those that turn codes into pixels
+    (`DECODING_PREFIXES`: post_quant_conv's and the decoder's), with the rest frozen."""
     if not decoder_only:
         return list(model.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(DECODING_PREFIXES))
+        if p.requires_grad:
+            params.append(p)
     return params
 
 
@@ -378,8 +387,7 @@ class DecoderRefiner(nn.Module):
             z_q = self.model.quantize.lookup(codes)  # (B, D, h, w)
         recon = self.model.decoder(self.model.post_quant_conv(z_q))  # (B, 3, S, S)
         counts = torch.bincount(codes.flatten(), minlength=self.model.config.codebook_size)
-        probs = counts.float() / counts.sum()
-        perplexity = torch.exp(-(probs * probs.clamp(min=1e-10).log()).sum())
+        perplexity = code_perplexity(counts.float(), counts.sum().float())
         return VQOutput(recon, codes, recon.new_zeros(()), perplexity)
 
 
