@@ -159,6 +159,8 @@ def decode(
             ~allowed.to(device), float("-inf")
         )
     targets = _copy_targets(copy, b, max_new_tokens, allowed) if copy_weight else None
+    if targets is not None:
+        targets = targets.to(device)
     for step in range(max_new_tokens):
         scores = logits[:b]
         if guided:
@@ -166,7 +168,7 @@ def decode(
         if bias is not None:
             scores = scores + bias
         if targets is not None:
-            scores = mix_in(scores, targets[:, step].to(device), copy_weight)
+            scores = mix_in(scores, targets[:, step], copy_weight)
         token = sample_next(scores.float(), sampling, generator)  # (B,)
         logp = functional.log_softmax(scores.float(), -1).gather(-1, token[:, None]).squeeze(-1)
         for r in range(b):
