@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HASHING, tiny_ra_cm3_config
+from mmrag.config import ConfigError
 from mmrag.eval.ra_cm3 import Settings, evaluate, made_up_names, main, markdown
 from mmrag.train.ra_cm3 import train_ra_cm3
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def runs(shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
-    config = tiny_ra_cm3_config(steps=2)
+    config = tiny_ra_cm3_config(steps=2, validation=0.5)
     ra, vanilla = tmp_path / "ra", tmp_path / "vanilla"
     train_ra_cm3([shapes_dataset], ra, config, tiny_vq_dir, HASHING, progress=False)
     train_ra_cm3(
@@ -86,6 +87,9 @@ def test_evaluate_scores_every_system(
             "0",
             "--copy-weight",
             "0",
+            "1",
+            "--split",
+            "validation",
             "--out",
             str(out),
             "--no-progress",
@@ -95,8 +99,28 @@ def test_evaluate_scores_every_system(
     )
     written = json.loads(out.read_text())
     assert rc == 0 and written["knowledge"] == {} and written["stored"] == {}  # both skipped
-    assert not any("copy" in name for name in written["systems"])  # --copy-weight 0
+    assert "ra-cm3 + copy 1" in written["systems"]  # a system per non-zero weight
+    assert not any(name.startswith("ra-cm3 + copy 0") for name in written["systems"])
+    assert (written["split"], written["heldout_documents"]) == ("validation", 2)
     assert written["models"]["vq"] == str(tiny_vq_dir)
     chosen = written["settings"]
     assert (chosen["n"], chosen["samples"], chosen["caption_samples"]) == (2, 1, 1)
     assert (chosen["guidance"], chosen["seed"], chosen["progress"]) == (3.0, 0, False)
+    assert chosen["copy_weights"] == [0.0, 1.0] and chosen["split"] == "validation"
+
+
+def test_settings_and_splits_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="copy weights"):
+        Settings(copy_weights=(0.5, 1.5))
+    with pytest.raises(ConfigError, match="split"):
+        Settings(split="train")
+    ra, vanilla = tmp_path / "ra", tmp_path / "vanilla"
+    for run, validation in ((ra, [3]), (vanilla, [4])):
+        run.mkdir()
+        split = {"train": [0, 1], "heldout": [2], "validation": validation}
+        (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(ConfigError, match="different validation sets"):
+        evaluate(ra, vanilla, None, Settings(split="validation"))
+    (ra / "split.json").write_text(json.dumps({"train": [0, 1], "heldout": [2]}))
+    with pytest.raises(ConfigError, match="--validation"):
+        evaluate(ra, vanilla, None, Settings(split="validation"))

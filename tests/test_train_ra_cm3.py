@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import HASHING, tiny_ra_cm3_config
+from mmrag.config import ConfigError
 from mmrag.tokenizer import MultimodalTokenizer
 from mmrag.train.distributed import DistEnv
 from mmrag.train.ra_cm3 import (
@@ -58,6 +59,35 @@ def test_heldout_variants_keep_siblings() -> None:
         assert sum(1 for g in groups if g == groups[i]) - 1 >= 1  # a sibling stays
 
 
+def test_heldout_variants_apart_from_another_split() -> None:
+    groups = [g for g in "aabbccdd"] + [None]
+    test = heldout_variants(groups, fraction=0.5, seed=0)
+    assert np.array_equal(test, heldout_variants(groups, 0.5, 0, exclude=()))  # unchanged
+    validation = heldout_variants(groups, fraction=0.5, seed=1, exclude=test.tolist())
+    assert len(validation) == 2  # half of all four groups
+    assert not {groups[i] for i in test} & {groups[i] for i in validation}  # disjoint groups
+    with pytest.raises(ConfigError, match="left apart"):
+        heldout_variants(groups, fraction=0.75, seed=1, exclude=test.tolist())
+
+
+def test_prepare_validation_split(dataset: Path, vq_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config().replace(validation=0.25)
+    prep = prepare([dataset], tmp_path / "run", config, vq_dir, HASHING, progress=False)
+    held, validation = set(prep.heldout_rows.tolist()), set(prep.validation_rows.tolist())
+    assert len(held) == 2 and len(validation) == 1 and not held & validation
+    assert set(prep.train_rows) | held | validation == set(range(12))
+    assert not (held | validation) & set(prep.train_rows.tolist())
+    # the same test variants as without a validation split
+    plain = prepare([dataset], tmp_path / "plain", tiny_config(), vq_dir, HASHING, False)
+    assert held == set(plain.heldout_rows.tolist())
+    assert prep.found is not None and prep.val_found is not None
+    for pos in range(len(prep.train_rows)):
+        assert not {int(j) for j in prep.found[pos].flatten()} & validation  # not in memory
+    assert prep.val_found.shape[0] == 1  # the trainer's loss is on the validation variants
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["validation"] == sorted(validation) and len(split["validation_ids"]) == 1
+
+
 def test_prepare_codes_splits_and_retrieves(dataset: Path, vq_dir: Path, tmp_path: Path) -> None:
     config = tiny_config()
     prep = prepare([dataset], tmp_path / "run", config, vq_dir, HASHING, progress=False)
@@ -65,6 +95,7 @@ def test_prepare_codes_splits_and_retrieves(dataset: Path, vq_dir: Path, tmp_pat
     assert prep.corpus.codes.shape == (12, VQConfig.preset("tiny").tokens_per_image)
     assert len(prep.heldout_rows) == 2  # half of the 4 groups give up one variant
     assert set(prep.train_rows) | set(prep.heldout_rows) == set(range(12))
+    assert len(prep.validation_rows) == 0  # no validation split unless asked
     assert prep.found is not None and prep.found.shape == (10, 2, 2)
     for pos, row in enumerate(prep.train_rows):
         found = {int(j) for j in prep.found[pos].flatten() if j >= 0}

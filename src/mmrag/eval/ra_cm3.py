@@ -12,6 +12,10 @@ Systems, each on the same held-out documents:
 - `retrieval only`: the top retrieved document's image / caption returned as the output
   (the paper's retrieval baseline).
 
+`--split validation` scores the validation variants instead (`train ra-cm3 --validation`:
+other families' variants, also out of training and memory), on which decoding settings such
+as the copy weight are chosen, so that the held-out (test) variants only report.
+
 Metrics: caption -> image FID (on the declared EfficientNet-Lite0 extractor, see
 eval/metrics.py) against the held-out ground-truth images, and the `lite` dual-encoder
 image-caption score; image -> caption CIDEr-D against the true caption. The knowledge test
@@ -39,6 +43,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from mmrag.config import ConfigError
 from mmrag.documents import Document, load_image
 from mmrag.eval.metrics import (
     FID_EXTRACTOR,
@@ -98,11 +103,18 @@ class Settings:
     samples: int = 2  # images per caption (reranked by the dual encoder)
     caption_samples: int = 4  # captions per image (reranked by perplexity)
     guidance: float = 3.0
-    copy_weight: float = 0.5  # the `ra-cm3 + copy` system's; 0 leaves that system out
+    copy_weights: tuple[float, ...] = (0.5,)  # one `ra-cm3 + copy w` system each; 0s are left out
+    split: str = "heldout"  # the documents scored: "heldout" (test) or "validation"
     knowledge: int = 20  # made-up names
     stored: int = 20  # images of documents the memory holds, captioned
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not all(0.0 <= w <= 1.0 for w in self.copy_weights):
+            raise ConfigError(f"copy weights must be in [0, 1], got {list(self.copy_weights)}")
+        if self.split not in ("heldout", "validation"):
+            raise ConfigError(f"split must be 'heldout' or 'validation', got {self.split!r}")
 
 
 # The Settings fields the command line sets, with their help (each flag's default is the field's).
@@ -111,7 +123,6 @@ SETTING_FLAGS = {
     "samples": "images sampled per caption, reranked",
     "caption_samples": "captions sampled per image, reranked",
     "guidance": "classifier-free guidance scale",
-    "copy_weight": "copy interpolation weight of the ra-cm3 + copy system, 0 leaves it out",
     "knowledge": "made-up names in the knowledge test, 0 skips it",
     "stored": "stored documents captioned in the stored test, 0 skips it",
     "seed": "seed of names and sampling",
@@ -183,6 +194,11 @@ def copied_name(weight: float) -> str:
     return f"ra-cm3 + copy {weight:g}"
 
 
+def copy_weights(settings: Settings) -> list[float]:
+    """The copy interpolation weights that make systems: the non-zero ones, in order, once."""
+    return [w for w in dict.fromkeys(settings.copy_weights) if w]
+
+
 def knowledge_test(
     model: RACM3,
     vanilla: RACM3,
@@ -206,9 +222,9 @@ def knowledge_test(
             ingest(memory, docs, progress=False)
             updated = model.with_memory(memory)
             runs = {"ra-cm3": caption_to_image(updated, captions, True, settings, "knowledge ra")}
-            if settings.copy_weight:
-                runs[copied_name(settings.copy_weight)] = caption_to_image(
-                    updated, captions, True, settings, "knowledge copy", settings.copy_weight
+            for w in copy_weights(settings):
+                runs[copied_name(w)] = caption_to_image(
+                    updated, captions, True, settings, "knowledge copy", w
                 )
             runs["ra-cm3 (no retrieval)"] = caption_to_image(
                 updated, captions, False, settings, "knowledge no retrieval"
@@ -249,11 +265,20 @@ def evaluate(
     settings: Settings,
     vq_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Every system on the first `settings.n` held-out variants; see the module docstring.
-    `vq_dir`: both models draw with that VQ (it must give their codes; see `RACM3.with_vq`)."""
-    corpus = Corpus.load(ra_dir / CORPUS_FILE)
+    """Every system on the first `settings.n` variants of `settings.split`; see the module
+    docstring. `vq_dir`: both models draw with that VQ (it must give their codes; see
+    `RACM3.with_vq`)."""
     split = json.loads((ra_dir / "split.json").read_text(encoding="utf-8"))
-    rows = split["heldout"][: settings.n]
+    if not split.get(settings.split):
+        raise ConfigError(
+            f"{ra_dir / 'split.json'} has no {settings.split!r} documents"
+            + (" (train ra-cm3 --validation makes them)" if settings.split == "validation" else "")
+        )
+    vanilla_split = json.loads((vanilla_dir / "split.json").read_text(encoding="utf-8"))
+    if vanilla_split.get(settings.split) != split[settings.split]:
+        raise ConfigError(f"{ra_dir} and {vanilla_dir} hold out different {settings.split} sets")
+    rows = split[settings.split][: settings.n]
+    corpus = Corpus.load(ra_dir / CORPUS_FILE)
     captions = [corpus.captions[i] for i in rows]
     truth = [_load(corpus.image_paths[i]) for i in rows]
     reference = fid_features(truth)
@@ -275,9 +300,8 @@ def evaluate(
             written = image_to_caption(model, truth, retrieval, settings, name)
             results[name] = score_system(memory.encoder, drawn, written, captions, reference)
             logger.info("%s: %s", name, results[name])
-            if name == "ra-cm3" and settings.copy_weight:  # the same captions, copied images
-                copied = copied_name(settings.copy_weight)
-                w = settings.copy_weight
+            for w in copy_weights(settings) if name == "ra-cm3" else ():
+                copied = copied_name(w)  # the same captions, copied images
                 drawn = caption_to_image(model, captions, True, settings, copied, w)
                 results[copied] = score_system(memory.encoder, drawn, written, captions, reference)
                 logger.info("%s: %s", copied, results[copied])
@@ -298,6 +322,7 @@ def evaluate(
         "knowledge": knowledge,
         "stored": stored,
         "heldout_documents": len(rows),
+        "split": settings.split,
         "fid_extractor": FID_EXTRACTOR,
         "settings": dataclasses.asdict(settings),
         "models": {
@@ -324,7 +349,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {m['fid']:.1f} | {m['dual_encoder_score']:.3f} | "
             f"{100 * m['cider']:.1f} | {cell} |"
         )
-    told = f"\n{result['heldout_documents']} held-out emoji variants"
+    kind = "validation" if result.get("split") == "validation" else "held-out"
+    told = f"\n{result['heldout_documents']} {kind} emoji variants"
     if knowledge:
         told += f"; knowledge test: {int(knowledge['names'])} made-up names"
         told += f", chance {knowledge['chance']:.2f}"
@@ -371,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
             default=default,
             help=f"{text} (default {default})",
         )
+    p.add_argument(
+        "--copy-weight",
+        dest="copy_weights",
+        type=float,
+        nargs="+",
+        default=list(d.copy_weights),
+        help="copy interpolation weights: one ra-cm3 + copy w system each, 0 leaves it out "
+        f"(default {' '.join(map(str, d.copy_weights))})",
+    )
+    p.add_argument(
+        "--split",
+        choices=("heldout", "validation"),
+        default=d.split,
+        help="score the held-out (test) variants or the validation ones (train ra-cm3 "
+        "--validation), on which decoding settings are chosen (default heldout)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/eval-ra-cm3.json"), help="results JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -381,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     prepare(args.threads)
     chosen = {name: getattr(args, name) for name in SETTING_FLAGS}
-    settings = Settings(**chosen, progress=not args.no_progress)
+    settings = Settings(
+        **chosen,
+        copy_weights=tuple(args.copy_weights),
+        split=args.split,
+        progress=not args.no_progress,
+    )
     result = evaluate(args.ra, args.vanilla, args.memory, settings, args.vq)
     report(result, args.out, markdown)
     return 0

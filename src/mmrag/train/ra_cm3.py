@@ -51,7 +51,7 @@ from mmrag.train.ra_cm3_data import (
     build_sequence,
     collate,
 )
-from mmrag.train.ra_cm3_prepare import Prepared, check_sizes, prepare
+from mmrag.train.ra_cm3_prepare import Prepared, check_sizes, monitored, prepare
 from mmrag.train.state import check_resumable, load_state, read_meta, save_state
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class RACM3TrainConfig(Config):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     holdout: float = 0.3  # fraction of multi-variant groups that give up one variant
+    validation: float = 0.0  # the same, from other groups, for choosing decoding settings
     group_key: str = "base"
     seed: int = 0
     eval_every: int = 100
@@ -126,6 +127,8 @@ class RACM3TrainConfig(Config):
             raise ConfigError("RACM3TrainConfig: mode rates must be >= 0 and sum to <= 1")
         if not 0.0 <= self.holdout < 1.0 or self.query_variants < 1 or self.alpha < 0:
             raise ConfigError("RACM3TrainConfig: holdout in [0, 1), query_variants >= 1")
+        if self.validation < 0 or self.holdout + self.validation > 1:
+            raise ConfigError("RACM3TrainConfig: validation >= 0 and holdout + validation <= 1")
         if min(self.eval_every, self.save_every, self.val_docs) < 1:
             raise ConfigError("RACM3TrainConfig: eval_every, save_every, val_docs >= 1")
         if self.text_hints and not self.copy_hints:
@@ -257,7 +260,7 @@ def validate(
     was_training = model.training
     model.eval()
     rng = np.random.default_rng([config.seed, 2**31])  # apart from step seeds
-    rows = prep.heldout_rows[: config.val_docs]
+    rows = monitored(prep.heldout_rows, prep.validation_rows)[: config.val_docs]
     tok = prep.tokenizer
     sums = {"image": [0.0, 0], "caption": [0.0, 0]}
     for r, main in enumerate(rows.tolist()):
@@ -437,6 +440,7 @@ def _write_metrics(
             "corpus": len(prep.corpus),
             "train": len(prep.train_rows),
             "heldout": len(prep.heldout_rows),
+            "validation": len(prep.validation_rows),
         },
         "parameters": Generator(config.generator).num_parameters(),
         "train_config": config.to_dict(),
@@ -453,10 +457,16 @@ FLAGS: dict[str, tuple[type, str]] = {
     "lr": (float, "peak AdamW learning rate (warm-up, then cosine decay to lr * min_lr_ratio)"),
     "alpha": (float, "weight of the loss on the retrieved documents (L_main + alpha L_retr)"),
     "holdout": (float, "fraction of multi-variant groups that give up one held-out variant"),
+    "validation": (
+        float,
+        "fraction of multi-variant groups, apart from the held-out ones, that give up one "
+        "variant to a validation set (out of training and memory, like the held-out ones; "
+        "for choosing decoding settings with eval ra-cm3 --split validation)",
+    ),
     "seed": (int, "seed of the split, the initialisation, the batches and the query dropout"),
     "eval_every": (int, "steps between held-out validations"),
     "save_every": (int, "steps between checkpoints (model + training state)"),
-    "val_docs": (int, "held-out documents scored at each validation"),
+    "val_docs": (int, "validation (else held-out) documents scored at each validation"),
     "same_document": (
         float,
         "share of plain and caption-infilling examples that retrieve the document itself, "

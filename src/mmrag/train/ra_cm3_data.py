@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mmrag.config import RetrieverConfig
+from mmrag.config import ConfigError, RetrieverConfig
 from mmrag.copy_hints import (
     NO_HINT,
     Cells,
@@ -143,16 +143,26 @@ def build_corpus(
     )
 
 
-def heldout_variants(groups: Sequence[str | None], fraction: float, seed: int) -> np.ndarray:
+def heldout_variants(
+    groups: Sequence[str | None], fraction: float, seed: int, exclude: Sequence[int] = ()
+) -> np.ndarray:
     """Indices of held-out documents: one member from a seeded `fraction` of the groups with
-    at least two members (the rest of each such group stays in training)."""
+    at least two members (the rest of each such group stays in training). Groups holding an
+    index of `exclude` (another split's) are not chosen; `fraction` still counts all of them."""
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         if g is not None:
             members.setdefault(g, []).append(i)
     families = sorted(g for g, m in members.items() if len(m) >= 2)
+    count = round(fraction * len(families))
+    taken = {groups[i] for i in exclude}
+    families = [g for g in families if g not in taken]
+    if count > len(families):
+        raise ConfigError(
+            f"{count} held-out groups asked for, {len(families)} left apart from another split"
+        )
     rng = np.random.default_rng(seed)
-    chosen = rng.permutation(len(families))[: round(fraction * len(families))]
+    chosen = rng.permutation(len(families))[:count]
     out = [int(rng.choice(members[families[j]])) for j in sorted(chosen)]
     return np.asarray(sorted(out), dtype=np.int64)
 

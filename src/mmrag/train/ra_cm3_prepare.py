@@ -47,7 +47,8 @@ class Prepared:
     corpus: Corpus
     tokenizer: MultimodalTokenizer
     train_rows: np.ndarray
-    heldout_rows: np.ndarray
+    heldout_rows: np.ndarray  # the test variants
+    validation_rows: np.ndarray  # variants for choosing decoding settings (may be empty)
     found: torch.Tensor | None  # (len(train_rows), variants, k) corpus indices, -1 = none
     val_found: torch.Tensor | None  # (len(val rows), 1, k)
     grid: int
@@ -74,9 +75,12 @@ def prepare(
         corpus = build_corpus(docs, vq, config.group_key, progress)
         corpus.save(out / CORPUS_FILE)
     held = heldout_variants(corpus.groups, config.holdout, config.seed)
-    train = np.setdiff1d(np.arange(len(corpus)), held)
-    split = {"train": train.tolist(), "heldout": held.tolist()}
-    split["heldout_ids"] = [corpus.ids[i] for i in held]
+    validation = heldout_variants(corpus.groups, config.validation, config.seed + 1, held.tolist())
+    train = np.setdiff1d(np.arange(len(corpus)), np.concatenate([held, validation]))
+    split: dict[str, list[Any]] = {"train": train.tolist()}
+    for name, rows in (("heldout", held), ("validation", validation)):
+        split[name] = rows.tolist()
+        split[f"{name}_ids"] = [corpus.ids[i] for i in rows]
     (out / SPLIT_FILE).write_text(json.dumps(split) + "\n", encoding="utf-8")
     tok_config = config.tokenizer.replace(
         image_codes=vq.config.codebook_size, image_tokens=vq.config.tokens_per_image
@@ -88,15 +92,24 @@ def prepare(
         tokenizer.save_pretrained(out / "tokenizer")
     found = val_found = None
     if config.retrieval:
-        found, val_found = _retrievals(out, corpus, train, held, config, encoder, docs, progress)
-    return Prepared(corpus, tokenizer, train, held, found, val_found, vq.config.grid_size)
+        scored = monitored(held, validation)
+        found, val_found = _retrievals(out, corpus, train, scored, config, encoder, docs, progress)
+    return Prepared(
+        corpus, tokenizer, train, held, validation, found, val_found, vq.config.grid_size
+    )
+
+
+def monitored(heldout: np.ndarray, validation: np.ndarray) -> np.ndarray:
+    """The rows whose loss the trainer reports: the validation variants when there are any
+    (the test variants then stay unseen until the evaluation), else the test variants."""
+    return validation if len(validation) else heldout
 
 
 def _retrievals(
     out: Path,
     corpus: Corpus,
     train: np.ndarray,
-    held: np.ndarray,
+    scored: np.ndarray,
     config: RACM3TrainConfig,
     encoder: EncoderSpec,
     docs: Sequence[Any] | None,
@@ -114,7 +127,7 @@ def _retrievals(
             memory, corpus, rows, config.retriever, config.query_variants, config.seed, progress
         )
         save_retrieval(out / RETRIEVAL_FILE, rows, found, scores)
-        val_rows = held[: config.val_docs].tolist()
+        val_rows = scored[: config.val_docs].tolist()
         val_config = config.retriever.replace(query_dropout=0.0)
         val_found, val_scores = precompute_retrieval(
             memory, corpus, val_rows, val_config, 1, config.seed, progress=False
