@@ -10,7 +10,14 @@ import pytest
 
 from conftest import HASHING, tiny_ra_cm3_config
 from mmrag.config import ConfigError
-from mmrag.eval.ra_cm3 import Settings, evaluate, made_up_names, main, markdown
+from mmrag.eval.ra_cm3 import (
+    Settings,
+    evaluate,
+    made_up_names,
+    main,
+    markdown,
+    top_agreement,
+)
 from mmrag.train.ra_cm3 import train_ra_cm3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,6 +72,10 @@ def test_evaluate_scores_every_system(
     assert set(stored) == {"ra-cm3", "ra-cm3 (no retrieval)", "vanilla"}
     assert all(m["cider"] >= 0 and 0 <= m["exact"] <= 1 for m in stored.values())
     assert "EfficientNet-Lite0" in markdown(result) and "stored document" in markdown(result)
+    assert 0 <= result["truth_top_agreement"] <= 1 and "top retrieved" in markdown(result)
+    for name in ("ra-cm3", copied, "ra-cm3 (no retrieval)", "vanilla"):
+        assert 0 <= systems[name]["top_agreement"] <= 1
+    assert "top_agreement" not in systems["retrieval only"]
     # The retrieval-only baseline returns a stored training image; the held-out one is absent.
     assert result["heldout_documents"] == 2
 
@@ -102,11 +113,19 @@ def test_evaluate_scores_every_system(
     assert "ra-cm3 + copy 1" in written["systems"]  # a system per non-zero weight
     assert not any(name.startswith("ra-cm3 + copy 0") for name in written["systems"])
     assert (written["split"], written["heldout_documents"]) == ("validation", 2)
+    # weight 1 draws the top retrieved image's codes, the share the eval reports
+    assert written["systems"]["ra-cm3 + copy 1"]["top_agreement"] == 1.0
     assert written["models"]["vq"] == str(tiny_vq_dir)
     chosen = written["settings"]
     assert (chosen["n"], chosen["samples"], chosen["caption_samples"]) == (2, 1, 1)
     assert (chosen["guidance"], chosen["seed"], chosen["progress"]) == (3.0, 0, False)
     assert chosen["copy_weights"] == [0.0, 1.0] and chosen["split"] == "validation"
+
+
+def test_top_agreement_is_the_share_of_cells_copied() -> None:
+    assert top_agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 0, 0], None]) == 0.5
+    assert top_agreement([[1, 2], [3, 4]], [[1, 2], [0, 4]]) == 0.75
+    assert top_agreement([[1, 2]], [None]) is None
 
 
 def test_settings_and_splits_are_checked(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ from mmrag.eval.metrics import (
 from mmrag.eval.report import prepare, report
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
-from mmrag.ra_cm3 import RACM3
+from mmrag.ra_cm3 import RACM3, ImageOutput
 from mmrag.train.ra_cm3_data import CORPUS_FILE, Corpus
 from mmrag.vq import VQModel
 
@@ -136,7 +136,7 @@ def caption_to_image(
     settings: Settings,
     desc: str,
     copy_weight: float = 0.0,
-) -> list[Image.Image]:
+) -> list[ImageOutput]:
     return [
         model.generate_image(
             caption,
@@ -145,9 +145,36 @@ def caption_to_image(
             retrieval=retrieval,
             seed=settings.seed + i,
             copy_weight=copy_weight,
-        ).image
+        )
         for i, caption in enumerate(tqdm(captions, desc=desc, disable=not settings.progress))
     ]
+
+
+def top_document_codes(
+    model: RACM3, corpus: Corpus, captions: Sequence[str]
+) -> list[list[int] | None]:
+    """For each caption, the codes of the top document retrieval finds for it (the one the copy
+    interpolation follows), None when it finds nothing the corpus holds."""
+    index = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+    out: list[list[int] | None] = []
+    for caption in captions:
+        top = model.evidence(caption, None, k=1)
+        row = index.get(top[0].id) if top else None
+        out.append(None if row is None else corpus.codes[row].tolist())
+    return out
+
+
+def top_agreement(
+    codes: Sequence[Sequence[int]], top: Sequence[Sequence[int] | None]
+) -> float | None:
+    """Mean share of image cells whose code is the top retrieved document's at that cell
+    (captions without one skipped; None if none has one): how much of a drawing is a copy."""
+    shares = [
+        float(np.mean(np.asarray(c) == np.asarray(t)))
+        for c, t in zip(codes, top, strict=True)
+        if t is not None
+    ]
+    return float(np.mean(shares)) if shares else None
 
 
 def image_to_caption(
@@ -182,7 +209,7 @@ def score_system(
     written: Sequence[str],
     captions: Sequence[str],
     reference_feats: np.ndarray,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     return {
         "fid": frechet_distance(fid_features(drawn), reference_feats),
         "dual_encoder_score": float(dual_encoder_scores(encoder, drawn, captions).mean()),
@@ -234,8 +261,10 @@ def knowledge_test(
             )
     right = list(range(len(rows)))
     hits = {
-        name: float(nearest_is_right(fid_features(images), cand_feats, right).mean())
-        for name, images in runs.items()
+        name: float(
+            nearest_is_right(fid_features([o.image for o in outs]), cand_feats, right).mean()
+        )
+        for name, outs in runs.items()
     }
     return hits | {"chance": 1.0 / len(rows), "names": float(len(rows))}
 
@@ -283,7 +312,7 @@ def evaluate(
     truth = [_load(corpus.image_paths[i]) for i in rows]
     reference = fid_features(truth)
     memory_dir = memory_dir or ra_dir / "memory"
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float | None]] = {}
     with Memory.open(memory_dir) as memory:
         ra = RACM3.from_pretrained(ra_dir, memory)
         vanilla = RACM3.from_pretrained(vanilla_dir, memory)
@@ -295,19 +324,25 @@ def evaluate(
             ("ra-cm3 (no retrieval)", ra, False),
             ("vanilla", vanilla, False),
         ]
+        top = top_document_codes(ra, corpus, captions)
+        truth_agreement = top_agreement([corpus.codes[i].tolist() for i in rows], top)
+
+        def score(name: str, drawn: Sequence[ImageOutput], written: Sequence[str]) -> None:
+            images = [o.image for o in drawn]
+            results[name] = score_system(memory.encoder, images, written, captions, reference)
+            results[name]["top_agreement"] = top_agreement([o.codes for o in drawn], top)
+            logger.info("%s: %s", name, results[name])
+
         for name, model, retrieval in runs:
             drawn = caption_to_image(model, captions, retrieval, settings, name)
             written = image_to_caption(model, truth, retrieval, settings, name)
-            results[name] = score_system(memory.encoder, drawn, written, captions, reference)
-            logger.info("%s: %s", name, results[name])
+            score(name, drawn, written)
             for w in copy_weights(settings) if name == "ra-cm3" else ():
                 copied = copied_name(w)  # the same captions, copied images
-                drawn = caption_to_image(model, captions, True, settings, copied, w)
-                results[copied] = score_system(memory.encoder, drawn, written, captions, reference)
-                logger.info("%s: %s", copied, results[copied])
-        drawn, written = retrieval_only(ra, captions, truth)
+                score(copied, caption_to_image(model, captions, True, settings, copied, w), written)
+        returned, written = retrieval_only(ra, captions, truth)
         results["retrieval only"] = score_system(
-            memory.encoder, drawn, written, captions, reference
+            memory.encoder, returned, written, captions, reference
         )
         knowledge: dict[str, float] = {}
         if settings.knowledge:
@@ -323,6 +358,7 @@ def evaluate(
         "stored": stored,
         "heldout_documents": len(rows),
         "split": settings.split,
+        "truth_top_agreement": truth_agreement,
         "fid_extractor": FID_EXTRACTOR,
         "settings": dataclasses.asdict(settings),
         "models": {
@@ -338,19 +374,28 @@ def markdown(result: dict[str, Any]) -> str:
     """The results table for the README."""
     lines = [
         f"| system | FID ({FID_EXTRACTOR}) lower is better | dual-encoder score | CIDEr-D "
-        "| knowledge hits |",
-        "|---|---|---|---|---|",
+        "| knowledge hits | codes as the top retrieved image's |",
+        "|---|---|---|---|---|---|",
     ]
     knowledge = result["knowledge"]
+
+    def share(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
     for name, m in result["systems"].items():
         hits = knowledge.get(name)
         cell = f"{hits:.2f}" if hits is not None else "-"
         lines.append(
             f"| {name} | {m['fid']:.1f} | {m['dual_encoder_score']:.3f} | "
-            f"{100 * m['cider']:.1f} | {cell} |"
+            f"{100 * m['cider']:.1f} | {cell} | {share(m.get('top_agreement'))} |"
         )
     kind = "validation" if result.get("split") == "validation" else "held-out"
     told = f"\n{result['heldout_documents']} {kind} emoji variants"
+    if result.get("truth_top_agreement") is not None:
+        told += (
+            f"; the true images hold the top retrieved image's code at "
+            f"{share(result['truth_top_agreement'])} of their cells"
+        )
     if knowledge:
         told += f"; knowledge test: {int(knowledge['names'])} made-up names"
         told += f", chance {knowledge['chance']:.2f}"
