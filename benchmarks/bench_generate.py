@@ -31,11 +31,10 @@ from mmrag.checkpoints import CheckpointNotFoundError, checkpoint_dir
 from mmrag.copy_hints import hints_for
 from mmrag.decoding import Sampling, allowed_mask, decode
 from mmrag.generator import Generator, GeneratorConfig
-from mmrag.ra_cm3 import RACM3Config
+from mmrag.ra_cm3 import CONFIG_FILE, RACM3Config
 
 GOAL_SPEEDUP = 10.0
 GOAL_SECONDS_PER_IMAGE = 1.0
-COPY_WEIGHT = RACM3Config().copy_weight
 QUICK = {"preset": "tiny", "image_tokens": 96, "prompt_tokens": 128, "repeats": 2, "batches": "1,2"}
 FULL = {
     "preset": "small",
@@ -62,19 +61,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_model(preset: str) -> tuple[Generator, str]:
+def load_model(preset: str) -> tuple[Generator, str, float]:
+    """The generator, where it comes from, and the copy weight it decodes with (the shipped
+    model's `config.json`, else the `RACM3Config` default)."""
     if preset == "small":
         try:
-            return Generator.from_pretrained(
-                checkpoint_dir("ra-cm3") / "generator"
-            ), "checkpoints/ra-cm3"
+            folder = checkpoint_dir("ra-cm3")
+            weight = RACM3Config.load(folder / CONFIG_FILE).copy_weight
+            return Generator.from_pretrained(folder / "generator"), "checkpoints/ra-cm3", weight
         except CheckpointNotFoundError:
             pass
     torch.manual_seed(0)
     config = GeneratorConfig.preset(preset)
     if preset == "tiny":  # long enough for the cache to matter (tiny holds 64 tokens), hinted
         config = config.replace(max_seq_len=256, hint_slots=2, hint_codes=config.vocab_size // 2)
-    return Generator(config).eval(), f"random {preset}"
+    return Generator(config).eval(), f"random {preset}", RACM3Config().copy_weight
 
 
 def time_decode(
@@ -84,6 +85,7 @@ def time_decode(
     allowed: torch.Tensor,
     use_cache: bool,
     uncond: list[list[int]] | None = None,
+    copy_weight: float = 0.0,
 ) -> float:
     hints = None
     g = torch.Generator().manual_seed(2)
@@ -107,7 +109,7 @@ def time_decode(
         use_cache=use_cache,
         hints=hints,
         copy=copy,
-        copy_weight=COPY_WEIGHT,
+        copy_weight=copy_weight,
     )
     return time.perf_counter() - start
 
@@ -115,24 +117,24 @@ def time_decode(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, source = load_model(args.preset)
+    model, source, weight = load_model(args.preset)
     vocab = model.config.vocab_size
     n = args.image_tokens
     allowed = allowed_mask(vocab, [(vocab - 512 if vocab > 1024 else vocab // 2, vocab)])
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(20, vocab, (args.prompt_tokens,), generator=g).tolist()
     meter = QuietMeter()
-    time_decode(model, [prompt], 8, allowed, True)  # warm-up
+    time_decode(model, [prompt], 8, allowed, True, None, weight)  # warm-up
     cached, full = [], []
     for _ in range(args.repeats):  # interleaved, so load changes hit both sides
-        cached.append(time_decode(model, [prompt], n, allowed, True))
-        full.append(time_decode(model, [prompt], n, allowed, False))
+        cached.append(time_decode(model, [prompt], n, allowed, True, None, weight))
+        full.append(time_decode(model, [prompt], n, allowed, False, None, weight))
     paired = [f / c for f, c in zip(full, cached, strict=True)]
     throughput = []
     for b in [int(x) for x in args.batches.split(",")]:
         for guided in (False, True):
             uncond = [[1, 7]] * b if guided else None
-            seconds = time_decode(model, [prompt] * b, n, allowed, True, uncond)
+            seconds = time_decode(model, [prompt] * b, n, allowed, True, uncond, weight)
             throughput.append(
                 {
                     "batch": b,
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_tokens": args.prompt_tokens,
             "repeats": args.repeats,
             "threads": torch.get_num_threads(),
-            "copy_weight": COPY_WEIGHT,
+            "copy_weight": weight,
             "quick": args.quick,
         },
         "single_image": {

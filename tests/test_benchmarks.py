@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from mmrag.ra_cm3 import RACM3Config
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -162,6 +164,7 @@ def test_generate_quick(tmp_path: Path) -> None:
     }
     assert all(r["images_per_s"] > 0 for r in result["throughput"])
     assert result["config"]["model"] == "random tiny"
+    assert result["config"]["copy_weight"] == RACM3Config().copy_weight  # no shipped config
 
 
 # Ray Data 2.60 warns about its own deprecated defaults when it builds its DataContext.
