@@ -102,14 +102,16 @@ def generation_sections(memory: Memory, find: Any, progress: bool = True) -> lis
                 "results": results,
             }
         )
+    copied = model.config.copy_weight
     return [
         {
             "title": "RA-CM3: caption → image",
             "explanation": "The shipped RA-CM3 model (checkpoints/ra-cm3) draws each caption "
             "with the documents it retrieved from this memory prepended, and again without "
             "retrieval; 4 samples with classifier-free guidance, the best by the dual encoder; "
-            "with retrieval each image code is drawn half from the model, half as the code the "
-            "top retrieved image holds at that cell (copy interpolation, --copy-weight). "
+            f"with retrieval each image code is drawn {1 - copied:g} from the model, {copied:g} "
+            "as the code the top retrieved image holds at that cell (copy interpolation, "
+            "--copy-weight). "
             "The evidence follows.",
             "rows": drawn,
         },
