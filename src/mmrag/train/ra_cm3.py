@@ -255,8 +255,9 @@ def ra_loss(
 def validate(
     model: Generator, prep: Prepared, config: RACM3TrainConfig, device: torch.device
 ) -> dict[str, float]:
-    """Held-out NLL per image code (plain mode: caption [+ retrieval] -> image) and per caption
-    token (caption mode: image [+ retrieval] -> caption)."""
+    """NLL of the validation variants (else the held-out ones) per image code (plain mode:
+    caption [+ retrieval] -> image) and per caption token (caption mode: image [+ retrieval]
+    -> caption)."""
     was_training = model.training
     model.eval()
     rng = np.random.default_rng([config.seed, 2**31])  # apart from step seeds
@@ -464,7 +465,7 @@ FLAGS: dict[str, tuple[type, str]] = {
         "for choosing decoding settings with eval ra-cm3 --split validation)",
     ),
     "seed": (int, "seed of the split, the initialisation, the batches and the query dropout"),
-    "eval_every": (int, "steps between held-out validations"),
+    "eval_every": (int, "steps between validations (validation, else held-out, variants)"),
     "save_every": (int, "steps between checkpoints (model + training state)"),
     "val_docs": (int, "validation (else held-out) documents scored at each validation"),
     "same_document": (
