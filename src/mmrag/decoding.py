@@ -10,7 +10,9 @@ Copy interpolation (kNN-LM's, Khandelwal et al. 2020, with a retrieved document 
 neighbour): where retrieval suggests the next token (e.g. the code the top retrieved image
 holds at the cell being drawn), the next token is drawn from `(1 - w) * p + w * onehot`, p the
 guided, constrained model distribution; where it suggests nothing, or the suggestion is not an
-allowed token, from p alone.
+allowed token, from p alone. Temperature, top-k and top-p apply to the mixture, so with
+top-p < 1 the suggestion is taken outright wherever its mixed mass reaches top-p (for
+w = 0.75 and top-p 0.9: wherever the model gives it 60% or more).
 """
 
 from __future__ import annotations
