@@ -56,7 +56,7 @@ from mmrag.eval.metrics import (
 from mmrag.eval.report import prepare, report
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
-from mmrag.ra_cm3 import RACM3, ImageOutput
+from mmrag.ra_cm3 import RACM3, Evidence, ImageOutput
 from mmrag.train.ra_cm3_data import CORPUS_FILE, Corpus
 from mmrag.vq import VQModel
 
@@ -150,18 +150,17 @@ def caption_to_image(
     ]
 
 
-def top_document_codes(
-    model: RACM3, corpus: Corpus, captions: Sequence[str]
-) -> list[list[int] | None]:
-    """For each caption, the codes of the top document retrieval finds for it (the one the copy
-    interpolation follows), None when it finds nothing the corpus holds."""
+def top_documents(model: RACM3, captions: Sequence[str]) -> list[Evidence | None]:
+    """The top document retrieval finds for each caption (the one the copy interpolation
+    follows and the retrieval-only baseline returns), None when it finds nothing."""
+    return [next(iter(model.evidence(caption, None, k=1)), None) for caption in captions]
+
+
+def top_document_codes(top: Sequence[Evidence | None], corpus: Corpus) -> list[list[int] | None]:
+    """The codes of each top document, None where there is none or the corpus lacks it."""
     index = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
-    out: list[list[int] | None] = []
-    for caption in captions:
-        top = model.evidence(caption, None, k=1)
-        row = index.get(top[0].id) if top else None
-        out.append(None if row is None else corpus.codes[row].tolist())
-    return out
+    rows = [None if e is None else index.get(e.id) for e in top]
+    return [None if row is None else corpus.codes[row].tolist() for row in rows]
 
 
 def top_agreement(
@@ -189,14 +188,14 @@ def image_to_caption(
 
 
 def retrieval_only(
-    model: RACM3, captions: Sequence[str], images: Sequence[Image.Image]
+    model: RACM3, top: Sequence[Evidence | None], images: Sequence[Image.Image]
 ) -> tuple[list[Image.Image], list[str]]:
-    """The top retrieved document's image for each caption, its caption for each image."""
+    """The top retrieved document's image for each caption (`top`, from `top_documents`), its
+    caption for each image."""
     drawn, written = [], []
-    for caption in captions:
-        top = model.evidence(caption, None, k=1)
+    for found in top:
         blank = Image.new("RGB", (64, 64), "white")
-        drawn.append(_load(top[0].image) if top and top[0].image else blank)
+        drawn.append(_load(found.image) if found and found.image else blank)
     for image in images:
         top = model.evidence(None, image, k=1)
         written.append(top[0].text if top else "")
@@ -324,13 +323,14 @@ def evaluate(
             ("ra-cm3 (no retrieval)", ra, False),
             ("vanilla", vanilla, False),
         ]
-        top = top_document_codes(ra, corpus, captions)
-        truth_agreement = top_agreement([corpus.codes[i].tolist() for i in rows], top)
+        top = top_documents(ra, captions)
+        top_codes = top_document_codes(top, corpus)
+        truth_agreement = top_agreement([corpus.codes[i].tolist() for i in rows], top_codes)
 
         def score(name: str, drawn: Sequence[ImageOutput], written: Sequence[str]) -> None:
             images = [o.image for o in drawn]
             results[name] = score_system(memory.encoder, images, written, captions, reference)
-            results[name]["top_agreement"] = top_agreement([o.codes for o in drawn], top)
+            results[name]["top_agreement"] = top_agreement([o.codes for o in drawn], top_codes)
             logger.info("%s: %s", name, results[name])
 
         for name, model, retrieval in runs:
@@ -340,7 +340,7 @@ def evaluate(
             for w in copy_weights(settings) if name == "ra-cm3" else ():
                 copied = copied_name(w)  # the same captions, copied images
                 score(copied, caption_to_image(model, captions, True, settings, copied, w), written)
-        returned, written = retrieval_only(ra, captions, truth)
+        returned, written = retrieval_only(ra, top, truth)
         results["retrieval only"] = score_system(
             memory.encoder, returned, written, captions, reference
         )
