@@ -28,10 +28,11 @@ import torch
 
 from machine import RESULTS, QuietMeter, machine_info, write_json
 from mmrag.checkpoints import CheckpointNotFoundError, checkpoint_dir
-from mmrag.copy_hints import hints_for
-from mmrag.decoding import Sampling, allowed_mask, decode
-from mmrag.generator import Generator, GeneratorConfig
-from mmrag.ra_cm3 import CONFIG_FILE, RACM3Config
+from mmrag.models.ra_cm3.copy_hints import hints_for
+from mmrag.models.ra_cm3.decoding import decode
+from mmrag.models.ra_cm3.generator import Generator, GeneratorConfig
+from mmrag.models.ra_cm3.model import CONFIG_FILE, RACM3Config
+from mmrag.sampling import Sampling, allowed_mask
 
 GOAL_SPEEDUP = 10.0
 GOAL_SECONDS_PER_IMAGE = 1.0

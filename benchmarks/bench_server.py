@@ -120,7 +120,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "mmrag.cli", "serve", str(memory), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "mmrag.cli.main", "serve", str(memory)]
+        cmd += ["--port", str(self.port)]
         env = {**os.environ, "MMRAG_TOKEN": self.token}
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(

@@ -14,13 +14,13 @@ from PIL import Image, ImageDraw
 from mmrag.config import RetrieverConfig
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
-from mmrag.generator import Generator, GeneratorConfig
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory, ensure_memory
-from mmrag.ra_cm3 import RACM3, RACM3Config
-from mmrag.tokenizer import MultimodalTokenizer, TokenizerConfig
-from mmrag.train.ra_cm3 import RACM3TrainConfig
-from mmrag.vq import VQConfig, VQModel
+from mmrag.models.ra_cm3.generator import Generator, GeneratorConfig
+from mmrag.models.ra_cm3.model import RACM3, RACM3Config
+from mmrag.models.ra_cm3.tokenizer import MultimodalTokenizer, TokenizerConfig
+from mmrag.models.ra_cm3.train import RACM3TrainConfig
+from mmrag.models.vq.model import VQConfig, VQModel
 
 COLORS = {
     "red": (230, 20, 20),

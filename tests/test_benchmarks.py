@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mmrag.ra_cm3 import RACM3Config
+from mmrag.models.ra_cm3.model import RACM3Config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -1,4 +1,8 @@
-"""Where shipped checkpoints live: `$MMRAG_CHECKPOINTS`, then the repository's `checkpoints/`."""
+"""Where shipped checkpoints live: `$MMRAG_CHECKPOINTS`, then the ones inside the package.
+
+The repository keeps them in `checkpoints/`; `src/mmrag/_checkpoints` is a link to it, so an
+editable install reads them in place and a wheel carries them as package data (the same
+relative path), and the lookup is one path in both cases."""
 
 from __future__ import annotations
 
@@ -6,8 +10,7 @@ import os
 from pathlib import Path
 
 ENV_VAR = "MMRAG_CHECKPOINTS"
-# src/mmrag/checkpoints.py -> parents[2] is the repository root.
-REPO_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+PACKAGED_CHECKPOINTS = Path(__file__).resolve().parent / "_checkpoints"
 
 # The command that produces each shipped checkpoint, for the error message when it is missing.
 PRODUCERS: dict[str, str] = {
@@ -50,9 +53,9 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 def search_roots() -> list[Path]:
     """The folders searched, in order: each entry of `$MMRAG_CHECKPOINTS` (os.pathsep-separated),
-    then `<repo>/checkpoints`."""
+    then the packaged checkpoints."""
     roots = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    return [*roots, REPO_CHECKPOINTS]
+    return [*roots, PACKAGED_CHECKPOINTS]
 
 
 def checkpoint_dir(name: str) -> Path:

@@ -221,7 +221,7 @@ class EncoderTrainConfig(Config):
     holdout: float = 0.2  # fraction of groups held out for evaluation; 0 trains on everything
     group_key: str = "base"  # metadata key whose values are held out together
     seed: int = 0
-    epochs: int = 30  # tuned on a validation split of the training families (README)
+    epochs: int = 30  # tuned on a validation split of the training families (docs/encoders.md)
     batch_size: int = 1024
     lr: float = 1e-3
     weight_decay: float = 1e-4

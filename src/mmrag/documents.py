@@ -173,6 +173,15 @@ def _read_file(path: str | Path) -> bytes:
         raise DocumentError(f"cannot read image file: {e.strerror or e}", file=str(path)) from e
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency flattened onto white: how every image enters the project."""
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(
     data: bytes, source: str | None = None, max_pixels: int | None = None
 ) -> Image.Image:
@@ -199,11 +208,7 @@ def decode_image(
         Exception
     ) as e:  # Pillow raises many types on malformed input (IndexError, struct.error...)
         raise DocumentError(f"unreadable image ({type(e).__name__}: {e})", file=source) from e
-    if img.mode in ("RGBA", "LA", "P", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 # --- JSONL -------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def _part_from_json(obj: Any, base: Path, file: str, line: int, index: int) -> P
 
 
 def document_from_json(obj: Any, base: Path, file: str = "<jsonl>", line: int = 0) -> Document:
-    """Build a Document from one parsed JSONL object (see README: "The JSONL format")."""
+    """Build a Document from one parsed JSONL object (see docs/format.md)."""
     if not isinstance(obj, dict):
         raise DocumentError("each line must be a JSON object", file=file, line=line)
     unknown = sorted(set(obj) - JSONL_KEYS)

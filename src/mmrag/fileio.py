@@ -1,15 +1,20 @@
-"""Crash-safe file writes: a temporary file beside the target, fsync, atomic rename."""
+"""Files on disk: crash-safe writes (a temporary file beside the target, fsync, atomic
+rename) and content digests of files and folders."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 # mkstemp creates 0600 files; give written files the mode a plain open() would.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+_HASH_CHUNK = 1 << 20
 
 
 def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
@@ -31,3 +36,30 @@ def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def files_sha256(paths: Iterable[Path], separator: bytes = b"") -> str:
+    """SHA-256 over each file's name, `separator`, then its bytes, in the order given: the
+    identity of a folder of weights."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + separator)
+        with path.open("rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process (keyed by size and mtime)."""
+    st = path.stat()
+    return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)

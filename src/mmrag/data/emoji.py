@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from mmrag.data.datasets import DatasetSummary, DatasetWriter, require_file
+from mmrag.data.writer import DatasetSummary, DatasetWriter, require_file
 
 logger = logging.getLogger(__name__)
 

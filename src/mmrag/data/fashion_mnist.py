@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mmrag.data.datasets import DatasetError, DatasetSummary, DatasetWriter, require_file
+from mmrag.data.writer import DatasetError, DatasetSummary, DatasetWriter, require_file
 
 logger = logging.getLogger(__name__)
 

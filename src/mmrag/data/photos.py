@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mmrag.data.datasets import DatasetError, DatasetSummary, DatasetWriter
+from mmrag.data.writer import DatasetError, DatasetSummary, DatasetWriter
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from mmrag.config import Config, ConfigError
+from mmrag.registry import load_object
 
 Vectors = NDArray[np.float32]
 
@@ -58,53 +59,19 @@ def l2_normalize(x: NDArray[Any], eps: float = 1e-12) -> Vectors:
     return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
 
 
-# Registry: explicit, lazily importing each backend so optional dependencies stay optional.
-def _load_lite(spec: EncoderSpec) -> Encoder:
-    from mmrag.encoders.lite import LiteEncoder
-
-    return LiteEncoder.from_pretrained(spec.path, device=spec.device, batch_size=spec.batch_size)
-
-
-def _load_hashing(spec: EncoderSpec) -> Encoder:
-    from mmrag.encoders.hashing import HashingEncoder
-
-    return HashingEncoder()
-
-
-def _load_hf_clip(spec: EncoderSpec) -> Encoder:
-    from mmrag.encoders.hf_clip import HFClipEncoder
-
-    if spec.path is None:
-        raise ConfigError(
-            "the hf_clip encoder needs --encoder-path: a local CLIP checkpoint folder"
-        )
-    return HFClipEncoder.from_pretrained(spec.path, device=spec.device, batch_size=spec.batch_size)
-
-
-def _load_open_clip(spec: EncoderSpec) -> Encoder:
-    from mmrag.encoders.open_clip import OpenClipEncoder
-
-    if spec.path is None:
-        raise ConfigError("the open_clip encoder needs --encoder-path MODEL_NAME:CHECKPOINT_FILE")
-    return OpenClipEncoder.from_spec(spec.path, device=spec.device, batch_size=spec.batch_size)
-
-
-def _load_fromage(spec: EncoderSpec) -> Encoder:
-    from mmrag.encoders.fromage import FromageEncoder
-
-    return FromageEncoder.from_pretrained(spec.path, device=spec.device, batch_size=spec.batch_size)
-
-
-ENCODERS: dict[str, Callable[[EncoderSpec], Encoder]] = {
-    "lite": _load_lite,
-    "fromage": _load_fromage,
-    "hashing": _load_hashing,
-    "hf_clip": _load_hf_clip,
-    "open_clip": _load_open_clip,
+# Registry: name -> "module:function" building the encoder from its spec. Each backend is
+# imported only when asked for, so optional dependencies stay optional.
+ENCODERS: dict[str, str] = {
+    "lite": "mmrag.encoders.lite:from_encoder_spec",
+    "fromage": "mmrag.models.fromage.encoder:from_encoder_spec",
+    "hashing": "mmrag.encoders.hashing:from_encoder_spec",
+    "hf_clip": "mmrag.encoders.hf_clip:from_encoder_spec",
+    "open_clip": "mmrag.encoders.open_clip:from_encoder_spec",
 }
 
 
 def load_encoder(spec: EncoderSpec | str) -> Encoder:
     if isinstance(spec, str):
         spec = EncoderSpec(name=spec)
-    return ENCODERS[spec.name](spec)
+    build: Callable[[EncoderSpec], Encoder] = load_object(ENCODERS[spec.name])
+    return build(spec)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from mmrag.encoders.base import Vectors, l2_normalize
+from mmrag.encoders.base import EncoderSpec, Vectors, l2_normalize
 
 THUMB = 8  # images become 8x8 RGB thumbnails before projection
 
@@ -66,3 +66,8 @@ class HashingEncoder:
         ).astype(np.float32)  # (N, 8, 8, 3)
         flat = thumbs.reshape(len(images), -1) / 255.0 - 0.5
         return l2_normalize(flat @ self._proj)
+
+
+def from_encoder_spec(spec: EncoderSpec) -> HashingEncoder:
+    """The registry's builder: the hashing encoder takes no checkpoint."""
+    return HashingEncoder()

@@ -6,7 +6,6 @@ processor, which works without torchvision (transformers 5 otherwise prefers tor
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmrag.encoders.base import Vectors, l2_normalize
-from mmrag.encoders.lite import to_rgb
+from mmrag.config import ConfigError
+from mmrag.documents import to_rgb
+from mmrag.encoders.base import EncoderSpec, Vectors, l2_normalize
+from mmrag.fileio import files_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CONFIG_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
-_HASH_CHUNK = 1 << 20
 
 
 def _image_processor(path: str) -> Any:
@@ -40,15 +40,9 @@ def _pooled(output: Any) -> torch.Tensor:
 
 def checkpoint_digest(directory: Path) -> str:
     """SHA-256 over the folder's configs and weight files (names and bytes)."""
-    h = hashlib.sha256()
     files = [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
     files += sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    for path in files:
-        h.update(path.name.encode())
-        with path.open("rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
+    return files_sha256(files)
 
 
 class HFClipEncoder:
@@ -129,3 +123,12 @@ class HFClipEncoder:
             feats = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device)))
             out.append(feats.float().cpu().numpy())  # (B, projection_dim)
         return l2_normalize(np.concatenate(out))
+
+
+def from_encoder_spec(spec: EncoderSpec) -> HFClipEncoder:
+    """The registry's builder: `spec.path` is a local CLIP checkpoint folder."""
+    if spec.path is None:
+        raise ConfigError(
+            "the hf_clip encoder needs --encoder-path: a local CLIP checkpoint folder"
+        )
+    return HFClipEncoder.from_pretrained(spec.path, device=spec.device, batch_size=spec.batch_size)

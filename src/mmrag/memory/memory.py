@@ -38,6 +38,7 @@ from mmrag.fileio import atomic_write
 from mmrag.memory.blobs import BlobStore
 from mmrag.memory.index import FaissIndex, IndexFileError, load_index, save_index
 from mmrag.memory.store import Filters, NewRow, Row, Store
+from mmrag.registry import load_object
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,12 @@ INDEX = "index.bin"
 LOCK = "write.lock"
 MANIFEST_FORMAT = 1
 CHECKPOINT_EVERY_S = 60.0
-BACKENDS = ("embedded", "milvus")
+# Where each backend's Memory class lives; imported on use, so this module never imports a
+# backend (nor its optional dependencies) by name.
+BACKENDS: dict[str, str] = {
+    "embedded": "mmrag.memory.memory:Memory",
+    "milvus": "mmrag.memory.milvus:MilvusMemory",
+}
 
 
 class MemoryFolderError(RuntimeError):
@@ -200,7 +206,15 @@ class Memory:
             **located,
         )
         atomic_write(root / MANIFEST, (manifest.to_json() + "\n").encode())
-        return _memory_class(manifest)(root, manifest, "a", encoder)
+        return _memory_class(manifest.backend)(root, manifest, "a", encoder)
+
+    @staticmethod
+    def locate(root: Path, uri: str | None) -> dict[str, Any]:
+        """The manifest's backend fields for a new memory in `root`: none for the embedded
+        backend, which keeps everything in the folder."""
+        if uri:
+            raise ValueError("a URI applies to the milvus backend only")
+        return {}
 
     @classmethod
     def open(
@@ -227,7 +241,7 @@ class Memory:
             if mode != "a":
                 raise MemoryFolderError("changing the index configuration needs write mode")
             manifest = manifest.replace(index=index)
-        memory = _memory_class(manifest)(root, manifest, mode, encoder)
+        memory = _memory_class(manifest.backend)(root, manifest, mode, encoder)
         if reindex:
             memory._write_manifest()
         return memory
@@ -438,18 +452,23 @@ class Memory:
     def vectors(self, seqs: Sequence[int]) -> NDArray[np.float32]:
         return self.store.vectors(seqs)
 
+    def _encoder_stats(self) -> dict[str, Any]:
+        """Which encoder made the vectors, as `stats` reports it."""
+        encoder = self.manifest.encoder
+        return {
+            "name": encoder.name,
+            "path": encoder.path,
+            "fingerprint": self.manifest.fingerprint,
+            "dim": self.manifest.dim,
+        }
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             index = self._sync()
         stats = self.store.stats()
         stats.update(
             path=str(self.root),
-            encoder={
-                "name": self.manifest.encoder.name,
-                "path": self.manifest.encoder.path,
-                "fingerprint": self.manifest.fingerprint,
-                "dim": self.manifest.dim,
-            },
+            encoder=self._encoder_stats(),
             index={
                 "kind": self.manifest.index.kind,
                 "vectors": len(index),
@@ -462,25 +481,16 @@ class Memory:
         return stats
 
 
-def _memory_class(manifest: Manifest) -> type[Memory]:
-    if manifest.backend == "milvus":
-        from mmrag.memory.milvus import MilvusMemory
-
-        return MilvusMemory
-    return Memory
+def _memory_class(backend: str) -> type[Memory]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    cls: type[Memory] = load_object(BACKENDS[backend])
+    return cls
 
 
 def _locate_backend(root: Path, backend: str, uri: str | None) -> dict[str, Any]:
     """The manifest's backend fields for a new memory."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "embedded":
-        if uri:
-            raise ValueError("a URI applies to the milvus backend only")
-        return {}
-    from mmrag.memory.milvus import locate
-
-    return locate(root, uri)
+    return _memory_class(backend).locate(root, uri)
 
 
 def _check_backend(root: Path, backend: str | None, uri: str | None) -> None:
@@ -496,6 +506,17 @@ def _check_backend(root: Path, backend: str | None, uri: str | None) -> None:
             f"{root} is a {manifest.backend} memory{where}; its backend and URI cannot change "
             "(ingest into a new memory instead)"
         )
+
+
+def open_memory(
+    path: str | Path,
+    mode: Literal["r", "a"] = "r",
+    encoder: Encoder | None = None,
+    index: IndexConfig | None = None,
+) -> Memory:
+    """Open the memory in `path` for reading (`mode="r"`) or writing (`"a"`), whatever its
+    backend; the same as `Memory.open`."""
+    return Memory.open(path, mode=mode, encoder=encoder, index=index)
 
 
 def ensure_memory(

@@ -78,6 +78,10 @@ class MilvusMemory(Memory):
 
     store: MilvusStore  # type: ignore[assignment]  # the embedded Store's interface, on Milvus
 
+    @staticmethod
+    def locate(root: Path, uri: str | None) -> dict[str, Any]:
+        return locate(root, uri)
+
     def _open_documents(self) -> None:
         uri = resolve_uri(self.root, self.manifest.uri)
         client = connect(uri)
@@ -150,12 +154,7 @@ class MilvusMemory(Memory):
         database = Path(resolve_uri(self.root, self.manifest.uri))
         stats.update(
             path=str(self.root),
-            encoder={
-                "name": self.manifest.encoder.name,
-                "path": self.manifest.encoder.path,
-                "fingerprint": self.manifest.fingerprint,
-                "dim": self.manifest.dim,
-            },
+            encoder=self._encoder_stats(),
             index={
                 "kind": self.manifest.index.kind,
                 "vectors": stats["count"],

@@ -13,9 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,9 +27,9 @@ from mmrag.server.auth import BearerAuth, TokenError
 from mmrag.server.bodies import FORM_OVERHEAD, BodyLimit
 from mmrag.server.capabilities import Capabilities, CapabilitiesFactory
 from mmrag.server.config import ServerConfig
-from mmrag.server.context import Context
-from mmrag.server.generation_api import add_generation_routes
-from mmrag.server.memory_api import add_memory_routes
+from mmrag.server.context import Access, Context
+from mmrag.server.generation_api import generation_router
+from mmrag.server.memory_api import memory_router
 from mmrag.server.openapi import install_openapi
 from mmrag.server.service import MemoryService
 
@@ -177,12 +176,10 @@ def create_app(
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
-    read: list[DependsParam] = [] if config.open_reads else [Depends(auth.dependency("reading"))]
-    write: list[DependsParam] = [Depends(auth.dependency("writing"))]
-    read_errors = () if config.open_reads else (401, 403)
+    access = Access.of(auth, config.open_reads)
     _page_routes(app)
-    add_memory_routes(app, ctx, read, write, read_errors)
-    add_generation_routes(app, ctx, read, read_errors)
+    app.include_router(memory_router(access))
+    app.include_router(generation_router(access))
     install_openapi(app)
     return app
 

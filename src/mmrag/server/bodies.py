@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mmrag.documents import DocumentError, decode_image
@@ -105,8 +106,14 @@ def request_kind(request: Request) -> Literal["json", "form"]:
     )
 
 
+DISCONNECTED = "the client disconnected before the whole request body arrived"
+
+
 async def parse_json(request: Request, model: type[M]) -> M:
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # nobody reads the answer; a 400 keeps it out of the error log
+        raise HTTPException(400, DISCONNECTED) from None
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -125,8 +132,11 @@ async def parse_form(
     """A multipart form as `model`, plus its uploaded files by field name. `files` name the
     file fields, `json_fields` those sent as JSON text (objects and lists: filters, metadata),
     `lists` those that may repeat."""
-    async with request.form(max_files=max_files, max_fields=1000) as form:  # closes its files
-        data, uploads = await _read_form(form, config, files, json_fields, lists)
+    try:
+        async with request.form(max_files=max_files, max_fields=1000) as form:  # closes files
+            data, uploads = await _read_form(form, config, files, json_fields, lists)
+    except ClientDisconnect:
+        raise HTTPException(400, DISCONNECTED) from None
     for key, got in uploads.items():
         if key not in lists and len(got) > 1:
             raise validation_error(("body", key), "only one file may be sent")

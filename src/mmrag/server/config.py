@@ -33,8 +33,7 @@ class ServerConfig(Config):
     worker_threads: int = 8
     # OpenMP threads one library call may use on a worker (FAISS search, torch encoders). A
     # server's parallelism comes from concurrent requests; an OpenMP team on a busy machine
-    # mostly waits for its other members (measured on 2 loaded cores: a flat search over 10k
-    # vectors took 1.5-36 ms with 2 threads, 0.15-0.3 ms with 1).
+    # mostly waits for its other members (docs/benchmarks.md, "Measurements behind defaults").
     openmp_threads: int = 1
     thumbnail_cache: int = 512
 

@@ -7,9 +7,10 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import HTTPException
+from fastapi import Depends, HTTPException, Request
+from fastapi.params import Depends as DependsParam
 
 from mmrag.server.auth import BearerAuth
 from mmrag.server.bodies import validation_error
@@ -63,3 +64,29 @@ class Context:
             key = {"image_generator": "image_generation", "captioner": "captioning"}.get(name, name)
             raise HTTPException(501, MISSING[key])
         return found
+
+
+def get_context(request: Request) -> Context:
+    """The dependency every handler takes: the app's shared context."""
+    ctx: Context = request.app.state.mmrag
+    return ctx
+
+
+ContextDep = Annotated[Context, Depends(get_context)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """Who may read and write: the dependencies each kind of route carries, and the errors a
+    read may answer (401 / 403 only when reads need the token)."""
+
+    read: list[DependsParam]
+    write: list[DependsParam]
+    read_errors: tuple[int, ...]
+
+    @classmethod
+    def of(cls, auth: BearerAuth, open_reads: bool) -> Access:
+        write = [Depends(auth.dependency("writing"))]
+        if open_reads:
+            return cls([], write, ())
+        return cls([Depends(auth.dependency("reading"))], write, (401, 403))

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.params import Depends as DependsParam
+from fastapi import APIRouter, Request
 from PIL import Image
 
 from mmrag.server import views
@@ -20,7 +19,7 @@ from mmrag.server.bodies import (
     validation_error,
 )
 from mmrag.server.capabilities import ChatImage, ChatTurn
-from mmrag.server.context import Context
+from mmrag.server.context import Access, Context, ContextDep
 from mmrag.server.openapi import CAPTION_FORM, error_responses, request_body
 from mmrag.server.schemas import (
     CaptionRequest,
@@ -34,71 +33,75 @@ from mmrag.server.schemas import (
 )
 
 
-def add_generation_routes(
-    app: FastAPI, ctx: Context, read: list[DependsParam], read_errors: tuple[int, ...]
-) -> None:
-    config = ctx.config
-
-    @app.post(
-        "/generate/image",
-        response_model=ImageGenerationResponse,
-        dependencies=read,
-        tags=["generation"],
-        responses=error_responses(400, *read_errors, 413, 422, 501),
+async def generate_image(body: ImageGenerationRequest, ctx: ContextDep) -> ImageGenerationResponse:
+    """Caption → image (RA-CM3): a PNG and the documents retrieved as its evidence."""
+    generator = ctx.capability("image_generator")
+    ctx.check_text(body.prompt, ("body", "prompt"))
+    result = await ctx.generate(generator.generate_image, body.prompt, ctx.options(body))
+    return ImageGenerationResponse(
+        image=views.png(result.image), evidence=views.hits(result.evidence)
     )
-    async def generate_image(body: ImageGenerationRequest) -> ImageGenerationResponse:
-        """Caption → image (RA-CM3): a PNG and the documents retrieved as its evidence."""
-        generator = ctx.capability("image_generator")
-        ctx.check_text(body.prompt, ("body", "prompt"))
-        result = await ctx.generate(generator.generate_image, body.prompt, ctx.options(body))
-        return ImageGenerationResponse(
-            image=views.png(result.image), evidence=views.hits(result.evidence)
-        )
 
-    @app.post(
+
+async def generate_caption(request: Request, ctx: ContextDep) -> CaptionResponse:
+    """Image → caption (RA-CM3): the caption and the documents retrieved as evidence.
+    JSON (`image_base64`) or a multipart form (`image` file)."""
+    captioner = ctx.capability("captioner")
+    if request_kind(request) == "json":
+        body = await parse_json(request, CaptionRequest)
+        raw: bytes | str | None = body.image_base64  # decoded on a worker thread
+    else:
+        body, files = await parse_form(
+            request, CaptionRequest, ctx.config, files={"image"}, json_fields={"filters"}
+        )
+        raw = files["image"][0] if "image" in files else None
+    if raw is None:
+        raise validation_error(("body", "image"), "an image is required")
+    loc = ("body", "image" if isinstance(raw, bytes) else "image_base64")
+    image = await ctx.run(decode_image_input, raw, loc, ctx.config)
+    result = await ctx.generate(captioner.caption, image, ctx.options(body, body.max_tokens))
+    return CaptionResponse(caption=result.text, evidence=views.hits(result.evidence))
+
+
+async def chat(body: ChatRequest, ctx: ContextDep) -> ChatResponse:
+    """A conversation with interleaved text and images (FROMAGe / GILL). The reply may
+    show images retrieved from the memory or generated, and carries its evidence."""
+    model = ctx.capability("chat")
+    turns = await ctx.run(_chat_turns, ctx, body)
+    reply = await ctx.generate(model.chat, turns, ctx.options(body, body.max_tokens))
+    return ChatResponse(
+        message=ChatMessageOut(parts=[_chat_part(p) for p in reply.parts]),
+        evidence=views.hits(reply.evidence),
+    )
+
+
+def generation_router(access: Access) -> APIRouter:
+    """The generation endpoints; each answers 501 until its capability is wired."""
+    read, denied = access.read, access.read_errors
+    router = APIRouter(tags=["generation"], dependencies=read)
+    router.add_api_route(
+        "/generate/image",
+        generate_image,
+        methods=["POST"],
+        response_model=ImageGenerationResponse,
+        responses=error_responses(400, *denied, 413, 422, 501),
+    )
+    router.add_api_route(
         "/generate/caption",
+        generate_caption,
+        methods=["POST"],
         response_model=CaptionResponse,
-        dependencies=read,
-        tags=["generation"],
-        responses=error_responses(400, *read_errors, 413, 415, 422, 501),
+        responses=error_responses(400, *denied, 413, 415, 422, 501),
         openapi_extra=request_body(CaptionRequest, CAPTION_FORM),
     )
-    async def generate_caption(request: Request) -> CaptionResponse:
-        """Image → caption (RA-CM3): the caption and the documents retrieved as evidence.
-        JSON (`image_base64`) or a multipart form (`image` file)."""
-        captioner = ctx.capability("captioner")
-        if request_kind(request) == "json":
-            body = await parse_json(request, CaptionRequest)
-            raw: bytes | str | None = body.image_base64  # decoded on a worker thread
-        else:
-            body, files = await parse_form(
-                request, CaptionRequest, config, files={"image"}, json_fields={"filters"}
-            )
-            raw = files["image"][0] if "image" in files else None
-        if raw is None:
-            raise validation_error(("body", "image"), "an image is required")
-        loc = ("body", "image" if isinstance(raw, bytes) else "image_base64")
-        image = await ctx.run(decode_image_input, raw, loc, config)
-        result = await ctx.generate(captioner.caption, image, ctx.options(body, body.max_tokens))
-        return CaptionResponse(caption=result.text, evidence=views.hits(result.evidence))
-
-    @app.post(
+    router.add_api_route(
         "/chat",
+        chat,
+        methods=["POST"],
         response_model=ChatResponse,
-        dependencies=read,
-        tags=["generation"],
-        responses=error_responses(400, *read_errors, 413, 422, 501),
+        responses=error_responses(400, *denied, 413, 422, 501),
     )
-    async def chat(body: ChatRequest) -> ChatResponse:
-        """A conversation with interleaved text and images (FROMAGe / GILL). The reply may
-        show images retrieved from the memory or generated, and carries its evidence."""
-        model = ctx.capability("chat")
-        turns = await ctx.run(_chat_turns, ctx, body)
-        reply = await ctx.generate(model.chat, turns, ctx.options(body, body.max_tokens))
-        return ChatResponse(
-            message=ChatMessageOut(parts=[_chat_part(p) for p in reply.parts]),
-            evidence=views.hits(reply.evidence),
-        )
+    return router
 
 
 def _chat_turns(ctx: Context, body: ChatRequest) -> list[ChatTurn]:

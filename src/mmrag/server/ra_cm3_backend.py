@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmrag.memory.memory import Memory
-from mmrag.ra_cm3 import RACM3, Evidence
+from mmrag.models.ra_cm3.model import RACM3, Evidence
 from mmrag.retrieval import Retriever, SearchResult
 from mmrag.server.capabilities import (
     Capabilities,

@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID on a declared extractor, CIDEr-D, retrieval recall, reports."""

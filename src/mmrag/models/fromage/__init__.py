@@ -1,0 +1,1 @@
+"""FROMAGe: a frozen language model grounded to images (Koh, Salakhutdinov, Fried 2023)."""

@@ -1,0 +1,649 @@
+"""The RA-CM3 model: a memory's retriever + the VQ image tokenizer + the generator.
+
+caption -> image, image -> caption, infilling of images and captions, and pinned in-context
+demonstrations in place of retrieval; every output carries its evidence (the ids and scores
+of the documents it was conditioned on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmrag.checkpoints import checkpoint_dir
+from mmrag.config import Config, ConfigError, RetrieverConfig
+from mmrag.encoders.base import l2_normalize
+from mmrag.fileio import files_sha256
+from mmrag.memory.memory import Memory
+from mmrag.memory.store import Filters
+from mmrag.models.ra_cm3.copy_hints import (
+    Cells,
+    TextCopy,
+    caption_cells,
+    image_cells,
+    in_slots,
+    sequence_hints,
+)
+from mmrag.models.ra_cm3.decoding import decode
+from mmrag.models.ra_cm3.generator import Generator
+from mmrag.models.ra_cm3.tokenizer import (
+    CodedDocument,
+    ImageCodes,
+    MultimodalTokenizer,
+    code_document,
+)
+from mmrag.models.vq.model import VQModel
+from mmrag.retrieval import Retriever
+from mmrag.sampling import Sampling, allowed_mask
+
+CONFIG_FILE = "config.json"  # beside generator/, tokenizer/, vq/
+# Instead of vq/: {"checkpoint": NAME, "sha256": ...}, the shipped VQ checkpoint the model uses
+# (checkpoints/ra-cm3 names checkpoints/vq rather than holding a second copy of it).
+VQ_REFERENCE_FILE = "vq.json"
+MASK = "<mask>"  # the placeholder a user writes in a caption to infill
+
+
+def _inference_retriever() -> RetrieverConfig:
+    # At inference the query is a caption or an image the user gives: no relevance cap (a
+    # near copy in memory is exactly what should be used), redundancy skipping kept.
+    return RetrieverConfig(k=2, redundancy_threshold=0.95, candidate_factor=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class RACM3Config(Config):
+    """How a trained model generates: retrieval strategy and decoding defaults."""
+
+    preset_prefix: ClassVar[str] = "ra-cm3"
+
+    trained_with_retrieval: bool = True
+    # The generator keeps its last hint slot for a retrieved document that is the one asked
+    # about (train ra-cm3 --same-document): its image is the query image, or its caption
+    # the query caption.
+    same_document_slot: bool = False
+    retriever: RetrieverConfig = dataclasses.field(default_factory=_inference_retriever)
+    samples: int = 4  # caption -> image: N samples reranked by the dual encoder
+    guidance: float = 3.0  # classifier-free guidance scale on image tokens (1 = off)
+    temperature: float = 1.0
+    top_p: float = 0.9
+    caption_samples: int = 4  # image -> caption: samples reranked by perplexity
+    caption_temperature: float = 0.7
+    max_caption_tokens: int = 48
+    # Copy interpolation on image codes (decoding.py, kNN-LM style): each code is drawn from
+    # (1 - w) * the model's distribution + w * the code the top retrieved image (or the same
+    # document) holds at that cell. 0 = the generator alone; nothing retrieved, nothing mixed.
+    copy_weight: float = 0.5
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.caption_samples < 1 or self.max_caption_tokens < 1:
+            raise ConfigError("RACM3Config: samples, caption_samples, max_caption_tokens >= 1")
+        if self.guidance < 0 or self.temperature <= 0 or self.caption_temperature <= 0:
+            raise ConfigError("RACM3Config: guidance >= 0, temperatures > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("RACM3Config: top_p in (0, 1]")
+        if not 0.0 <= self.copy_weight <= 1.0:
+            raise ConfigError("RACM3Config: copy_weight in [0, 1]")
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """A document the output was conditioned on: retrieved (with its retrieval score) or
+    pinned by the user (scored against the query for transparency)."""
+
+    id: str
+    score: float
+    source: Literal["retrieved", "pinned"]
+    text: str = ""
+    image: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "score": round(self.score, 6), "source": self.source}
+
+
+@dataclasses.dataclass
+class ImageOutput:
+    """A generated image, its evidence, and every sample's dual-encoder score (the kept one
+    is the best)."""
+
+    image: Image.Image
+    evidence: list[Evidence]
+    scores: list[float]
+    codes: list[int]
+
+    def to_json(self, output: str) -> dict[str, Any]:
+        return {
+            "output": output,
+            "evidence": [e.to_json() for e in self.evidence],
+            "scores": [round(s, 6) for s in self.scores],
+        }
+
+
+@dataclasses.dataclass
+class CaptionOutput:
+    """A generated caption, its evidence, and every sampled caption with its perplexity."""
+
+    text: str
+    evidence: list[Evidence]
+    candidates: list[tuple[str, float]]
+
+    @property
+    def perplexity(self) -> float:
+        return min(p for _, p in self.candidates)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.text,
+            "evidence": [e.to_json() for e in self.evidence],
+            "candidates": [{"text": t, "perplexity": round(p, 4)} for t, p in self.candidates],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class CopySources:
+    """What the copy hints copy from, one entry per retrieved document in rank order: its
+    first image's codes and its caption's tokens (the text after that image, else its first
+    text); empty where it has none."""
+
+    images: tuple[tuple[int, ...], ...]
+    captions: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, coded: Sequence[CodedDocument], tok: MultimodalTokenizer) -> CopySources:
+        images: list[tuple[int, ...]] = []
+        captions: list[tuple[int, ...]] = []
+        for doc in coded:
+            parts = doc.parts
+            at = [i for i, p in enumerate(parts) if isinstance(p, ImageCodes)]
+            texts = [p for p in parts if isinstance(p, str) and p]
+            image: tuple[int, ...] = ()
+            if at:
+                first, alt = parts[at[0]], parts[at[0] + 1 : at[0] + 2]
+                assert isinstance(first, ImageCodes)
+                image = tuple(first.codes)
+                texts = [*(t for t in alt if isinstance(t, str) and t), *texts]
+            images.append(image)
+            captions.append(tuple(tok.encode_text(texts[0])) if texts else ())
+        return cls(tuple(images), tuple(captions))
+
+    def same_image(self, codes: Sequence[int]) -> int | None:
+        """The first document whose image has exactly these codes, else None."""
+        return next((i for i, image in enumerate(self.images) if image == tuple(codes)), None)
+
+    def copy_image(self, same: int | None = None, skip: int | None = None) -> tuple[int, ...]:
+        """The image codes a copy interpolation follows (`RACM3Config.copy_weight`): the same
+        document's (`same`) if given, else the top-ranked document's that has an image, other
+        than the `skip`-th; () when none has one. One document for the whole image, so a
+        copied cell always agrees with its copied neighbours."""
+        if same is not None and self.images[same]:
+            return self.images[same]
+        return next((im for i, im in enumerate(self.images) if im and i != skip), ())
+
+    def same_caption(self, tokens: Sequence[int]) -> int | None:
+        """The first document whose caption is exactly these tokens, else None."""
+        return next((i for i, text in enumerate(self.captions) if text == tuple(tokens)), None)
+
+    def in_slots(self, slots: int, same_slot: bool, same: int | None = None) -> CopySources:
+        """The sources placed in the model's hint slots (copy_hints.in_slots)."""
+        return CopySources(
+            tuple(tuple(x) for x in in_slots(self.images, slots, same_slot, same)),
+            tuple(tuple(x) for x in in_slots(self.captions, slots, same_slot, same)),
+        )
+
+
+# --- the model folder's VQ -----------------------------------------------------------------
+
+
+def folder_sha256(folder: Path) -> str:
+    """SHA-256 over a folder's files (names and bytes, in name order)."""
+    return files_sha256(sorted(p for p in folder.iterdir() if p.is_file()), separator=b"\0")
+
+
+def vq_folder(model: Path) -> Path:
+    """The VQ of an RA-CM3 model folder: its vq/, or the shipped checkpoint its vq.json names,
+    which must be byte for byte the one the model was saved with."""
+    if (model / "vq").is_dir():
+        return model / "vq"
+    ref = model / VQ_REFERENCE_FILE
+    if not ref.is_file():
+        raise FileNotFoundError(f"{model} is not an RA-CM3 model folder (no vq/ or vq.json)")
+    named = json.loads(ref.read_text(encoding="utf-8"))
+    target = checkpoint_dir(named["checkpoint"])
+    if folder_sha256(target) != named["sha256"]:
+        raise ValueError(
+            f"{ref} names the VQ checkpoint {named['checkpoint']!r} with SHA-256 "
+            f"{named['sha256'][:12]}..., but {target} differs: it is not the VQ this model uses"
+        )
+    return target
+
+
+def reference_vq(model: str | Path, checkpoint: str = "vq") -> None:
+    """Replace the model folder's vq/ by vq.json naming the shipped VQ checkpoint
+    `checkpoint`, which must be identical to it (to ship one copy of the VQ)."""
+    folder = Path(model)
+    target = checkpoint_dir(checkpoint)
+    digest = folder_sha256(folder / "vq")
+    if folder_sha256(target) != digest:
+        raise ValueError(f"{folder / 'vq'} is not the checkpoint {checkpoint!r} ({target})")
+    (folder / VQ_REFERENCE_FILE).write_text(
+        json.dumps({"checkpoint": checkpoint, "sha256": digest}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    shutil.rmtree(folder / "vq")
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class RACM3:
+    """Generator + tokenizer + VQ, retrieving from `memory` (None: no retrieval possible)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        tokenizer: MultimodalTokenizer,
+        vq: VQModel,
+        config: RACM3Config | None = None,
+        memory: Memory | None = None,
+    ) -> None:
+        if generator.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError("the generator's vocabulary is smaller than the tokenizer's")
+        if tokenizer.config.image_tokens != vq.config.tokens_per_image:
+            raise ValueError("the tokenizer and the VQ disagree on tokens per image")
+        self.generator, self.tokenizer, self.vq = generator.eval(), tokenizer, vq.eval()
+        self.config = config or RACM3Config()
+        self.memory = memory
+        self.retriever = Retriever(memory, self.config.retriever) if memory is not None else None
+        self.grid = vq.config.grid_size
+        tok = tokenizer
+        self.image_allowed = allowed_mask(
+            generator.config.vocab_size, [(tok.image_offset, tok.vocab_size)]
+        )
+        self.text_allowed = allowed_mask(
+            generator.config.vocab_size, [(tok.text_offset, tok.image_offset)], [tok.eos_id]
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path | None = None,
+        memory: Memory | None = None,
+        device: torch.device | str = "cpu",
+    ) -> RACM3:
+        """Load a model folder (`mmrag train ra-cm3 --out`); default: the shipped checkpoint."""
+        src = Path(directory) if directory is not None else checkpoint_dir("ra-cm3")
+        for sub in ("generator", "tokenizer"):
+            if not (src / sub).is_dir():
+                raise FileNotFoundError(f"{src} is not an RA-CM3 model folder (no {sub}/)")
+        config = RACM3Config.load(src / CONFIG_FILE) if (src / CONFIG_FILE).is_file() else None
+        return cls(
+            Generator.from_pretrained(src / "generator", device),
+            MultimodalTokenizer.from_pretrained(src / "tokenizer"),
+            VQModel.from_pretrained(vq_folder(src), device),
+            config,
+            memory,
+        )
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the model folder `from_pretrained` reads: generator/, tokenizer/, vq/ and
+        config.json."""
+        out = Path(directory)
+        self.generator.save_pretrained(out / "generator")
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        self.vq.save_pretrained(out / "vq")
+        self.config.save(out / CONFIG_FILE)
+
+    def with_memory(self, memory: Memory | None) -> RACM3:
+        """The same weights retrieving from another memory (e.g. one updated after training)."""
+        return RACM3(self.generator, self.tokenizer, self.vq, self.config, memory)
+
+    def with_vq(self, vq: VQModel) -> RACM3:
+        """The same model drawing with another VQ that codes images as this one's does (same
+        encoder and codebook, e.g. a decoder refined with `mmrag train vq --decoder-only`)."""
+        if not self.vq.same_codes(vq):
+            raise ValueError("that VQ codes images differently (encoder or codebook differ)")
+        return RACM3(self.generator, self.tokenizer, vq.eval(), self.config, self.memory)
+
+    # -- evidence ---------------------------------------------------------------------------
+
+    def evidence(
+        self,
+        text: str | None = None,
+        image: Image.Image | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        k: int | None = None,
+        filters: Filters | None = None,
+    ) -> list[Evidence]:
+        """The documents to condition on: pinned `demos` (memory ids) in place of retrieval,
+        else the top-k retrieved for the text and/or image, else none."""
+        if not demos and (not retrieval or self.retriever is None):
+            return []
+        if self.memory is None or self.retriever is None:
+            raise ValueError("pinned demonstrations need a memory to read them from")
+        query = self.retriever.encode(text, image)
+        if demos:
+            found = self.memory.get(list(demos))
+            missing = [d for d, f in zip(demos, found, strict=True) if f is None]
+            if missing:
+                raise KeyError(f"pinned documents not in the memory: {', '.join(missing)}")
+            docs = [f for f in found if f is not None]
+            scores = self.memory.vectors([d.seq for d in docs]) @ query
+            return [
+                Evidence(d.id, float(s), "pinned", d.text, d.image)
+                for d, s in zip(docs, scores, strict=True)
+            ]
+        hits = self.retriever.search_vectors(query[None], k or self.config.retriever.k, filters)[0]
+        return [Evidence(h.id, h.score, "retrieved", h.text, h.image) for h in hits]
+
+    def _coded(self, evidence: Sequence[Evidence]) -> list[CodedDocument]:
+        if not evidence:
+            return []
+        assert self.memory is not None
+        docs = self.memory.get([e.id for e in evidence])
+        return [code_document(d.to_document(), self.vq) for d in docs if d is not None]
+
+    def _prefix(
+        self, evidence: list[Evidence], room: int
+    ) -> tuple[list[int], list[Evidence], CopySources]:
+        """`fit_documents` of the evidence's documents; also the kept evidence."""
+        prefix, sources = self.fit_documents(self._coded(evidence), room)
+        return prefix, evidence[: len(sources.images)], sources
+
+    def fit_documents(
+        self, coded: Sequence[CodedDocument], room: int
+    ) -> tuple[list[int], CopySources]:
+        """`<bos> m1 <sep> m2 <sep>` fitting in `room` tokens: the lowest-ranked documents are
+        dropped first when the prompt would not fit. Also the kept documents' copy-hint
+        sources in rank order."""
+        tok = self.tokenizer
+        docs = [[*tok.encode_document(c), tok.sep_id] for c in coded]
+        while 1 + sum(map(len, docs)) > room and docs:
+            docs.pop()
+        sources = CopySources.of(coded[: len(docs)], tok)
+        return [tok.bos_id, *(t for d in docs for t in d)], sources
+
+    def _hints(
+        self,
+        cells: Cells,
+        sources: CopySources,
+        ids: Sequence[int] = (),
+        words: Cells | None = None,
+        complete: bool = True,
+    ) -> torch.Tensor | None:
+        """The copy hints (len(cells), S) of a sequence whose tokens are `cells` (None without
+        a hint table or without sources), from `sources` in slot order (`slotted`); with
+        text hints, also those of the caption tokens of its first tokens `ids`, whose caption
+        cells are `words` (as in training: the prompt's caption gets them too), with
+        `complete` as in `text_hints_for`."""
+        cfg = self.generator.config
+        words = words if cfg.text_hints and any(sources.captions) else None
+        if not cfg.hint_slots or not (any(sources.images) or words is not None):
+            return None
+        return sequence_hints(
+            cells,
+            sources.images,
+            cfg.hint_slots,
+            cfg.hint_codes,
+            ids,
+            words,
+            sources.captions,
+            complete,
+        )
+
+    def slotted(self, sources: CopySources, same: int | None = None) -> CopySources:
+        """`sources` placed in the generator's hint slots; `same` is the retrieved document
+        that is the one asked about, which a model with the same-document slot copies
+        through it."""
+        slots = self.generator.config.hint_slots
+        return sources.in_slots(slots, self.config.same_document_slot, same)
+
+    def _copy(self, image: Sequence[int], cells: range) -> list[int] | None:
+        """The copy interpolation's suggested tokens for `cells` of the image being drawn:
+        `image`'s codes there as token ids (None without an image to copy)."""
+        if len(image) != self.tokenizer.config.image_tokens:
+            return None
+        return [self.tokenizer.image_offset + image[c] for c in cells]
+
+    def _room(self, main_tokens: int) -> int:
+        room = self.generator.config.max_seq_len - main_tokens
+        if room < 1:
+            raise ValueError(
+                f"the request needs {main_tokens} tokens; the model holds "
+                f"{self.generator.config.max_seq_len}"
+            )
+        return room
+
+    # -- caption -> image ---------------------------------------------------------------------
+
+    def generate_image(
+        self,
+        caption: str,
+        samples: int | None = None,
+        guidance: float | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        seed: int = 0,
+        k: int | None = None,
+        filters: Filters | None = None,
+        copy_weight: float | None = None,
+    ) -> ImageOutput:
+        """Draw `samples` images for `caption` with classifier-free guidance and keep the one
+        the memory's dual encoder scores highest against the caption. `k` and `filters`
+        change what is retrieved (default: the model config's k, no filters); `copy_weight`
+        the copy interpolation (default: the model config's)."""
+        cfg, tok = self.config, self.tokenizer
+        samples = samples or cfg.samples
+        guidance = cfg.guidance if guidance is None else guidance
+        evidence = self.evidence(caption, None, retrieval, demos, k, filters)
+        words_ids = tok.encode_text(caption)
+        main = [tok.img_alt_id, *words_ids, tok.src_id]
+        n = tok.config.image_tokens
+        prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + n))
+        same = retrieved.same_caption(words_ids)
+        copy = self._copy(retrieved.copy_image(same), range(n))
+        sources = self.slotted(retrieved, same)
+        prompt = prefix + main
+        uncond = [tok.bos_id, tok.img_src_id]
+        words = caption_cells(len(prompt), len(prefix) + 1, len(prompt) - 1)
+        hints = self._hints([None] * len(prompt) + list(range(n)), sources, prompt, words)
+        decoded = decode(
+            self.generator,
+            [prompt] * samples,
+            n,
+            self.image_allowed,
+            Sampling(cfg.temperature, cfg.top_p),
+            [uncond] * samples,
+            guidance,
+            pad_id=tok.pad_id,
+            generator=torch.Generator().manual_seed(seed),
+            hints=None if hints is None else [hints] * samples,
+            copy=None if copy is None else [copy] * samples,
+            copy_weight=cfg.copy_weight if copy_weight is None else copy_weight,
+        )
+        grids = [[t - tok.image_offset for t in row] for row in decoded.tokens]
+        images = self.vq.decode_images(torch.tensor(grids).view(samples, self.grid, self.grid))
+        scores = self.image_text_scores(images, caption)
+        best = int(np.argmax(scores)) if scores else 0
+        return ImageOutput(images[best], evidence, scores, grids[best])
+
+    def image_text_scores(self, images: Sequence[Image.Image], caption: str) -> list[float]:
+        """The memory's dual-encoder score of each image against the caption (empty without a
+        memory: then samples are not reranked)."""
+        if self.memory is None:
+            return [0.0] * len(images)
+        encoder = self.memory.encoder
+        text = l2_normalize(encoder.encode_text([caption]))[0]
+        return [float(s) for s in l2_normalize(encoder.encode_image(list(images))) @ text]
+
+    # -- image -> caption ---------------------------------------------------------------------
+
+    def generate_caption(
+        self,
+        image: Image.Image,
+        samples: int | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        seed: int = 0,
+        k: int | None = None,
+        filters: Filters | None = None,
+    ) -> CaptionOutput:
+        """Sample captions as the infilling of the alt text and keep the lowest perplexity."""
+        tok = self.tokenizer
+        grid, codes = self._image_tokens(image)
+        sentinel = tok.sentinel_ids[0]
+        main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
+        evidence = self.evidence(None, image, retrieval, demos, k, filters)
+        return self._caption(main, grid.codes, evidence, samples, seed)
+
+    def infill_caption(
+        self,
+        image: Image.Image,
+        caption: str,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        samples: int | None = None,
+        seed: int = 0,
+    ) -> CaptionOutput:
+        """Fill the one `<mask>` in `caption` (e.g. "woman dancing: <mask> skin tone")."""
+        if caption.count(MASK) != 1:
+            raise ValueError(f"the caption must contain {MASK} exactly once")
+        tok = self.tokenizer
+        left, right = caption.split(MASK)
+        grid, codes = self._image_tokens(image)
+        sentinel = tok.sentinel_ids[0]
+        main = [
+            tok.img_alt_id,
+            *tok.encode_text(left),
+            sentinel,
+            *tok.encode_text(right),
+            tok.src_id,
+            *codes,
+            tok.close_id,
+            sentinel,
+        ]
+        evidence = self.evidence(left.strip() or None, image, retrieval, demos)
+        out = self._caption(main, grid.codes, evidence, samples, seed, len(tok.encode_text(left)))
+        out.text = left + out.text + right
+        out.candidates = [(left + t + right, p) for t, p in out.candidates]
+        return out
+
+    def _image_tokens(self, image: Image.Image) -> tuple[ImageCodes, list[int]]:
+        """The image's VQ code grid and its tokens."""
+        grid = ImageCodes.of(self.vq.encode_images([image])[0])
+        return grid, self.tokenizer.encode_image(grid)
+
+    def _caption(
+        self,
+        main: list[int],
+        image: Sequence[int],
+        evidence: list[Evidence],
+        samples: int | None,
+        seed: int,
+        start: int = 0,
+    ) -> CaptionOutput:
+        """Decode the caption that `main` (ending with its sentinel) asks for of the image
+        whose VQ codes are `image`; `start` is the caption position of its first decoded token
+        (the tokens of a kept left context)."""
+        cfg, tok = self.config, self.tokenizer
+        samples = samples or cfg.caption_samples
+        prefix, evidence, sources = self._prefix(
+            evidence, self._room(len(main) + cfg.max_caption_tokens)
+        )
+        sources = self.slotted(sources, sources.same_image(image))
+        prompt = prefix + main
+        cells = image_cells(prompt, len(prefix), tok.image_offset, tok.config.image_codes)
+        words = None
+        if start:  # the kept left context: main = <alt> left <sentinel> ...
+            words = caption_cells(len(prompt), len(prefix) + 1, len(prefix) + 1 + start)
+        hints = self._hints(
+            cells + [None] * cfg.max_caption_tokens, sources, prompt, words, complete=False
+        )
+        copy = None
+        if self.generator.config.text_hints and any(sources.captions):
+            offset = self.generator.config.hint_codes
+            copy = TextCopy(sources.captions, tok.eos_id, offset, start)
+        decoded = decode(
+            self.generator,
+            [prompt] * samples,
+            cfg.max_caption_tokens,
+            self.text_allowed,
+            Sampling(cfg.caption_temperature, cfg.top_p),
+            stop_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            generator=torch.Generator().manual_seed(seed),
+            hints=None if hints is None else [hints] * samples,
+            text_copy=None if copy is None else [copy] * samples,
+        )
+        texts = [tok.decode_text([t for t in row if t != tok.eos_id]) for row in decoded.tokens]
+        candidates = sorted(
+            {t: math.exp(n) for t, n in zip(texts, decoded.mean_nll, strict=True)}.items(),
+            key=lambda c: c[1],
+        )
+        return CaptionOutput(candidates[0][0], evidence, candidates)
+
+    # -- image infilling ------------------------------------------------------------------------
+
+    def infill_image(
+        self,
+        image: Image.Image,
+        rows: tuple[int, int],
+        caption: str | None = None,
+        retrieval: bool = True,
+        demos: Sequence[str] = (),
+        seed: int = 0,
+        copy_weight: float | None = None,
+    ) -> ImageOutput:
+        """Regenerate the band of VQ grid rows [rows[0], rows[1]) of `image` (each row is
+        image_size / grid pixels high) given the rest of the image and optionally a caption;
+        the rest of the image keeps its codes. `copy_weight`: the copy interpolation with the
+        top retrieved image's codes in the band (default: the model config's)."""
+        top, bottom = rows
+        if not 0 <= top < bottom <= self.grid:
+            raise ValueError(f"rows must satisfy 0 <= top < bottom <= {self.grid}")
+        cfg, tok = self.config, self.tokenizer
+        given, codes = self._image_tokens(image)
+        a, b = top * self.grid, bottom * self.grid
+        sentinel = tok.sentinel_ids[0]
+        head = (
+            [tok.img_alt_id, *tok.encode_text(caption), tok.src_id] if caption else [tok.img_src_id]
+        )
+        main = [*head, *codes[:a], sentinel, *codes[b:], tok.close_id, sentinel]
+        evidence = self.evidence(caption, image, retrieval, demos)
+        prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + b - a))
+        # not the image being infilled, where the memory holds it: that would copy its band back
+        copy = self._copy(retrieved.copy_image(skip=retrieved.same_image(given.codes)), range(a, b))
+        sources = self.slotted(retrieved)  # the image is partly unknown: no same document
+        n = tok.config.image_tokens
+        cells: Cells = [None] * (len(prefix) + len(head))
+        cells += [*range(a), None, *range(b, n), None, None, *range(a, b)]
+        prompt = prefix + main
+        words = caption_cells(len(prompt), len(prefix) + 1, len(prefix) + len(head) - 1)
+        hints = self._hints(cells, sources, prompt, words if caption else None)
+        decoded = decode(
+            self.generator,
+            [prompt],
+            b - a,
+            self.image_allowed,
+            Sampling(cfg.temperature, cfg.top_p),
+            pad_id=tok.pad_id,
+            generator=torch.Generator().manual_seed(seed),
+            hints=None if hints is None else [hints],
+            copy=None if copy is None else [copy],
+            copy_weight=cfg.copy_weight if copy_weight is None else copy_weight,
+        )
+        filled = [*codes[:a], *decoded.tokens[0], *codes[b:]]
+        grid = [t - tok.image_offset for t in filled]
+        out = self.vq.decode_images(torch.tensor(grid).view(1, self.grid, self.grid))[0]
+        scores = self.image_text_scores([out], caption) if caption else [0.0]
+        return ImageOutput(out, evidence, scores, grid)

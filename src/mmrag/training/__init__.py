@@ -1,0 +1,1 @@
+"""What every trainer shares: the LR schedule, resumable state, torchrun, losses, flags."""

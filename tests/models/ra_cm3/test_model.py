@@ -1,0 +1,198 @@
+"""RA-CM3 on tiny random parts: evidence, constraints, guidance, infilling, pinned demos."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import build_tiny_racm3
+from mmrag.documents import Document, load_image
+from mmrag.memory.memory import Memory
+from mmrag.models.ra_cm3.model import MASK, RACM3, reference_vq
+from mmrag.models.vq.model import VQModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+build = build_tiny_racm3
+
+
+@pytest.fixture
+def query_image(make_png) -> Image.Image:  # type: ignore[no-untyped-def]
+    return Image.open(io.BytesIO(make_png((200, 30, 30), pattern=3))).convert("RGB")
+
+
+def test_generate_image_returns_best_sample_and_evidence(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
+    out = model.generate_image("a red square", seed=1)
+    assert out.image.size == (16, 16)
+    assert len(out.scores) == 2
+    assert len(out.codes) == model.tokenizer.config.image_tokens
+    assert all(0 <= c < model.tokenizer.config.image_codes for c in out.codes)
+    assert 1 <= len(out.evidence) <= 2
+    assert {e.id for e in out.evidence} <= {
+        d.id for d in color_memory.get_by_seq(list(range(1, 7))) if d
+    }
+    assert all(e.source == "retrieved" for e in out.evidence)
+    scores = [e.score for e in out.evidence]
+    assert scores == sorted(scores, reverse=True)
+    best = model.image_text_scores([out.image], "a red square")[0]
+    assert best == pytest.approx(max(out.scores), abs=1e-5)
+    again = model.generate_image("a red square", seed=1)
+    assert again.codes == out.codes  # seeded
+
+
+def test_with_vq_draws_the_same_codes_with_another_decoder(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
+    refined = VQModel(model.vq.config)
+    refined.load_state_dict(model.vq.state_dict())
+    with torch.no_grad():
+        refined.decoder.conv_out.bias.add_(0.5)  # a different decoder, the same codes
+    redrawn = model.with_vq(refined)
+    assert redrawn.vq is refined and redrawn.memory is color_memory
+    a = model.generate_image("a red square", seed=1)
+    b = redrawn.generate_image("a red square", seed=1, samples=1)
+    c = model.generate_image("a red square", seed=1, samples=1)
+    assert b.codes == c.codes and b.image.tobytes() != c.image.tobytes()
+    assert a.evidence == b.evidence
+    with torch.no_grad():
+        refined.quantize.codebook.mul_(2.0)
+    with pytest.raises(ValueError, match="codes images differently"):
+        model.with_vq(refined)
+
+
+def test_copy_weight_follows_the_top_retrieved_image(
+    color_memory: Memory, color_docs: list[Document]
+) -> None:
+    model = build(memory=color_memory)
+
+    def codes_of(path: str | None) -> list[int]:
+        assert path is not None
+        return model.vq.encode_images([load_image(path)])[0].reshape(-1).tolist()
+
+    out = model.generate_image("a red square", seed=2, copy_weight=1.0)
+    assert out.codes == codes_of(out.evidence[0].image)  # weight 1: the top image, cell by cell
+    assert model.generate_image("a red square", seed=2, copy_weight=0.0).codes != out.codes
+    pinned = model.generate_image("a red square", demos=[color_docs[4].id], copy_weight=1.0)
+    assert pinned.codes == codes_of(pinned.evidence[0].image)  # pinned demonstrations too
+    nothing = model.generate_image("a red square", retrieval=False, seed=2, copy_weight=1.0)
+    assert nothing.codes == model.generate_image("a red square", retrieval=False, seed=2).codes
+    query = color_docs[0].images[0].open_image()  # a stored image: retrieval finds it first
+    band = model.infill_image(query, (1, 3), copy_weight=1.0)
+    own = model.vq.encode_images([query])[0].reshape(-1).tolist()
+    assert codes_of(band.evidence[0].image) == own
+    followed = next(codes_of(e.image) for e in band.evidence if codes_of(e.image) != own)
+    grid = model.grid  # the band follows the next document, not the image's own band back
+    assert band.codes[grid : 3 * grid] == followed[grid : 3 * grid] != own[grid : 3 * grid]
+
+
+def test_no_retrieval_and_pinned_demos(color_memory: Memory, color_docs: list[Document]) -> None:
+    model = build(memory=color_memory)
+    assert model.generate_image("a red square", retrieval=False).evidence == []
+    pinned = [color_docs[4].id, color_docs[1].id]
+    out = model.generate_image("a red square", demos=pinned)
+    assert [e.id for e in out.evidence] == pinned
+    assert all(e.source == "pinned" for e in out.evidence)
+    with pytest.raises(KeyError, match="not in the memory"):
+        model.generate_image("a red square", demos=["0" * 32])
+    assert out.to_json("x.png")["evidence"][0]["id"] == pinned[0]
+
+
+def test_retrieval_changes_the_conditioning(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
+    with_ret = model.generate_image("a red square", guidance=1.0, seed=3)
+    without = model.generate_image("a red square", guidance=1.0, seed=3, retrieval=False)
+    assert with_ret.codes != without.codes
+
+
+def test_prompt_drops_low_ranked_documents_to_fit(color_memory: Memory) -> None:
+    tokens = 64 + 8  # one document or the main request is ~70 tokens
+    model = build(max_seq_len=2 * tokens + 16, memory=color_memory)
+    out = model.generate_image("a red square")
+    assert len(out.evidence) == 1  # the second retrieved document did not fit
+    with pytest.raises(ValueError, match="tokens"):
+        build(max_seq_len=40, memory=color_memory).generate_image("a red square")
+
+
+def test_generate_caption_reranks_by_perplexity(
+    color_memory: Memory, query_image: Image.Image
+) -> None:
+    model = build(memory=color_memory)
+    out = model.generate_caption(query_image, seed=0)
+    perplexities = [p for _, p in out.candidates]
+    assert perplexities == sorted(perplexities) and out.text == out.candidates[0][0]
+    assert out.perplexity == perplexities[0] and out.perplexity > 1
+    assert len(out.evidence) >= 1
+    assert out.to_json()["output"] == out.text
+
+
+def test_infill_image_keeps_the_codes_outside_the_band(
+    color_memory: Memory, query_image: Image.Image
+) -> None:
+    model = build(memory=color_memory)
+    grid = model.grid
+    before = model.vq.encode_images([query_image])[0].reshape(-1).tolist()
+    out = model.infill_image(query_image, (2, 5), caption="a red square")
+    assert out.codes[: 2 * grid] == before[: 2 * grid]
+    assert out.codes[5 * grid :] == before[5 * grid :]
+    with pytest.raises(ValueError, match="rows"):
+        model.infill_image(query_image, (5, 5))
+
+
+def test_infill_caption_keeps_the_given_words(
+    color_memory: Memory, query_image: Image.Image
+) -> None:
+    model = build(memory=color_memory)
+    out = model.infill_caption(query_image, f"a {MASK} square", retrieval=False)
+    assert out.text.startswith("a ") and out.text.endswith(" square")
+    assert all(t.startswith("a ") for t, _ in out.candidates)
+    with pytest.raises(ValueError, match="exactly once"):
+        model.infill_caption(query_image, "no mask here")
+
+
+def test_without_memory_nothing_is_retrieved(query_image: Image.Image) -> None:
+    model = build()
+    assert model.generate_image("a red square").evidence == []
+    assert model.generate_caption(query_image).evidence == []
+    with pytest.raises(ValueError, match="memory"):
+        model.generate_image("a red square", demos=["x"])
+
+
+def test_from_pretrained_round_trip(tmp_path: Path, color_memory: Memory) -> None:
+    model = build(memory=color_memory)
+    model.save_pretrained(tmp_path)
+    loaded = RACM3.from_pretrained(tmp_path, color_memory)
+    assert loaded.config == model.config
+    assert (
+        loaded.generate_image("a blue disc", seed=2).codes
+        == model.generate_image("a blue disc", seed=2).codes
+    )
+    with pytest.raises(FileNotFoundError, match="model folder"):
+        RACM3.from_pretrained(tmp_path / "generator")
+
+
+def test_a_model_folder_may_name_the_shipped_vq_instead_of_a_copy(
+    tmp_path: Path, color_memory: Memory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build(memory=color_memory)
+    model.save_pretrained(tmp_path / "model")
+    shutil.copytree(tmp_path / "model" / "vq", tmp_path / "shipped" / "vq")
+    monkeypatch.setenv("MMRAG_CHECKPOINTS", str(tmp_path / "shipped"))
+    reference_vq(tmp_path / "model")
+    assert not (tmp_path / "model" / "vq").exists()
+    loaded = RACM3.from_pretrained(tmp_path / "model", color_memory)
+    assert loaded.generate_image("a blue disc", seed=2).codes == (
+        model.generate_image("a blue disc", seed=2).codes
+    )
+    weights = tmp_path / "shipped" / "vq" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    with pytest.raises(ValueError, match="not the VQ this model uses"):
+        RACM3.from_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "vq.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no vq/ or vq"):
+        RACM3.from_pretrained(tmp_path / "model")
