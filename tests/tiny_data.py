@@ -85,3 +85,17 @@ def write_vq_images(folder: Path) -> Path:
     lines.insert(2, "{broken")
     (folder / "documents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def write_families(root: Path, families: int = 40) -> Path:
+    """`families` families of two captioned variants each (`base` = "thing N")."""
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(families):
+        for variant in ("red", "blue"):
+            file = f"images/{i}-{variant}.png"
+            (root / file).write_bytes(png_bytes((20 * (i % 12), 40, 200), 32, i + 1))
+            parts = [{"image": file}, {"text": f"{variant} thing {i}"}]
+            lines.append(json.dumps({"parts": parts, "metadata": {"base": f"thing {i}"}}))
+    (root / "documents.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root

@@ -40,6 +40,10 @@ PRODUCERS: dict[str, str] = {
         ".cache/runs/fromage --steps 300 --stop-after 100, then --steps 100, and copy the "
         "folder to checkpoints/fromage (see checkpoints/fromage/RECIPE.md)"
     ),
+    "chat": (
+        "mmrag train chat --data .cache/data/emoji .cache/data/photos --out checkpoints/chat "
+        "(needs checkpoints/fromage; see checkpoints/chat/RECIPE.md)"
+    ),
     "gill": (
         "mmrag train gill --data .cache/data/emoji .cache/data/photos --out checkpoints/gill "
         "(needs checkpoints/fromage and checkpoints/ra-cm3; see checkpoints/gill/RECIPE.md)"

@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 # mkstemp creates 0600 files; give written files the mode a plain open() would.
 _UMASK = os.umask(0)
@@ -63,3 +64,12 @@ def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes, computed once per process (keyed by size and mtime)."""
     st = path.stat()
     return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def save_weights(module: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`module`'s state dict as safetensors at `path`. Bytes written by Python, not by
+    `save_file`, so the file gets the umask's mode (0644) instead of a private 0600."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    path.write_bytes(save(state, metadata=metadata or {"format": "pt"}))

@@ -1,4 +1,4 @@
-"""`mmrag chat MEMORY`: chat with the frozen LM over a memory built with the `fromage` encoder.
+"""`mmrag chat MEMORY`: chat with the frozen LM over any memory, grounded in what it retrieves.
 
 One turn (`--message TEXT [--image PATH ...] [--json]`) or an interactive session (no
 `--message`): type a message; `/image PATH` attaches an image to the next one; `/quit` ends.
@@ -20,11 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = ChatOptions()
     p = argparse.ArgumentParser(
         prog="mmrag chat",
-        description="Chat with SmolLM2-135M-Instruct and FROMAGe/GILL adapters: interleaved "
-        "text and images in, text plus images retrieved from MEMORY (or generated, with GILL) "
-        "out, each image with its evidence and, for GILL, the decision's probability.",
+        description="Chat with SmolLM2-135M-Instruct and FROMAGe/GILL adapters over MEMORY: "
+        "interleaved text and images in; out, an answer in words grounded in the documents "
+        "the turn retrieves, and images only when you ask for them (retrieved from MEMORY, "
+        "or drawn by GILL), each with its evidence and the decisions' probabilities.",
     )
-    p.add_argument("memory", help="memory built with --encoder fromage")
+    p.add_argument("memory", help="memory folder (any encoder)")
     p.add_argument("--message", help="one user message (no --message: interactive)")
     p.add_argument(
         "--image",
@@ -41,10 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-gill", action="store_true", help="FROMAGe only: every image retrieved")
     p.add_argument(
+        "--mode",
+        choices=["grounded", "tokens"],
+        default=d.mode,
+        help="grounded: answer from the retrieved evidence, images when asked for; tokens: "
+        "FROMAGe/GILL decoding, images where the LM emits [RET]/[IMG0] (needs a memory built "
+        f"with --encoder fromage) (default {d.mode})",
+    )
+    p.add_argument(
+        "--no-retrieval",
+        action="store_true",
+        help="answer from the conversation alone (no evidence from MEMORY)",
+    )
+    p.add_argument(
         "--images",
         choices=["auto", "always", "never"],
         default=d.images,
-        help="auto: the model decides; always: a reply without an image gets one "
+        help="auto: the image decision chooses; always: show one; never: words only "
         f"(default {d.images})",
     )
     p.add_argument("-k", type=int, default=d.k, help=f"evidence documents per image ({d.k})")
@@ -59,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--img-bias",
         type=float,
         default=d.img_bias,
-        help="added to the [IMG0] logit (> 0: GILL images more often)",
+        help="added to the image decision's logit (tokens mode: to the [IMG0] logit); > 0: "
+        "images more often",
     )
     p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
@@ -83,6 +98,8 @@ def _options(args: argparse.Namespace) -> ChatOptions:
         max_new_tokens=args.max_tokens,
         k=args.k,
         images=args.images,
+        mode=args.mode,
+        retrieval=not args.no_retrieval,
         ret_bias=args.ret_bias,
         img_bias=args.img_bias,
         temperature=args.temperature,

@@ -35,6 +35,7 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
                 "mmrag.models.gill.train",
                 "image tokens, mapper and decision on top of FROMAGe (GILL)",
             ),
+            "chat": ("mmrag.chat.train", "the chat's image decision (does the user ask to see?)"),
         },
     ),
     "eval": (
@@ -55,6 +56,10 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "vq": (
                 "mmrag.models.vq.evaluate",
                 "held-out PSNR, code usage, reconstruction FID",
+            ),
+            "chat": (
+                "mmrag.chat.evaluate",
+                "words, grounded naming, images when asked, follow-ups, seconds per turn",
             ),
         },
     ),

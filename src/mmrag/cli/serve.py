@@ -34,11 +34,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _generation_capabilities(args: argparse.Namespace) -> Any:
-    """RA-CM3 for /generate/*: --generator DIR, else the shipped model when present; and
-    FROMAGe / GILL for /chat when the memory was built with the fromage encoder."""
+    """RA-CM3 for /generate/*: --generator DIR, else the shipped model when present; and the
+    chat for /chat (loaded on its first request) unless --no-chat."""
     from mmrag.server.chat_backend import with_chat
 
-    return with_chat(_ra_cm3_capabilities(args))
+    generation = _ra_cm3_capabilities(args)
+    return generation if args.no_chat else with_chat(generation)
 
 
 def _ra_cm3_capabilities(args: argparse.Namespace) -> Any:
@@ -95,3 +96,4 @@ def add_commands(add: AddCommand) -> None:
     p.add_argument(
         "--no-generator", action="store_true", help="do not load RA-CM3 (/generate/* answer 501)"
     )
+    p.add_argument("--no-chat", action="store_true", help="no chat (/chat answers 501)")

@@ -208,16 +208,14 @@ def run_demo(
     `generation`, RA-CM3 draws and captions too; with `chat`, a scripted conversation runs
     with FROMAGe / GILL (each when its checkpoint is present)."""
     out.mkdir(parents=True, exist_ok=True)
-    # The lite and fromage memories store the same images: EfficientNet-Lite0 runs once.
     with shared_image_features():
         memory_dir, info = build_memory(out, limit, progress, rebuild, spec or EncoderSpec())
         with Memory.open(memory_dir) as memory:
             sections = run_queries(memory)
             if generation:
                 sections += [Section(**s) for s in generation_sections(memory, _find, progress)]
-        if chat:
-            sources = [out / "data" / name for name in ("emoji", "photos")]
-            sections += [Section(**s) for s in chat_sections(out, sources, _find, progress)]
+            if chat:
+                sections += [Section(**s) for s in chat_sections(memory, _find)]
     report = out / "report.html"
     report.write_text(render_html(sections, info), encoding="utf-8")
     results = {

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional
 
@@ -33,7 +33,7 @@ from mmrag.encoders.efficientnet import (
     load_efficientnet_lite0,
     packaged_weights_path,
 )
-from mmrag.fileio import file_digest
+from mmrag.fileio import file_digest, save_weights
 
 CHECKPOINT_NAME = "lite-encoder"
 CONFIG_FILE = "config.json"
@@ -314,10 +314,7 @@ class LiteEncoder:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_FILE)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
-        # Bytes written by Python, not `save_file`, so the file gets the umask's mode (0644)
-        # instead of a private 0600.
-        (directory / WEIGHTS_FILE).write_bytes(save(state, metadata={"format": "pt"}))
+        save_weights(self.heads, directory / WEIGHTS_FILE)
 
     @classmethod
     def from_pretrained(

@@ -110,7 +110,7 @@ MISSING = {
     "model (image → caption). Start it with `mmrag serve MEMORY --generator DIR`, or with "
     "the shipped checkpoints/ra-cm3 present.",
     "chat": "chat is not available: FROMAGe / GILL chat (a frozen language model with "
-    "retrieved and generated images) needs a memory built with the fromage encoder "
-    "(`mmrag ingest MEMORY DATA --encoder fromage`); this server's memory uses another, or no "
-    "chat model is configured. This endpoint answers 501 until one is.",
+    "retrieved and generated images) needs the FROMAGe checkpoint (checkpoints/fromage, or "
+    "$MMRAG_CHECKPOINTS), and this server was started without it or with `--no-chat`. This "
+    "endpoint answers 501 until one is configured.",
 }

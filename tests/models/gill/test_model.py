@@ -196,17 +196,17 @@ def test_chat_turn_generates_or_retrieves_by_the_decision(
     trained: dict[str, Any], memory: Memory, racm3: Any
 ) -> None:
     gill = Gill.from_pretrained(trained["root"] / "gill", lm=trained["lm"], racm3=racm3)
-    opts = ChatOptions(max_new_tokens=2, img_bias=1e4, ret_bias=-1e4, k=2)
+    opts = ChatOptions(max_new_tokens=2, img_bias=1e4, ret_bias=-1e4, k=2, mode="tokens")
     message = [Message("user", ["Show me a red square."])]
     gill.config = gill.config.replace(threshold=0.0, samples=1)  # always generate
-    generated = Chat(gill.model, Retriever(memory), gill).chat(message, opts)
+    generated = Chat(gill.model, Retriever(memory), maker=gill).chat(message, opts)
     part = generated.images[0]
     assert part.source == "generated" and part.image is not None and part.token == "[IMG0]"
     assert 0.0 <= (part.p_generate or 0.0) <= 1.0 and len(part.evidence) == 2
     assert part.generation is not None and part.generation["slots"] >= 1
     assert "png_base64" in generated.to_json()["parts"][0]
     gill.config = gill.config.replace(threshold=1.01)  # never generate
-    retrieved = Chat(gill.model, Retriever(memory), gill).chat(message, opts).images[0]
+    retrieved = Chat(gill.model, Retriever(memory), maker=gill).chat(message, opts).images[0]
     assert retrieved.source == "retrieved" and retrieved.document is not None
     assert retrieved.p_generate == pytest.approx(part.p_generate)
 
@@ -233,8 +233,8 @@ def test_chat_decision_reads_the_request_against_the_evidence(
         decision.evidence.weight.copy_(torch.tensor([[-10.0, 0.0, 0.0]]))  # the overlap
         decision.scores.bias.fill_(5.0)
         decision.temperature.fill_(1.0)
-    chat = Chat(gill.model, Retriever(memory), gill)
-    opts = ChatOptions(max_new_tokens=2, img_bias=1e4, ret_bias=-1e4, k=2)
+    chat = Chat(gill.model, Retriever(memory), maker=gill)
+    opts = ChatOptions(max_new_tokens=2, img_bias=1e4, ret_bias=-1e4, k=2, mode="tokens")
     found = chat.chat([Message("user", ["Show me a red square."])], opts).images[0]
     assert found.source == "retrieved" and found.document is not None
     assert found.document.text == "a red square"
@@ -291,11 +291,11 @@ def test_image_block_cut_by_the_token_cap_is_completed(
     same decision as when the forced tokens fit."""
     gill = Gill.from_pretrained(trained["root"] / "gill", lm=trained["lm"], racm3=racm3)
     gill.config = gill.config.replace(threshold=1.01)  # never generate
-    chat = Chat(gill.model, Retriever(memory), gill)
+    chat = Chat(gill.model, Retriever(memory), maker=gill)
     message = [Message("user", ["Show me a red square."])]
     parts = []
     for cap in (1, 2):
-        opts = ChatOptions(max_new_tokens=cap, img_bias=1e4, ret_bias=-1e4, k=2)
+        opts = ChatOptions(max_new_tokens=cap, img_bias=1e4, ret_bias=-1e4, k=2, mode="tokens")
         parts.append(chat.chat(message, opts).images[0])
     assert parts[0].p_generate == pytest.approx(parts[1].p_generate, abs=1e-5)
     assert parts[0].document is not None and parts[1].document is not None

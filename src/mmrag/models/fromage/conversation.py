@@ -157,9 +157,12 @@ class ImagePart:
 
 @dataclasses.dataclass
 class Reply:
-    """Interleaved text and images, in order."""
+    """Interleaved text and images, in order; `evidence` are the documents retrieved for the
+    turn (what the words were grounded on), `p_image` the image decision's probability."""
 
     parts: list[str | ImagePart]
+    evidence: list[SearchResult] = dataclasses.field(default_factory=list)
+    p_image: float | None = None
 
     @property
     def text(self) -> str:
@@ -170,23 +173,41 @@ class Reply:
         return [p for p in self.parts if isinstance(p, ImagePart)]
 
     def to_json(self, image_data: bool = True) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "parts": [
                 {"type": "text", "text": p} if isinstance(p, str) else p.to_json(image_data)
                 for p in self.parts
-            ]
+            ],
+            "evidence": [e.to_json() for e in self.evidence],
         }
+        if self.p_image is not None:
+            out["p_image"] = round(self.p_image, 4)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatOptions:
-    """`images`: "auto" lets the model decide, "always" adds an image query after a reply
-    that has none, "never" forbids image tokens. `ret_bias` / `img_bias` are added to the
-    `[RET]` / `[IMG0]` logits (FROMAGe's and GILL's scale factors)."""
+    """How a turn is answered.
+
+    `mode`: "grounded" (default) retrieves the turn's evidence from the memory, answers in
+    words that use it, and shows images only when the image decision says the user asked for
+    them; "tokens" is FROMAGe / GILL decoding, where the LM's own `[RET]` / `[IMG0]` tokens
+    place images (needs a memory built with the fromage encoder). `images`: "auto" lets the
+    decision (or the LM, in "tokens" mode) choose, "always" shows one, "never" none.
+    `retrieval=False` answers from the conversation alone. `ret_bias` / `img_bias` are added
+    to the `[RET]` / `[IMG0]` logits in "tokens" mode; `img_bias` shifts the image decision's
+    logit in "grounded" mode. `max_sentences` ends a reply after that many sentences."""
 
     max_new_tokens: int = 48
-    k: int = 3  # evidence documents per image
+    k: int = 3  # evidence documents per turn and per image
     images: Literal["auto", "always", "never"] = "auto"
+    mode: Literal["grounded", "tokens"] = "grounded"
+    retrieval: bool = True
+    ground_threshold: float = 0.6  # text turns: use the top document only when this close
+    max_sentences: int = 1
+    # The system turn of a grounded reply when the conversation has none (a 135M LM rambles
+    # past the evidence without it); plain turns keep the LM's own.
+    system: str = "You are a helpful assistant. Answer in one short sentence."
     ret_bias: float = 0.0
     img_bias: float = 0.0
     temperature: float = 0.0

@@ -20,16 +20,18 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional
 
 from mmrag.config import Config, ConfigError
+from mmrag.fileio import save_weights
 from mmrag.models.fromage.language_model import LanguageModel, load_smollm2, tiny_language_model
 from mmrag.sampling import Sampling, sample_next
 
@@ -40,6 +42,7 @@ WEIGHTS_FILE = "adapters.safetensors"
 IMAGE_SLOT = -1  # in a token row: an image's k prefix vectors go here
 PAD_SLOT = -2  # in an assembled id grid: left padding
 SHARED_MIN = 8  # a common beginning this long is computed once per batch
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # "3.5" is not an end
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
 RET, IMG = "[RET]", "[IMG{}]"
 
@@ -137,6 +140,8 @@ class GenerateOptions:
     allow_img: bool = True
     stop_ids: tuple[int, ...] | None = None  # default: the tokenizer's eos
     seed: int | None = None
+    max_sentences: int | None = None  # end a row after this many sentences
+    max_repeats: int | None = None  # end a row when one token comes this many times in a row
 
 
 @dataclasses.dataclass
@@ -410,7 +415,7 @@ class FrozenLM(nn.Module):
             live = ~done
             for i in torch.nonzero(live).flatten().tolist():
                 out[i].tokens.append(int(chosen[i]))
-                if int(chosen[i]) in stops and not forced[i]:
+                if not forced[i] and (int(chosen[i]) in stops or self._ends(out[i], opts)):
                     done[i] = True
             feed = live & ~done
             if not bool(feed.any()):
@@ -421,6 +426,22 @@ class FrozenLM(nn.Module):
                 if int(chosen[i]) >= self.vocab:
                     out[i].hidden.append((len(out[i].tokens) - 1, last[i].clone()))
         return out
+
+    def _ends(self, gen: Generation, opts: GenerateOptions) -> bool:
+        """Guards: a run of one repeated token, or the sentence count reached."""
+        tokens = gen.tokens
+        if tokens[-1] >= self.vocab:  # special tokens: the caller caps them
+            return False
+        run = opts.max_repeats
+        if run is not None and len(tokens) >= run and len(set(tokens[-run:])) == 1:
+            del tokens[-(run - 1) :]  # keep one of the run
+            return True
+        if opts.max_sentences is None:
+            return False
+        if not self.decode_text(tokens[-1:]).rstrip().endswith((".", "!", "?")):
+            return False
+        text = self.decode_text([t for t in tokens if t < self.vocab])
+        return len(SENTENCE_END.findall(text)) >= opts.max_sentences
 
     def _next_tokens(
         self,
@@ -464,10 +485,9 @@ class FrozenLM(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.config.save(out / CONFIG_FILE)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
         meta = {"format": "pt", "lm_identity": self.language_model.identity}
         meta |= {k: json.dumps(v) for k, v in (extra or {}).items()}
-        (out / WEIGHTS_FILE).write_bytes(save(state, metadata=meta))
+        save_weights(self.adapters, out / WEIGHTS_FILE, meta)
 
     def load_adapters(self, directory: str | Path) -> None:
         """Load `adapters.safetensors` strictly; the LM must be the one it was trained on."""

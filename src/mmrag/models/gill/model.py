@@ -48,11 +48,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional
 
 from mmrag.config import Config, ConfigError
+from mmrag.fileio import save_weights
 from mmrag.models.fromage.conversation import ChatOptions, ImagePart
 from mmrag.models.fromage.language_model import LanguageModel
 from mmrag.models.fromage.model import FrozenLM
@@ -345,6 +346,24 @@ class Gill:
         filters = dict(options.filters or {}) | {"modality": ["image", "mixed"]}
         k = max(options.k, self.config.top_k, self.config.evidence_k)
         hits = retriever.search_vectors(query.numpy(), k, filters, [sorted(exclude)])[0]
+        return self.image_for(states, hits, request, options, exclude)
+
+    @property
+    def evidence_k(self) -> int:
+        """How many documents the decision reads (scores of the top ones, captions of all)."""
+        return max(self.config.top_k, self.config.evidence_k)
+
+    @torch.no_grad()
+    def image_for(
+        self,
+        states: torch.Tensor,
+        hits: Sequence[SearchResult],
+        request: str,
+        options: ChatOptions,
+        exclude: set[str],
+    ) -> ImagePart:
+        """Decide on `hits` (best first, from any retriever) whether to show the stored
+        document the request names best or to draw a new image from the `[IMG]` `states`."""
         captions = [h.text for h in hits]
         p = self.p_generate(states[0], [h.score for h in hits], request, captions)
         if p < self.config.threshold and hits:
@@ -353,9 +372,10 @@ class Gill:
             overlaps = caption_overlaps(request, captions[: self.config.evidence_k])
             best = hits[int(np.argmax(overlaps))]
             exclude.add(best.id)
-            return ImagePart("retrieved", "[IMG0]", hits[: options.k], best, p_generate=p)
-        image, info = self.generate(states, query[0], hits[: self.config.retrieval_k], options.seed)
-        return ImagePart("generated", "[IMG0]", hits[: options.k], None, image, p, info)
+            return ImagePart("retrieved", "[IMG0]", list(hits[: options.k]), best, p_generate=p)
+        query = self.heads.query(states[:1])[0]
+        image, info = self.generate(states, query, hits[: self.config.retrieval_k], options.seed)
+        return ImagePart("generated", "[IMG0]", list(hits[: options.k]), None, image, p, info)
 
     @torch.no_grad()
     def p_generate(
@@ -399,8 +419,7 @@ class Gill:
         self.model.save_pretrained(out / FROZEN_LM_DIR)
         self.config.save(out / CONFIG_FILE)
         (out / "config.json").write_text('{"kind": "gill"}\n', encoding="utf-8")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
-        (out / WEIGHTS_FILE).write_bytes(save(state, metadata={"format": "pt"}))
+        save_weights(self.heads, out / WEIGHTS_FILE)
 
     @classmethod
     def from_pretrained(
