@@ -83,6 +83,8 @@ class Turn:
     evidence: list[SearchResult]
     p_image: float | None
     images: list[ImagePart]
+    shown: list[Image.Image]  # the conversation's images, in reading order
+    features: torch.Tensor | None  # their frozen image features, computed once per turn
 
 
 class Chat:
@@ -133,13 +135,15 @@ class Chat:
                 filters=opts.filters,
                 exclude_ids=opts.exclude_ids,
             )
-        p_image = self._p_image(messages, opts)
+        every = message_images(messages)
+        features = image_features(self.model, every) if every else None
+        p_image = self._p_image(messages, features, opts)
         wanted = 0
         if opts.images == "always":
             wanted = requested_count(request)
         elif opts.images == "auto" and p_image is not None:
             wanted = requested_count(request) if p_image >= self.decision_threshold else 0
-        turn = Turn(messages, request, evidence, p_image, [])
+        turn = Turn(messages, request, evidence, p_image, [], every, features)
         if wanted:
             vector = self._image_query(turn)
             states = self._img_states(turn) if self.maker is not None else None
@@ -155,13 +159,13 @@ class Chat:
     def decision_threshold(self) -> float:
         return self.decision.config.threshold if self.decision is not None else 0.5
 
-    def _p_image(self, messages: list[Message], opts: ChatOptions) -> float | None:
+    def _p_image(
+        self, messages: list[Message], features: torch.Tensor | None, opts: ChatOptions
+    ) -> float | None:
         """The image decision's probability, or None without a decision (no images then,
         unless asked for with images="always")."""
         if self.decision is None or opts.images == "never":
             return None
-        images = message_images(messages)
-        features = image_features(self.model, images) if images else None
         last, _ = self.model.prefill([chat_row(self.model, messages)], features)
         return float(self.decision.probability(last, opts.img_bias)[0])
 
@@ -189,10 +193,8 @@ class Chat:
 
     def _special_states(self, turn: Turn, tokens: Sequence[int]) -> torch.Tensor:
         """(n, H) states of `tokens` fed after the conversation."""
-        images = message_images(turn.messages)
-        features = image_features(self.model, images) if images else None
         row = chat_row(self.model, turn.messages)
-        return self.model.special_states([row], list(tokens), features)[0]
+        return self.model.special_states([row], list(tokens), turn.features)[0]
 
     def _img_states(self, turn: Turn) -> torch.Tensor:
         """GILL's `[IMG0..r-1]` states after the conversation (its decision and mapper read
@@ -244,7 +246,9 @@ class Chat:
         if note and opts.system and messages[0].role != "system":  # a plain turn: the LM's own
             messages = [Message("system", [opts.system]), *messages]
         images = message_images(messages)
-        features = image_features(self.model, images) if images else None
+        features = turn.features
+        if [id(i) for i in images] != [id(i) for i in turn.shown]:
+            features = image_features(self.model, images) if images else None
         generate = GenerateOptions(
             max_new_tokens=opts.max_new_tokens,
             temperature=opts.temperature,
