@@ -240,7 +240,7 @@ class Chat:
             messages = [m for m in messages if m.role == "system"] + messages[-1:]
         if note and note.startswith(ATTACHED):
             # The note says what the attached image is; its visual prefix only distracts the
-            # LM then (measured on validation families, docs/chat.md).
+            # LM then (docs/chat.md says how this was chosen).
             messages = [*messages[:-1], Message("user", [_text_only(messages[-1])])]
         messages = _with_note(messages, note) if note else messages
         if note and opts.system and messages[0].role != "system":  # a plain turn: the LM's own
