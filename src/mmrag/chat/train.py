@@ -37,6 +37,7 @@ from mmrag.chat.request import RequestConfig, RequestDecision
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.documents import load_image
 from mmrag.encoders.base import Encoder, EncoderSpec, load_encoder
+from mmrag.metrics.decision import decision_scores
 from mmrag.metrics.retrieval import recall
 from mmrag.models.fromage.conversation import Message, chat_row, image_features, message_images
 from mmrag.models.fromage.model import FrozenLM, TokenRow
@@ -104,28 +105,12 @@ def _temperature(head: RequestDecision, states: torch.Tensor, labels: torch.Tens
     head.temperature.fill_(float(log_t.exp().detach()))
 
 
-def scores(head: RequestDecision, states: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, F1 of "show an image", log loss and expected calibration error."""
+def scores(head: RequestDecision, states: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """The decision's scores (`metrics.decision`) and its log loss."""
     p = head.probability(states)
-    chosen = p >= head.config.threshold
-    truth = labels.bool()
-    tp = float((chosen & truth).sum())
-    precision = tp / max(1.0, float(chosen.sum()))
-    recall = tp / max(1.0, float(truth.sum()))
-    bins = torch.clamp((p * 10).long(), max=9)
-    ece = sum(
-        float((bins == b).float().mean())
-        * abs(float(p[bins == b].mean() - labels[bins == b].mean()))
-        for b in range(10)
-        if bool((bins == b).any())
-    )
-    return {
-        "accuracy": float((chosen == truth).float().mean()),
-        "f1": 2 * precision * recall / max(1e-9, precision + recall),
-        "log_loss": float(functional.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), labels)),
-        "ece": ece,
-        "n": float(len(labels)),
-    }
+    out = decision_scores(p, labels, head.config.threshold)
+    out["log_loss"] = float(functional.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), labels))
+    return out
 
 
 def _requests(items: Sequence[Item], split: str, seed: int) -> list[str]:

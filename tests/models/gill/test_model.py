@@ -16,10 +16,11 @@ from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory, ensure_memory
+from mmrag.metrics.decision import decision_scores as scores
 from mmrag.models.fromage.language_model import tiny_language_model
 from mmrag.models.fromage.model import FrozenLM, FrozenLMConfig
 from mmrag.models.fromage.train import FromageTrainConfig, train_fromage
-from mmrag.models.gill.decision import VARIANTS, fit_temperature, scores
+from mmrag.models.gill.decision import VARIANTS, fit_temperature
 from mmrag.models.gill.model import (
     Gill,
     GillConfig,

@@ -36,6 +36,7 @@ import torch
 from torch.nn import functional
 
 from mmrag.encoders.mixed import combine
+from mmrag.metrics.decision import decision_scores as scores
 from mmrag.models.fromage.conversation import REQUEST_TEMPLATES, Message, chat_row
 from mmrag.models.fromage.model import TokenRow
 from mmrag.models.fromage.pairs import PairData
@@ -167,45 +168,6 @@ def fit_temperature(decision: Decision, data: DecisionSet) -> None:
 
     optimizer.step(closure)
     decision.temperature.fill_(float(log_t.detach().exp()))
-
-
-def scores(
-    probabilities: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5, bins: int = 10
-) -> dict[str, Any]:
-    """F1 / precision / recall of "generate", accuracy, ECE, Brier and the reliability bins."""
-    pred = probabilities >= threshold
-    truth = labels > 0.5
-    tp = float((pred & truth).sum())
-    precision = tp / max(1.0, float(pred.sum()))
-    recall = tp / max(1.0, float(truth.sum()))
-    f1 = 2 * precision * recall / max(1e-12, precision + recall)
-    edges = torch.linspace(0, 1, bins + 1)
-    which = torch.bucketize(probabilities, edges[1:-1])
-    ece, table = 0.0, []
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            conf, acc = float(probabilities[inside].mean()), float(truth[inside].float().mean())
-            ece += float(inside.float().mean()) * abs(conf - acc)
-            table.append(
-                {
-                    "bin": b,
-                    "n": int(inside.sum()),
-                    "confidence": round(conf, 4),
-                    "generate_rate": round(acc, 4),
-                }
-            )
-    return {
-        "f1": f1,
-        "precision": precision,
-        "recall": recall,
-        "accuracy": float((pred == truth).float().mean()),
-        "ece": ece,
-        "brier": float((probabilities - labels).pow(2).mean()),
-        "n": len(labels),
-        "positives": int(truth.sum()),
-        "reliability": table,
-    }
 
 
 def probabilities(decision: Decision, data: DecisionSet) -> torch.Tensor:
