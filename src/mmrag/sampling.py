@@ -67,14 +67,18 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
-def mix_in(scores: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
+def mix_in(
+    scores: torch.Tensor, targets: torch.Tensor, weight: float | torch.Tensor
+) -> torch.Tensor:
     """Logits (B, V) of `(1 - weight) * softmax(scores) + weight * onehot(targets)` in the rows
-    whose target (B,) is a token id; rows with NO_HINT (or an id beyond V) keep their scores."""
+    whose target (B,) is a token id; rows with NO_HINT (or an id beyond V) keep their scores.
+    `weight`: one for every row, or (B,) one per row."""
     has = (targets >= 0) & (targets < scores.shape[-1])
     if not bool(has.any()):
         return scores
-    probs = scores.float().softmax(-1) * (1.0 - weight)
-    probs[has, targets[has]] += weight
+    w = torch.as_tensor(weight, dtype=torch.float32, device=scores.device).expand(len(scores))
+    probs = scores.float().softmax(-1) * (1.0 - w)[:, None]
+    probs[has, targets[has]] += w[has]
     mixed = probs.clamp(min=torch.finfo(probs.dtype).tiny).log()
     mixed = mixed.masked_fill(scores.float() == float("-inf"), float("-inf"))
     return torch.where(has[:, None], mixed, scores.float())

@@ -133,6 +133,15 @@ def suggest(source: Sequence[int], run: Sequence[int], position: int, end: int) 
     token; NO_HINT beyond that and for an empty source."""
     if not source:
         return NO_HINT
+    follow = follow_at(source, run, position)
+    if follow < len(source):
+        return int(source[follow])
+    return end if follow == len(source) else NO_HINT
+
+
+def follow_at(source: Sequence[int], run: Sequence[int], position: int) -> int:
+    """Where `source` goes on after `run` (`suggest`'s rule): just after the first occurrence
+    of the longest suffix of `run` that `source` contains; without one, at `position`."""
     best, at = 0, -1
     for j in range(len(source)):
         n = 0
@@ -140,10 +149,7 @@ def suggest(source: Sequence[int], run: Sequence[int], position: int, end: int) 
             n += 1
         if n > best:
             best, at = n, j
-    follow = at + 1 if best else position
-    if follow < len(source):
-        return int(source[follow])
-    return end if follow == len(source) else NO_HINT
+    return at + 1 if best else position
 
 
 def text_hints_for(
@@ -242,17 +248,49 @@ def sequence_hints(
 
 @dataclasses.dataclass(frozen=True)
 class TextCopy:
-    """Text copy hints for a caption being decoded: the retrieved captions' tokens in rank
+    """Text copy hints for a caption being decoded: the retrieved captions' tokens in slot
     order, the token that closes the caption (decoding's stop token), the hint offset (the
     model's `hint_codes`) and the caption position of the first decoded token (after a
-    left context kept in place, as in caption infilling)."""
+    left context kept in place, as in caption infilling).
+
+    The text copy interpolation (decoding.py) follows one of them, `copy_from`, with weight
+    `weight` (0: hints only): the token it suggests after the left context `left` and the
+    tokens decoded so far, and the closing token where it goes on with the right context
+    `right` (caption infilling: the span ends where the given text resumes)."""
 
     sources: tuple[tuple[int, ...], ...]
     end: int
     offset: int
     start: int = 0
+    copy_from: int | None = None
+    weight: float = 0.0
+    left: tuple[int, ...] = ()
+    right: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"TextCopy.weight must be in [0, 1], got {self.weight}")
+        if self.copy_from is not None and not 0 <= self.copy_from < len(self.sources):
+            raise ValueError(f"TextCopy.copy_from {self.copy_from} is not a source")
 
     def row(self, decoded: Sequence[int], slots: int) -> list[int]:
         """The hints (slots,) of the token after `decoded`, the tokens decoded so far."""
         position = self.start + len(decoded)
         return suggestions(self.sources, decoded, position, self.end, slots, self.offset)
+
+    @property
+    def copies(self) -> bool:
+        return self.weight > 0 and self.copy_from is not None and bool(self.sources[self.copy_from])
+
+    def target(self, decoded: Sequence[int]) -> int:
+        """The token the copied caption suggests after `decoded` (NO_HINT: none)."""
+        if not self.copies:
+            return NO_HINT
+        assert self.copy_from is not None
+        source = self.sources[self.copy_from]
+        follow = follow_at(source, (*self.left, *decoded), self.start + len(decoded))
+        if self.right and tuple(source[follow : follow + len(self.right)]) == self.right:
+            return self.end
+        if follow < len(source):
+            return int(source[follow])
+        return self.end if follow == len(source) else NO_HINT

@@ -36,6 +36,9 @@ class Decoded:
 
     tokens: list[list[int]]
     mean_nll: list[float]
+    # the same under the model's own (guided, constrained) distribution, before any copy
+    # interpolation: how much the model itself believes what was drawn
+    model_nll: list[float] = dataclasses.field(default_factory=list)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +78,9 @@ def decode(
     `hints`: per prompt, the copy hints (len(prompt) + max_new_tokens, S) of its whole
     sequence (copy_hints.py); unconditional twins get none. `text_copy`: per prompt, the
     retrieved captions whose text copy hints follow the tokens as they are decoded (they
-    replace the static hints from the prompt's last token on); needs a model with
-    `text_hints`. `copy`: per prompt, the token retrieval suggests for each new token
+    replace the static hints from the prompt's last token on), and whose `copy_from` caption,
+    with its `weight`, is mixed in like `copy` (the text copy interpolation); needs a model
+    with `text_hints`. `copy`: per prompt, the token retrieval suggests for each new token
     (max_new_tokens ids, NO_HINT where none), mixed in with weight `copy_weight` (see the
     module docstring; 0 = off).
     """
@@ -110,6 +114,12 @@ def decode(
     logits = model(ids, attention_mask=mask, cache=cache, hints=first)[:, -1]  # (R, V)
     out = [[] for _ in range(b)]  # type: list[list[int]]
     nll = torch.zeros(b, dtype=torch.float64)
+    own = torch.zeros(b, dtype=torch.float64)
+    followed = [(r, c) for r, c in copying if c.copies]
+    text_weights = torch.zeros(b)
+    for r, c in followed:
+        text_weights[r] = c.weight
+    text_weights = text_weights.to(device)
     done = torch.zeros(b, dtype=torch.bool)
     bias = None
     if allowed is not None:
@@ -125,14 +135,27 @@ def decode(
             scores = guide(logits[:b], logits[b:], guidance)  # (B, V)
         if bias is not None:
             scores = scores + bias
+        plain = scores
         if targets is not None:
             scores = mix_in(scores, targets[:, step], copy_weight)
+        if followed:
+            wanted = torch.full((b,), NO_HINT, dtype=torch.long)
+            for r, c in followed:
+                wanted[r] = c.target(out[r])
+            if allowed is not None:  # a suggestion the constraints forbid is no suggestion
+                known = (wanted >= 0) & (wanted < allowed.shape[0])
+                wanted[known] = torch.where(
+                    allowed.cpu()[wanted[known]], wanted[known], torch.tensor(NO_HINT)
+                )
+            scores = mix_in(scores, wanted.to(device), text_weights)
         token = sample_next(scores.float(), sampling, generator)  # (B,)
         logp = functional.log_softmax(scores.float(), -1).gather(-1, token[:, None]).squeeze(-1)
+        logq = functional.log_softmax(plain.float(), -1).gather(-1, token[:, None]).squeeze(-1)
         for r in range(b):
             if not done[r]:
                 out[r].append(int(token[r]))
                 nll[r] -= float(logp[r])
+                own[r] -= float(logq[r])
         if stop_id is not None:
             done |= (token == stop_id).cpu()
         if bool(done.all()) or step + 1 == max_new_tokens:
@@ -152,7 +175,7 @@ def decode(
             seen = None if all_hints is None else all_hints[:, : at + 1]
             logits = model(ids, attention_mask=mask, hints=seen)[:, -1]
     mean = [float(nll[r]) / max(1, len(out[r])) for r in range(b)]
-    return Decoded(out, mean)
+    return Decoded(out, mean, [float(own[r]) / max(1, len(out[r])) for r in range(b)])
 
 
 def _copy_targets(
@@ -234,3 +257,4 @@ def continuation_nll(
         n = len(c)
         out.append(-float(token_logp[r, width - 1 - n :].sum()) / max(1, n))
     return out
+

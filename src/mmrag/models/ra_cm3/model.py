@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -25,7 +25,9 @@ from mmrag.encoders.base import l2_normalize
 from mmrag.fileio import files_sha256
 from mmrag.memory.memory import Memory
 from mmrag.memory.store import Filters
+from mmrag.models.ra_cm3.compose import recombinations, spans_between
 from mmrag.models.ra_cm3.copy_hints import (
+    NO_HINT,
     Cells,
     TextCopy,
     caption_cells,
@@ -77,10 +79,29 @@ class RACM3Config(Config):
     caption_samples: int = 4  # image -> caption: samples reranked by perplexity
     caption_temperature: float = 0.7
     max_caption_tokens: int = 48
-    # Copy interpolation on image codes (decoding.py, kNN-LM style): each code is drawn from
-    # (1 - w) * the model's distribution + w * the code the top retrieved image (or the same
-    # document) holds at that cell. 0 = the generator alone; nothing retrieved, nothing mixed.
+    # Copy interpolation (decoding.py, kNN-LM style), gated by how close the match is. Each
+    # image code is drawn from (1 - w) * the model's distribution + w * the code the copied
+    # image holds at that cell, and each caption token likewise with the token the copied
+    # caption suggests next (copy_hints.TextCopy). The copied document is the same document
+    # when retrieval found it (a stored caption to draw, a stored image to caption): then
+    # w = exact_copy_weight; else the top retrieved one, with w = copy_weight (images) or
+    # text_copy_weight (captions). 0 = the generator alone; nothing retrieved, nothing mixed.
     copy_weight: float = 0.5
+    text_copy_weight: float = 0.0
+    exact_copy_weight: float = 1.0
+    # A retrieved image is the query image when at least this share of its VQ codes are the
+    # query's (1 = identical codes; a re-saved or slightly edited copy of a stored image
+    # still counts).
+    same_image_agreement: float = 0.9
+    # caption -> image without the same document: sample r copies the (r mod copy_sources)-th
+    # retrieved image, so that samples differ where the retrieved documents do and the dual
+    # encoder's reranking chooses among them
+    copy_sources: int = 1
+    # image -> caption without the same document: the captions of this many retrieved
+    # documents, recombined (compose.py), join the generator's samples, and the memory's dual
+    # encoder keeps the one that matches the image best (0 = the generator's samples alone,
+    # reranked by perplexity)
+    compose_k: int = 0
 
     def validate(self) -> None:
         if self.samples < 1 or self.caption_samples < 1 or self.max_caption_tokens < 1:
@@ -89,8 +110,11 @@ class RACM3Config(Config):
             raise ConfigError("RACM3Config: guidance >= 0, temperatures > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("RACM3Config: top_p in (0, 1]")
-        if not 0.0 <= self.copy_weight <= 1.0:
-            raise ConfigError("RACM3Config: copy_weight in [0, 1]")
+        for name in ("copy_weight", "text_copy_weight", "exact_copy_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"RACM3Config: {name} in [0, 1]")
+        if not 0.0 < self.same_image_agreement <= 1.0:
+            raise ConfigError("RACM3Config: same_image_agreement in (0, 1]")
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -131,22 +155,32 @@ class ImageOutput:
 
 @dataclasses.dataclass
 class CaptionOutput:
-    """A generated caption, its evidence, and every sampled caption with its perplexity."""
+    """A generated caption, its evidence, and every sampled caption with its perplexity
+    (best first). `copied`: the id of the stored document whose caption was copied (the
+    memory holds the image); `ranked`: with composition, every candidate with its
+    dual-encoder score against the image, best (the output) first."""
 
     text: str
     evidence: list[Evidence]
     candidates: list[tuple[str, float]]
+    copied: str | None = None
+    ranked: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
     @property
     def perplexity(self) -> float:
         return min(p for _, p in self.candidates)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "output": self.text,
             "evidence": [e.to_json() for e in self.evidence],
             "candidates": [{"text": t, "perplexity": round(p, 4)} for t, p in self.candidates],
         }
+        if self.copied is not None:
+            out["copied"] = self.copied
+        if self.ranked:
+            out["ranked"] = [{"text": t, "match": round(m, 6)} for t, m in self.ranked]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,9 +210,14 @@ class CopySources:
             captions.append(tuple(tok.encode_text(texts[0])) if texts else ())
         return cls(tuple(images), tuple(captions))
 
-    def same_image(self, codes: Sequence[int]) -> int | None:
-        """The first document whose image has exactly these codes, else None."""
-        return next((i for i, image in enumerate(self.images) if image == tuple(codes)), None)
+    def same_image(self, codes: Sequence[int], agreement: float = 1.0) -> int | None:
+        """The first document whose image holds these codes at `agreement` or more of its
+        cells (1 = exactly these codes), else None."""
+        query = np.asarray(codes)
+        for i, image in enumerate(self.images):
+            if len(image) == len(query) and np.mean(np.asarray(image) == query) >= agreement:
+                return i
+        return None
 
     def copy_image(self, same: int | None = None, skip: int | None = None) -> tuple[int, ...]:
         """The image codes a copy interpolation follows (`RACM3Config.copy_weight`): the same
@@ -441,17 +480,31 @@ class RACM3:
         """Draw `samples` images for `caption` with classifier-free guidance and keep the one
         the memory's dual encoder scores highest against the caption. `k` and `filters`
         change what is retrieved (default: the model config's k, no filters); `copy_weight`
-        the copy interpolation (default: the model config's)."""
+        the copy interpolation's weight, whatever the match (default: the model config's gate,
+        `exact_copy_weight` when the memory holds this caption, else `copy_weight`)."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.samples
         guidance = cfg.guidance if guidance is None else guidance
-        evidence = self.evidence(caption, None, retrieval, demos, k, filters)
+        k = k or cfg.retriever.k
+        pool = self.evidence(caption, None, retrieval, demos, max(k, cfg.copy_sources), filters)
         words_ids = tok.encode_text(caption)
         main = [tok.img_alt_id, *words_ids, tok.src_id]
         n = tok.config.image_tokens
-        prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + n))
+        coded = self._coded(pool)
+        shown = len(pool) if demos else k
+        prefix, retrieved = self.fit_documents(coded[:shown], self._room(len(main) + n))
+        evidence = pool[: len(retrieved.images)]
         same = retrieved.same_caption(words_ids)
-        copy = self._copy(retrieved.copy_image(same), range(n))
+        if same is not None or cfg.copy_sources <= 1:
+            copies = [self._copy(retrieved.copy_image(same), range(n))] * samples
+        else:  # sample r copies the (r mod copy_sources)-th retrieved image
+            drawn = [im for im in CopySources.of(coded, tok).images if im][: cfg.copy_sources]
+            drawn = drawn or [()]
+            copies = [self._copy(drawn[r % len(drawn)], range(n)) for r in range(samples)]
+            evidence = pool[: max(len(evidence), len(drawn))]
+        if copy_weight is None:
+            copy_weight = cfg.exact_copy_weight if same is not None else cfg.copy_weight
+        copy = [[NO_HINT] * n if c is None else c for c in copies]
         sources = self.slotted(retrieved, same)
         prompt = prefix + main
         uncond = [tok.bos_id, tok.img_src_id]
@@ -468,8 +521,8 @@ class RACM3:
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
             hints=None if hints is None else [hints] * samples,
-            copy=None if copy is None else [copy] * samples,
-            copy_weight=cfg.copy_weight if copy_weight is None else copy_weight,
+            copy=copy,
+            copy_weight=copy_weight,
         )
         grids = [[t - tok.image_offset for t in row] for row in decoded.tokens]
         images = self.vq.decode_images(torch.tensor(grids).view(samples, self.grid, self.grid))
@@ -497,14 +550,29 @@ class RACM3:
         seed: int = 0,
         k: int | None = None,
         filters: Filters | None = None,
+        copy_weight: float | None = None,
+        compose: bool | None = None,
     ) -> CaptionOutput:
-        """Sample captions as the infilling of the alt text and keep the lowest perplexity."""
-        tok = self.tokenizer
+        """Sample captions as the infilling of the alt text (`_caption`): the stored caption
+        when the memory holds the image; else, with `compose` (default: the config's
+        `compose_k` > 0), the samples and the recombined captions of the `compose_k` top
+        retrieved documents ranked by the dual encoder (`_compose`); else the sample of
+        lowest perplexity. `copy_weight`: the text copy interpolation's weight, whatever the
+        match (default: the model config's gate)."""
+        cfg, tok = self.config, self.tokenizer
         grid, codes = self._image_tokens(image)
         sentinel = tok.sentinel_ids[0]
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
-        evidence = self.evidence(None, image, retrieval, demos, k, filters)
-        return self._caption(main, grid.codes, evidence, samples, seed)
+        compose = cfg.compose_k > 0 if compose is None else compose
+        k = k or cfg.retriever.k
+        wanted = max(k, cfg.compose_k) if compose else k
+        pool = self.evidence(None, image, retrieval, demos, wanted, filters)
+        shown = pool if demos else pool[:k]
+        out = self._caption(main, grid.codes, shown, samples, seed, copy_weight=copy_weight)
+        if out.copied is not None or not compose or not pool:
+            return out
+        texts = [*recombinations([e.text for e in pool]), *(t for t, _ in out.candidates)]
+        return self._compose(image, out, texts, lambda text: text)
 
     def infill_caption(
         self,
@@ -514,29 +582,71 @@ class RACM3:
         demos: Sequence[str] = (),
         samples: int | None = None,
         seed: int = 0,
+        copy_weight: float | None = None,
+        compose: bool | None = None,
     ) -> CaptionOutput:
-        """Fill the one `<mask>` in `caption` (e.g. "woman dancing: <mask> skin tone")."""
+        """Fill the one `<mask>` in `caption` (e.g. "woman dancing: <mask> skin tone"): the
+        span between the given left and right text, which the copied caption (`_caption`)
+        suggests up to where it goes on as the right text does; with composition (as in
+        `generate_caption`), the spans that retrieved captions hold between the same words
+        join the samples, ranked by the dual encoder."""
         if caption.count(MASK) != 1:
             raise ValueError(f"the caption must contain {MASK} exactly once")
         tok = self.tokenizer
         left, right = caption.split(MASK)
+        # a space before the mask belongs to the span's first word (the BPE writes " dark")
+        left = left.rstrip()
+        left_ids, right_ids = tok.encode_text(left), tok.encode_text(right)
         grid, codes = self._image_tokens(image)
         sentinel = tok.sentinel_ids[0]
         main = [
             tok.img_alt_id,
-            *tok.encode_text(left),
+            *left_ids,
             sentinel,
-            *tok.encode_text(right),
+            *right_ids,
             tok.src_id,
             *codes,
             tok.close_id,
             sentinel,
         ]
-        evidence = self.evidence(left.strip() or None, image, retrieval, demos)
-        out = self._caption(main, grid.codes, evidence, samples, seed, len(tok.encode_text(left)))
-        out.text = left + out.text + right
-        out.candidates = [(left + t + right, p) for t, p in out.candidates]
+        cfg = self.config
+        compose = cfg.compose_k > 0 if compose is None else compose
+        k = cfg.retriever.k
+        wanted = max(k, cfg.compose_k) if compose else k
+        pool = self.evidence(left.strip() or None, image, retrieval, demos, wanted)
+        shown = pool if demos else pool[:k]
+        out = self._caption(
+            main, grid.codes, shown, samples, seed, left_ids, right_ids, copy_weight
+        )
+
+        def whole(span: str) -> str:
+            return _glue([left, span, right])
+
+        if out.copied is None and compose and pool:
+            spans = spans_between([e.text for e in pool], left, right)
+            return self._compose(image, out, [*spans, *(t for t, _ in out.candidates)], whole)
+        out.text = whole(out.text)
+        out.candidates = [(whole(t), p) for t, p in out.candidates]
         return out
+
+    def _compose(
+        self,
+        image: Image.Image,
+        sampled: CaptionOutput,
+        texts: Sequence[str],
+        whole: Callable[[str], str],
+    ) -> CaptionOutput:
+        """The candidate (`whole(text)` of each of `texts`) the memory's dual encoder scores
+        highest against `image`; `sampled`'s evidence and samples are kept."""
+        full = list(dict.fromkeys(whole(t) for t in texts if t.strip()))
+        samples = [(whole(t), p) for t, p in sampled.candidates]
+        if not full or self.memory is None:
+            return dataclasses.replace(sampled, text=samples[0][0], candidates=samples)
+        encoder = self.memory.encoder
+        seen = l2_normalize(encoder.encode_image([image]))[0]
+        match = l2_normalize(encoder.encode_text(full)) @ seen
+        ranked = sorted(zip(full, map(float, match), strict=True), key=lambda c: -c[1])
+        return CaptionOutput(ranked[0][0], sampled.evidence, samples, None, ranked)
 
     def _image_tokens(self, image: Image.Image) -> tuple[ImageCodes, list[int]]:
         """The image's VQ code grid and its tokens."""
@@ -550,17 +660,31 @@ class RACM3:
         evidence: list[Evidence],
         samples: int | None,
         seed: int,
-        start: int = 0,
+        left: Sequence[int] = (),
+        right: Sequence[int] = (),
+        copy_weight: float | None = None,
     ) -> CaptionOutput:
         """Decode the caption that `main` (ending with its sentinel) asks for of the image
-        whose VQ codes are `image`; `start` is the caption position of its first decoded token
-        (the tokens of a kept left context)."""
+        whose VQ codes are `image`, `left` and `right` the tokens of a kept left and right
+        context (caption infilling). The text copy interpolation follows the same document's
+        caption (`exact_copy_weight`) when retrieval found the image itself, else the top
+        retrieved caption (`text_copy_weight`); `copy_weight` overrides either."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.caption_samples
-        prefix, evidence, sources = self._prefix(
+        start = len(left)
+        prefix, evidence, retrieved = self._prefix(
             evidence, self._room(len(main) + cfg.max_caption_tokens)
         )
-        sources = self.slotted(sources, sources.same_image(image))
+        same = retrieved.same_image(image, cfg.same_image_agreement)
+        sources = self.slotted(retrieved, same)
+        followed = (
+            retrieved.captions[same]
+            if same is not None
+            else next((c for c in retrieved.captions if c), ())
+        )
+        if copy_weight is None:
+            copy_weight = cfg.exact_copy_weight if same is not None else cfg.text_copy_weight
+        copied = evidence[same].id if same is not None and copy_weight == 1.0 else None
         prompt = prefix + main
         cells = image_cells(prompt, len(prefix), tok.image_offset, tok.config.image_codes)
         words = None
@@ -572,7 +696,18 @@ class RACM3:
         copy = None
         if self.generator.config.text_hints and any(sources.captions):
             offset = self.generator.config.hint_codes
-            copy = TextCopy(sources.captions, tok.eos_id, offset, start)
+            kept = followed and followed in sources.captions
+            copy_from = sources.captions.index(followed) if kept else None
+            copy = TextCopy(
+                sources.captions,
+                tok.eos_id,
+                offset,
+                start,
+                copy_from,
+                copy_weight,
+                tuple(left),
+                tuple(right),
+            )
         decoded = decode(
             self.generator,
             [prompt] * samples,
@@ -590,7 +725,7 @@ class RACM3:
             {t: math.exp(n) for t, n in zip(texts, decoded.mean_nll, strict=True)}.items(),
             key=lambda c: c[1],
         )
-        return CaptionOutput(candidates[0][0], evidence, candidates)
+        return CaptionOutput(candidates[0][0], evidence, candidates, copied)
 
     # -- image infilling ------------------------------------------------------------------------
 
@@ -622,7 +757,8 @@ class RACM3:
         evidence = self.evidence(caption, image, retrieval, demos)
         prefix, evidence, retrieved = self._prefix(evidence, self._room(len(main) + b - a))
         # not the image being infilled, where the memory holds it: that would copy its band back
-        copy = self._copy(retrieved.copy_image(skip=retrieved.same_image(given.codes)), range(a, b))
+        itself = retrieved.same_image(given.codes, cfg.same_image_agreement)
+        copy = self._copy(retrieved.copy_image(skip=itself), range(a, b))
         sources = self.slotted(retrieved)  # the image is partly unknown: no same document
         n = tok.config.image_tokens
         cells: Cells = [None] * (len(prefix) + len(head))
@@ -647,3 +783,12 @@ class RACM3:
         out = self.vq.decode_images(torch.tensor(grid).view(1, self.grid, self.grid))[0]
         scores = self.image_text_scores([out], caption) if caption else [0.0]
         return ImageOutput(out, evidence, scores, grid)
+
+
+def _glue(parts: Sequence[str]) -> str:
+    """Text parts joined by one space, none before a part that starts with punctuation."""
+    out = ""
+    for part in (" ".join(p.split()) for p in parts):
+        if part:
+            out += part if not out or part[0] in ",.;:!?" else " " + part
+    return out
