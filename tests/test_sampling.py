@@ -50,3 +50,10 @@ def test_guidance_extrapolates_from_the_unconditional() -> None:
     cond, uncond = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]])
     assert torch.equal(guide(cond, uncond, 1.0), cond)
     assert guide(cond, uncond, 3.0).tolist() == [[4.0, -2.0]]
+
+
+def test_mix_in_takes_one_weight_per_row() -> None:
+    scores = torch.log(torch.tensor([[0.5, 0.5, 0.0 + 1e-9], [0.25, 0.75, 1e-9]]))
+    mixed = mix_in(scores, torch.tensor([2, 0]), torch.tensor([1.0, 0.5])).softmax(-1)
+    assert torch.allclose(mixed[0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+    assert torch.allclose(mixed[1], torch.tensor([0.625, 0.375, 0.0]), atol=1e-6)

@@ -4,6 +4,7 @@ way, down to an RA-CM3 that trusts them writing the retrieved caption."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -313,8 +314,58 @@ def test_cached_decoding_with_text_copy_equals_full_recomputation() -> None:
     assert plain.tokens[1] == cached.tokens[1]  # the row without retrieved captions
     with pytest.raises(ValueError, match="offset"):
         decode(model, prompts, 2, text_copy=[TextCopy(((60,),), 2, 10), None])
-    with pytest.raises(ValueError, match="text_hints"):
-        decode(Generator(HINTED), prompts, 2, text_copy=copies)
+    # a model without text hints gets the interpolation alone
+    copied = [TextCopy(((60, 61, 62),), end=2, offset=HINTED.hint_codes, copy_from=0, weight=1.0)]
+    out = decode(
+        Generator(HINTED).eval(), prompts[:1], 6, None, greedy, stop_id=2, text_copy=copied
+    )
+    assert out.tokens == [[60, 61, 62, 2]]
+
+
+def test_text_copy_interpolation_copies_the_followed_caption_exactly() -> None:
+    torch.manual_seed(0)
+    model = Generator(TEXT_HINTED).eval()
+    source = (60, 61, 60, 62)  # a repeated token: the suffix rule still follows the source
+    copy = TextCopy((source, (63, 64)), end=2, offset=50, copy_from=0, weight=1.0)
+    sampled = Sampling(temperature=1.0, top_p=0.9)
+    gen = torch.Generator().manual_seed(0)
+    out = decode(
+        model, [[1, 2, 3]] * 3, 8, None, sampled, stop_id=2, text_copy=[copy] * 3, generator=gen
+    )
+    assert out.tokens == [[*source, 2]] * 3
+    assert all(m > 0 for m in out.model_nll) and out.mean_nll == pytest.approx([0.0] * 3, abs=1e-4)
+    # weight 0: hints only, the model samples freely
+    free = dataclasses.replace(copy, weight=0.0)
+    gen = torch.Generator().manual_seed(0)
+    loose = decode(
+        model, [[1, 2, 3]] * 3, 8, None, sampled, stop_id=2, text_copy=[free] * 3, generator=gen
+    )
+    assert loose.tokens != out.tokens
+    with pytest.raises(ValueError, match="weight"):
+        TextCopy((source,), end=2, offset=50, copy_from=0, weight=1.5)
+    with pytest.raises(ValueError, match="copy_from"):
+        TextCopy((source,), end=2, offset=50, copy_from=1, weight=0.5)
+
+
+def test_text_copy_target_follows_the_left_context_and_stops_at_the_right() -> None:
+    # "man surfing : <mask> skin tone" against "man surfing : dark skin tone"
+    source = (10, 11, 12, 13, 14, 15)
+    copy = TextCopy(
+        (source,),
+        end=2,
+        offset=0,
+        start=3,
+        copy_from=0,
+        weight=1.0,
+        left=(10, 11, 12),
+        right=(14, 15),
+    )
+    assert copy.target([]) == 13  # after the left context
+    assert copy.target([13]) == 2  # the source goes on as the right context does: stop
+    # without the right context, the rest of the source is suggested
+    whole = dataclasses.replace(copy, right=())
+    assert [whole.target(d) for d in ([], [13], [13, 14], [13, 14, 15])] == [13, 14, 15, 2]
+    assert dataclasses.replace(copy, weight=0.0).target([]) == NO_HINT
 
 
 def test_training_sequences_carry_the_retrieved_captions_suggestions(prep: Prepared) -> None:

@@ -196,3 +196,86 @@ def test_a_model_folder_may_name_the_shipped_vq_instead_of_a_copy(
     (tmp_path / "model" / "vq.json").unlink()
     with pytest.raises(FileNotFoundError, match="no vq/ or vq"):
         RACM3.from_pretrained(tmp_path / "model")
+
+
+# --- copying what is stored, composing what is not -----------------------------------------
+
+
+def stored_image(color_docs: list[Document], i: int = 0) -> Image.Image:
+    part = color_docs[i].images[0]
+    assert part.data is not None
+    return Image.open(io.BytesIO(part.data)).convert("RGB")
+
+
+def test_a_stored_image_is_captioned_with_its_stored_caption(
+    color_memory: Memory, color_docs: list[Document]
+) -> None:
+    model = build(memory=color_memory)  # random weights: only the copy can write it
+    for i in range(3):
+        out = model.generate_caption(stored_image(color_docs, i), seed=i)
+        assert out.text == color_docs[i].text and out.copied == color_docs[i].id
+        assert out.to_json()["copied"] == color_docs[i].id
+        pinned = model.generate_caption(stored_image(color_docs, i), demos=[color_docs[i].id])
+        assert pinned.text == color_docs[i].text
+    alone = model.generate_caption(stored_image(color_docs), copy_weight=0.0, seed=0)
+    assert alone.copied is None and alone.text != color_docs[0].text
+
+
+def test_a_stored_caption_is_drawn_as_its_stored_image(
+    color_memory: Memory, color_docs: list[Document]
+) -> None:
+    model = build(memory=color_memory)
+    for i in range(3):
+        out = model.generate_image(color_docs[i].text, samples=2, seed=i)
+        stored = model.vq.encode_images([stored_image(color_docs, i)])[0].reshape(-1).tolist()
+        assert out.codes == stored
+    # near matches keep the model's share: the generator alone does not draw the copy
+    free = model.generate_image(color_docs[0].text, samples=2, copy_weight=0.0)
+    assert free.codes != model.vq.encode_images([stored_image(color_docs)])[0].reshape(-1).tolist()
+
+
+def test_infilling_a_stored_image_fills_the_stored_words(
+    color_memory: Memory, color_docs: list[Document]
+) -> None:
+    model = build(memory=color_memory)
+    red = color_docs[0].text  # "a red square"
+    out = model.infill_caption(stored_image(color_docs), red.replace("red", MASK))
+    assert out.text == red
+
+
+def test_samples_copy_several_retrieved_images(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
+    model = RACM3(
+        model.generator,
+        model.tokenizer,
+        model.vq,
+        model.config.replace(copy_sources=2, copy_weight=1.0),
+        color_memory,
+    )
+    out = model.generate_image("a reddish square", samples=2, seed=0)
+    assert len(out.evidence) == 2 and len(out.scores) == 2
+    codes = [
+        model.vq.encode_images([load_image(e.image)])[0].reshape(-1).tolist()
+        for e in out.evidence
+        if e.image
+    ]
+    assert out.codes in codes
+
+
+def test_composition_ranks_recombined_captions_by_the_dual_encoder(
+    color_memory: Memory, query_image: Image.Image
+) -> None:
+    base = build(memory=color_memory)
+    model = RACM3(
+        base.generator, base.tokenizer, base.vq, base.config.replace(compose_k=4), color_memory
+    )
+    out = model.generate_caption(query_image, seed=0)  # an image the memory does not hold
+    matches = [m for _, m in out.ranked]
+    assert out.ranked and matches == sorted(matches, reverse=True)
+    assert out.text == out.ranked[0][0] and out.copied is None
+    texts = {t for t, _ in out.ranked}
+    assert {t for t, _ in out.candidates} <= texts  # the generator's samples compete too
+    assert "a red square" in texts  # and the retrieved captions
+    assert model.generate_caption(query_image, seed=0, compose=False).ranked == []
+    filled = model.infill_caption(query_image, f"a {MASK} square", seed=0)
+    assert filled.text.startswith("a ") and filled.text.endswith(" square") and filled.ranked

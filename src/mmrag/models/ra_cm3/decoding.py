@@ -79,10 +79,10 @@ def decode(
     sequence (copy_hints.py); unconditional twins get none. `text_copy`: per prompt, the
     retrieved captions whose text copy hints follow the tokens as they are decoded (they
     replace the static hints from the prompt's last token on), and whose `copy_from` caption,
-    with its `weight`, is mixed in like `copy` (the text copy interpolation); needs a model
-    with `text_hints`. `copy`: per prompt, the token retrieval suggests for each new token
-    (max_new_tokens ids, NO_HINT where none), mixed in with weight `copy_weight` (see the
-    module docstring; 0 = off).
+    with its `weight`, is mixed in like `copy` (the text copy interpolation; a model without
+    `text_hints` gets the interpolation only). `copy`: per prompt, the token retrieval
+    suggests for each new token (max_new_tokens ids, NO_HINT where none), mixed in with
+    weight `copy_weight` (see the module docstring; 0 = off).
     """
     sampling = sampling or Sampling()
     if not 0.0 <= copy_weight <= 1.0:
@@ -95,7 +95,8 @@ def decode(
     ids, mask = ids.to(device), mask.to(device)
     width = ids.shape[1]
     all_hints = _row_hints(hints, prompts, rows, max_new_tokens, width)
-    copying = _text_copy_rows(model, text_copy, len(prompts))
+    followed = [(r, c) for r, c in _text_copy_rows(model, text_copy, len(prompts)) if c.copies]
+    copying = _text_copy_rows(model, text_copy, len(prompts)) if model.config.text_hints else []
     slots = model.config.hint_slots
     if copying and (all_hints is None or all_hints.shape[2] < slots):
         wide = torch.full((len(rows), width + max_new_tokens, slots), NO_HINT, dtype=torch.long)
@@ -115,7 +116,6 @@ def decode(
     out = [[] for _ in range(b)]  # type: list[list[int]]
     nll = torch.zeros(b, dtype=torch.float64)
     own = torch.zeros(b, dtype=torch.float64)
-    followed = [(r, c) for r, c in copying if c.copies]
     text_weights = torch.zeros(b)
     for r, c in followed:
         text_weights[r] = c.weight
@@ -209,8 +209,6 @@ def _text_copy_rows(
     if len(text_copy) != prompts:
         raise ValueError(f"{len(text_copy)} text copy rows for {prompts} prompts")
     rows = [(r, c) for r, c in enumerate(text_copy) if c is not None and c.sources]
-    if rows and not model.config.text_hints:
-        raise ValueError("text copy hints need a model with text_hints")
     if any(c.offset != model.config.hint_codes for _, c in rows):
         raise ValueError(f"text copy hints' offset must be hint_codes ({model.config.hint_codes})")
     return rows
@@ -257,4 +255,3 @@ def continuation_nll(
         n = len(c)
         out.append(-float(token_logp[r, width - 1 - n :].sum()) / max(1, n))
     return out
-

@@ -1,29 +1,37 @@
-"""`mmrag eval ra-cm3`: does retrieval help? RA-CM3 against the vanilla model trained with the
-same compute, on emoji variants held out of training whose siblings stay in the memory.
+"""`mmrag eval ra-cm3`: does retrieval make generation better than the same model without it,
+and better than just returning what was retrieved?
 
-Systems, each on the same held-out documents:
-- `ra-cm3`: the retrieval-augmented model, retrieving K = 2 from the memory of training
-  documents (the held-out variants are not in it; their siblings are), the generator alone;
-- `ra-cm3 + copy w`: the same, with the copy interpolation on image codes (decoding.py:
-  each code drawn from (1 - w) * the model + w * the top retrieved image's code at that cell);
-  its captions are `ra-cm3`'s (the interpolation is on image codes only);
-- `ra-cm3 (no retrieval)`: the same weights with nothing retrieved (an ablation);
-- `vanilla`: the baseline trained with `--retrieval off`, identical steps and tokens;
-- `retrieval only`: the top retrieved document's image / caption returned as the output
-  (the paper's retrieval baseline).
+Scored on emoji variants held out of training whose siblings stay in the memory (or, with
+`--split validation`, on the validation variants, on which decoding settings are chosen). Every
+system draws and writes through the public `RACM3.generate_image` / `generate_caption` (what
+`mmrag generate` and the server call), with the shipped decoding settings unless said:
+- `ra-cm3`: the shipped decoding: retrieval, the gated copy interpolation (exact for what the
+  memory holds), samples copying several retrieved images, captions composed from retrieved
+  ones (model.py, compose.py);
+- `generator alone`: the same weights and retrieved documents, no copy interpolation and no
+  composition (copy weight 0);
+- `ra-cm3 (no retrieval)`: the same weights with nothing retrieved;
+- `vanilla`: the baseline trained with `--retrieval off`, identical steps and token budget;
+- `copy 1`: copy weight 1 without composition: the top retrieved document through the VQ;
+- `ra-cm3 + copy w` (`--copy-weight w`): the shipped decoding with copy weight w for images and
+  captions (for choosing the weight on the validation variants);
+- `retrieval only`: the top retrieved document's image / caption returned as the output.
 
-`--split validation` scores the validation variants instead (`train ra-cm3 --validation`:
-other families' variants, also out of training and memory), on which decoding settings such
-as the copy weight are chosen, so that the held-out (test) variants only report.
+Metrics: caption -> image FID (the declared EfficientNet-Lite0 extractor, mmrag.metrics.fid)
+against the true images, the dual-encoder image-caption score, and **variant accuracy**: among
+the captions of the variant's family (its siblings and itself), does the memory's dual encoder
+rank the asked-for caption first for the drawn image? (The retrieval-only baseline returns a
+sibling.) Image -> caption: CIDEr-D and exact match against the true caption.
 
-Metrics: caption -> image FID (on the declared EfficientNet-Lite0 extractor, see
-mmrag.metrics.fid) against the held-out ground-truth images, and the `lite` dual-encoder
-image-caption score; image -> caption CIDEr-D against the true caption. The knowledge test
-adds documents whose names the model never saw ("a <made-up word>", each paired with an
-existing image) to a copy of the memory *after* training, then draws each name: a hit is a
-generated image whose nearest candidate image (same extractor, cosine) is the paired one.
-The stored test captions images of training documents, which the memory holds: CIDEr-D and
-the share of captions written exactly as stored (retrieval finds the document itself).
+Further tests: the **stored** test captions the images of documents the memory holds (exact
+match) and draws their captions (share of drawings whose codes are the stored image's); the
+**knowledge** test adds documents with made-up names to a copy of the memory after training and
+draws each name (a hit: the nearest candidate image, on the FID extractor, is the paired one);
+**infilling** masks the skin tone of held-out captions (`man surfing: <mask> skin tone`);
+**in-context classification** pins one demonstration per class (the family's base emoji, whose
+caption is the class name) and captions a held-out variant of one of them; **style** pins two
+documents of one skin tone from other families and draws a third family's base caption: does
+the dual encoder rank that family's variant of the pinned tone first?
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -45,14 +54,16 @@ from tqdm import tqdm
 
 from mmrag.config import ConfigError
 from mmrag.documents import Document, load_image
+from mmrag.encoders.base import l2_normalize
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
 from mmrag.metrics.captions import cider
 from mmrag.metrics.fid import FID_EXTRACTOR, fid_features, frechet_distance
 from mmrag.metrics.report import prepare, report
 from mmrag.metrics.retrieval import dual_encoder_scores, nearest_is_right
+from mmrag.models.ra_cm3.compose import spans_between
 from mmrag.models.ra_cm3.data import CORPUS_FILE, Corpus
-from mmrag.models.ra_cm3.model import RACM3, Evidence, ImageOutput
+from mmrag.models.ra_cm3.model import MASK, RACM3, Evidence, ImageOutput
 from mmrag.models.vq.model import VQModel
 
 logger = logging.getLogger(__name__)
@@ -95,13 +106,17 @@ def _load(path: str) -> Image.Image:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     n: int = 100  # held-out documents scored
-    samples: int = 2  # images per caption (reranked by the dual encoder)
-    caption_samples: int = 4  # captions per image (reranked by perplexity)
-    guidance: float = 3.0
-    copy_weights: tuple[float, ...] = (0.5,)  # one `ra-cm3 + copy w` system each; 0s are left out
+    samples: int | None = None  # images per caption (reranked); None: the model's config
+    caption_samples: int | None = None  # captions per image; None: the model's config
+    guidance: float | None = None  # None: the model's config
+    copy_weights: tuple[float, ...] = ()  # one `ra-cm3 + copy w` system each
     split: str = "heldout"  # the documents scored: "heldout" (test) or "validation"
     knowledge: int = 20  # made-up names
-    stored: int = 20  # images of documents the memory holds, captioned
+    stored: int = 20  # documents the memory holds, captioned and drawn
+    infill: int = 20  # held-out captions with a skin tone, the tone masked
+    icl: int = 20  # in-context classification episodes
+    ways: int = 3  # classes (one pinned demonstration each) per episode
+    style: int = 10  # style-control trials
     seed: int = 0
     progress: bool = True
 
@@ -110,44 +125,91 @@ class Settings:
             raise ConfigError(f"copy weights must be in [0, 1], got {list(self.copy_weights)}")
         if self.split not in ("heldout", "validation"):
             raise ConfigError(f"split must be 'heldout' or 'validation', got {self.split!r}")
+        if self.ways < 2:
+            raise ConfigError("ways must be >= 2")
 
 
 # The Settings fields the command line sets, with their help (each flag's default is the field's).
 SETTING_FLAGS = {
     "n": "held-out documents scored",
-    "samples": "images sampled per caption, reranked",
-    "caption_samples": "captions sampled per image, reranked",
-    "guidance": "classifier-free guidance scale",
     "knowledge": "made-up names in the knowledge test, 0 skips it",
-    "stored": "stored documents captioned in the stored test, 0 skips it",
-    "seed": "seed of names and sampling",
+    "stored": "stored documents captioned and drawn in the stored test, 0 skips it",
+    "infill": "held-out captions whose skin tone is masked and infilled, 0 skips it",
+    "icl": "in-context classification episodes, 0 skips them",
+    "ways": "classes per in-context classification episode",
+    "style": "style-control trials, 0 skips them",
+    "seed": "seed of names, episodes and sampling",
+}
+# Those that default to the model's own config.
+MODEL_FLAGS = {
+    "samples": (int, "images sampled per caption, reranked"),
+    "caption_samples": (int, "captions sampled per image"),
+    "guidance": (float, "classifier-free guidance scale"),
 }
 
 
-def caption_to_image(
-    model: RACM3,
-    captions: Sequence[str],
-    retrieval: bool,
-    settings: Settings,
-    desc: str,
-    copy_weight: float = 0.0,
-) -> list[ImageOutput]:
-    return [
-        model.generate_image(
+@dataclasses.dataclass(frozen=True)
+class System:
+    """One way of generating: a model and the arguments its generate_* calls get."""
+
+    name: str
+    model: RACM3
+    retrieval: bool = True
+    copy_weight: float | None = None  # images and captions; None: the model's gate
+    compose: bool | None = None  # None: the model's config
+
+    def draw(self, caption: str, settings: Settings, seed: int) -> ImageOutput:
+        return self.model.generate_image(
             caption,
             settings.samples,
             settings.guidance,
-            retrieval=retrieval,
-            seed=settings.seed + i,
-            copy_weight=copy_weight,
+            retrieval=self.retrieval,
+            seed=seed,
+            copy_weight=self.copy_weight,
         )
-        for i, caption in enumerate(tqdm(captions, desc=desc, disable=not settings.progress))
+
+    def write(self, image: Image.Image, settings: Settings, seed: int) -> str:
+        return self.model.generate_caption(
+            image,
+            settings.caption_samples,
+            retrieval=self.retrieval,
+            seed=seed,
+            copy_weight=self.copy_weight,
+            compose=self.compose,
+        ).text
+
+
+def systems(ra: RACM3, vanilla: RACM3, settings: Settings) -> list[System]:
+    """The compared systems (module docstring), retrieval-only aside."""
+    out = [
+        System("ra-cm3", ra),
+        System("generator alone", ra, copy_weight=0.0, compose=False),
+        System("ra-cm3 (no retrieval)", ra, retrieval=False),
+        System("vanilla", vanilla, retrieval=False),
+        System("copy 1", ra, copy_weight=1.0, compose=False),
     ]
+    return out + [System(copied_name(w), ra, copy_weight=w) for w in copy_weights(settings)]
+
+
+def caption_to_image(
+    system: System, captions: Sequence[str], settings: Settings, desc: str
+) -> list[ImageOutput]:
+    """Each caption drawn (sampling seed: settings.seed + its index)."""
+    bar = tqdm(captions, desc=desc, disable=not settings.progress)
+    return [system.draw(caption, settings, settings.seed + i) for i, caption in enumerate(bar)]
+
+
+def image_to_caption(
+    system: System, images: Sequence[Image.Image], settings: Settings, desc: str
+) -> list[str]:
+    """Each image captioned (sampling seed: settings.seed + its index)."""
+    bar = tqdm(images, desc=desc, disable=not settings.progress)
+    return [system.write(image, settings, settings.seed + i) for i, image in enumerate(bar)]
 
 
 def top_documents(model: RACM3, captions: Sequence[str]) -> list[Evidence | None]:
-    """The top document retrieval finds for each caption (the one the copy interpolation
-    follows and the retrieval-only baseline returns), None when it finds nothing."""
+    """The top document retrieval finds for each caption (what the retrieval-only baseline
+    returns), None when it finds nothing."""
     return [next(iter(model.evidence(caption, None, k=1)), None) for caption in captions]
 
 
@@ -171,17 +233,6 @@ def top_agreement(
     return float(np.mean(shares)) if shares else None
 
 
-def image_to_caption(
-    model: RACM3, images: Sequence[Image.Image], retrieval: bool, settings: Settings, desc: str
-) -> list[str]:
-    return [
-        model.generate_caption(
-            image, settings.caption_samples, retrieval=retrieval, seed=settings.seed + i
-        ).text
-        for i, image in enumerate(tqdm(images, desc=desc, disable=not settings.progress))
-    ]
-
-
 def retrieval_only(
     model: RACM3, top: Sequence[Evidence | None], images: Sequence[Image.Image]
 ) -> tuple[list[Image.Image], list[str]]:
@@ -192,9 +243,45 @@ def retrieval_only(
         blank = Image.new("RGB", (64, 64), "white")
         drawn.append(_load(found.image) if found and found.image else blank)
     for image in images:
-        top = model.evidence(None, image, k=1)
-        written.append(top[0].text if top else "")
+        top_caption = model.evidence(None, image, k=1)
+        written.append(top_caption[0].text if top_caption else "")
     return drawn, written
+
+
+def families(corpus: Corpus, rows: Sequence[int]) -> list[list[str]]:
+    """For each row, the captions of its family (every document of its group, itself
+    included), itself first when it has no group."""
+    members: dict[str, list[str]] = {}
+    for caption, group in zip(corpus.captions, corpus.groups, strict=True):
+        if group is not None:
+            members.setdefault(group, []).append(caption)
+    out = []
+    for i in rows:
+        group = corpus.groups[i]
+        out.append(members[group] if group is not None else [corpus.captions[i]])
+    return out
+
+
+def variant_accuracy(
+    encoder: Any,
+    images: Sequence[Image.Image],
+    wanted: Sequence[str],
+    choices: Sequence[Sequence[str]],
+) -> float:
+    """Share of images for which the dual encoder ranks the wanted caption first among its
+    choices (the variants of its family)."""
+    if not images:
+        return float("nan")
+    seen = l2_normalize(encoder.encode_image(list(images)))
+    hits = []
+    for vector, want, options in zip(seen, wanted, choices, strict=True):
+        texts = l2_normalize(encoder.encode_text(list(options)))
+        hits.append(options[int(np.argmax(texts @ vector))] == want)
+    return float(np.mean(hits))
+
+
+def exact(written: Sequence[str], truth: Sequence[str]) -> float:
+    return float(np.mean([w == t for w, t in zip(written, truth, strict=True)]))
 
 
 def score_system(
@@ -202,12 +289,15 @@ def score_system(
     drawn: Sequence[Image.Image],
     written: Sequence[str],
     captions: Sequence[str],
+    choices: Sequence[Sequence[str]],
     reference_feats: np.ndarray,
 ) -> dict[str, float | None]:
     return {
         "fid": frechet_distance(fid_features(drawn), reference_feats),
         "dual_encoder_score": float(dual_encoder_scores(encoder, drawn, captions).mean()),
+        "variant_accuracy": variant_accuracy(encoder, drawn, captions, choices),
         "cider": cider(written, [[c] for c in captions]),
+        "exact": exact(written, captions),
     }
 
 
@@ -216,22 +306,24 @@ def copied_name(weight: float) -> str:
 
 
 def copy_weights(settings: Settings) -> list[float]:
-    """The copy interpolation weights that make systems: the non-zero ones, in order, once."""
-    return [w for w in dict.fromkeys(settings.copy_weights) if w]
+    """The copy weights that make extra systems, in order, once."""
+    return list(dict.fromkeys(settings.copy_weights))
 
 
 def knowledge_test(
-    model: RACM3,
-    vanilla: RACM3,
+    runs: Sequence[System],
     memory_dir: Path,
     corpus: Corpus,
     rows: Sequence[int],
     settings: Settings,
-) -> dict[str, float]:
-    """New names added to a copy of the memory after training; hit rate of the paired image."""
+) -> dict[str, Any]:
+    """New names added to a copy of the memory after training: the hit rate of the paired
+    image when each name is drawn, and (the `ra-cm3` system) the share of the paired images
+    captioned with one of the captions the memory holds for them."""
     candidates = [_load(corpus.image_paths[i]) for i in rows]
     cand_feats = fid_features(candidates)
     captions = [f"a {name}" for name in made_up_names(len(rows), settings.seed)]
+    drawn: dict[str, list[ImageOutput]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "memory"
         shutil.copytree(memory_dir, copy)
@@ -241,44 +333,210 @@ def knowledge_test(
                 for c, i in zip(captions, rows, strict=True)
             ]
             ingest(memory, docs, progress=False)
-            updated = model.with_memory(memory)
-            runs = {"ra-cm3": caption_to_image(updated, captions, True, settings, "knowledge ra")}
-            for w in copy_weights(settings):
-                runs[copied_name(w)] = caption_to_image(
-                    updated, captions, True, settings, "knowledge copy", w
-                )
-            runs["ra-cm3 (no retrieval)"] = caption_to_image(
-                updated, captions, False, settings, "knowledge no retrieval"
-            )
-            runs["vanilla"] = caption_to_image(
-                vanilla.with_memory(memory), captions, False, settings, "knowledge vanilla"
-            )
+            for system in runs:
+                updated = dataclasses.replace(system, model=system.model.with_memory(memory))
+                drawn[system.name] = caption_to_image(updated, captions, settings, "knowledge")
+                if system.name == "ra-cm3":
+                    written = image_to_caption(updated, candidates, settings, "knowledge")
     right = list(range(len(rows)))
-    hits = {
+    hits: dict[str, Any] = {
         name: float(
             nearest_is_right(fid_features([o.image for o in outs]), cand_feats, right).mean()
         )
-        for name, outs in runs.items()
+        for name, outs in drawn.items()
     }
+    if "ra-cm3" in drawn:
+        stored = [{c, corpus.captions[i]} for c, i in zip(captions, rows, strict=True)]
+        hits["captioned_as_stored"] = float(
+            np.mean([w in s for w, s in zip(written, stored, strict=True)])
+        )
     return hits | {"chance": 1.0 / len(rows), "names": float(len(rows))}
 
 
 def stored_test(
-    systems: Sequence[tuple[str, RACM3, bool]],
-    corpus: Corpus,
-    rows: Sequence[int],
-    settings: Settings,
+    runs: Sequence[System], corpus: Corpus, rows: Sequence[int], settings: Settings
 ) -> dict[str, dict[str, float]]:
-    """Image -> caption of documents the memory holds: CIDEr-D against the stored caption
-    and the share written exactly as stored."""
+    """Documents the memory holds: their images captioned (CIDEr-D, share written exactly as
+    stored) and their captions drawn (share of drawings whose codes are all the stored
+    image's, and the mean share of cells that are)."""
     images = [_load(corpus.image_paths[i]) for i in rows]
     truth = [corpus.captions[i] for i in rows]
     out: dict[str, dict[str, float]] = {}
-    for name, model, retrieval in systems:
-        written = image_to_caption(model, images, retrieval, settings, f"stored {name}")
-        exact = np.mean([w == t for w, t in zip(written, truth, strict=True)])
-        out[name] = {"cider": cider(written, [[t] for t in truth]), "exact": float(exact)}
+    for system in runs:
+        written = image_to_caption(system, images, settings, f"stored {system.name}")
+        drawn = caption_to_image(system, truth, settings, f"stored {system.name}")
+        same = [
+            np.asarray(o.codes) == corpus.codes[i].numpy() for o, i in zip(drawn, rows, strict=True)
+        ]
+        out[system.name] = {
+            "cider": cider(written, [[t] for t in truth]),
+            "exact": exact(written, truth),
+            "drawn_exactly": float(np.mean([s.all() for s in same])),
+            "drawn_cells": float(np.mean([s.mean() for s in same])),
+        }
     return out
+
+
+# --- infilling, in-context classification and style -----------------------------------------
+
+TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
+_TONE = re.compile(r": (" + "|".join(sorted(TONES, key=len, reverse=True)) + r") skin tone")
+
+
+def masked_tone(caption: str) -> str | None:
+    """The caption with its (first) skin tone masked, None without one."""
+    found = _TONE.search(caption)
+    if found is None:
+        return None
+    return caption[: found.start(1)] + MASK + caption[found.end(1) :]
+
+
+def infill_test(
+    runs: Sequence[System], corpus: Corpus, rows: Sequence[int], settings: Settings
+) -> dict[str, Any]:
+    """Caption infilling of the masked skin tone of held-out captions, on their images: the
+    share filled exactly; `retrieval only` fills the span the top retrieved caption holds
+    between the same words."""
+    items = [(i, m) for i in rows if (m := masked_tone(corpus.captions[i])) is not None]
+    items = items[: settings.infill]
+    if not items:
+        return {}
+    truth = [corpus.captions[i] for i, _ in items]
+    images = [_load(corpus.image_paths[i]) for i, _ in items]
+    out: dict[str, Any] = {"items": len(items)}
+    for system in runs:
+        filled = [
+            system.model.infill_caption(
+                image,
+                masked,
+                retrieval=system.retrieval,
+                samples=settings.caption_samples,
+                seed=settings.seed + n,
+                copy_weight=system.copy_weight,
+                compose=system.compose,
+            ).text
+            for n, (image, (_, masked)) in enumerate(zip(images, items, strict=True))
+        ]
+        out[system.name] = exact(filled, truth)
+    model = runs[0].model
+    baseline = []
+    for image, (_, masked) in zip(images, items, strict=True):
+        left, right = masked.split(MASK)
+        top = model.evidence(left.strip() or None, image, k=1)
+        spans = spans_between([e.text for e in top], left, right)
+        baseline.append(" ".join(f"{left.rstrip()} {spans[0] if spans else ''}{right}".split()))
+    out["retrieval only"] = exact(baseline, truth)
+    return out
+
+
+def base_documents(corpus: Corpus, rows: Sequence[int], memory: Memory) -> dict[str, str]:
+    """For the families of `rows`, the memory id of the family's base document (its shortest
+    caption, the class name: `person surfing` for `woman surfing: dark skin tone`), where the
+    memory holds it."""
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(corpus.groups):
+        if group is not None:
+            members.setdefault(group, []).append(i)
+    out: dict[str, str] = {}
+    for i in rows:
+        group = corpus.groups[i]
+        if group is None or group in out:
+            continue
+        base = min((j for j in members[group] if j != i), key=lambda j: len(corpus.captions[j]))
+        if memory.get([corpus.ids[base]])[0] is not None:
+            out[group] = corpus.ids[base]
+    return out
+
+
+def icl_test(ra: RACM3, corpus: Corpus, rows: Sequence[int], settings: Settings) -> dict[str, Any]:
+    """In-context classification by captioning: each episode pins the base documents of
+    `ways` families (one demonstration per class, shuffled) and captions a held-out variant of
+    one of them; right if the caption is its class name. Against chance (1 / ways), nothing
+    pinned or retrieved, and retrieval in place of the demonstrations."""
+    assert ra.memory is not None
+    bases = base_documents(corpus, rows, ra.memory)
+    usable = [i for i in rows if corpus.groups[i] in bases]
+    groups = sorted({g for i in usable if (g := corpus.groups[i]) is not None})
+    if len(groups) < settings.ways:
+        return {}
+    rng = np.random.default_rng(settings.seed)
+    names = {g: doc.text for g in groups if (doc := ra.memory.get([bases[g]])[0]) is not None}
+    pinned_runs = {"pinned": None, "pinned, generator alone": False}
+    hits: dict[str, list[bool]] = {k: [] for k in (*pinned_runs, "no demonstrations", "retrieval")}
+    for episode in range(settings.icl):
+        chosen = [str(g) for g in rng.choice(groups, size=settings.ways, replace=False)]
+        target = chosen[int(rng.integers(settings.ways))]
+        query = int(rng.choice([i for i in usable if corpus.groups[i] == target]))
+        image, want = _load(corpus.image_paths[query]), names[target]
+        demos = [bases[g] for g in chosen]
+        seed = settings.seed + episode
+        for name, compose in pinned_runs.items():
+            out = ra.generate_caption(
+                image,
+                settings.caption_samples,
+                demos=demos,
+                seed=seed,
+                compose=compose,
+                copy_weight=None if compose is None else 0.0,
+            )
+            hits[name].append(out.text == want)
+        alone = ra.generate_caption(image, settings.caption_samples, retrieval=False, seed=seed)
+        hits["no demonstrations"].append(alone.text == want)
+        found = ra.generate_caption(image, settings.caption_samples, seed=seed)
+        hits["retrieval"].append(found.text == want)
+    return {k: float(np.mean(v)) for k, v in hits.items()} | {
+        "chance": 1.0 / settings.ways,
+        "episodes": float(settings.icl),
+        "ways": float(settings.ways),
+    }
+
+
+def style_test(ra: RACM3, corpus: Corpus, settings: Settings) -> dict[str, Any]:
+    """Style control: pin two stored documents of one skin tone from two families and draw a
+    third family's base caption; a hit when the dual encoder ranks that family's variant of
+    the pinned tone first among the family's captions. Against chance (1 / the family's
+    variants) and against drawing the base caption with retrieval."""
+    assert ra.memory is not None
+    toned: dict[str, dict[str, int]] = {}  # group -> tone -> row
+    base: dict[str, int] = {}
+    for i, (caption, group) in enumerate(zip(corpus.captions, corpus.groups, strict=True)):
+        if group is None or ra.memory.get([corpus.ids[i]])[0] is None:
+            continue
+        found = _TONE.search(caption)
+        if found and found.end() == len(caption):
+            toned.setdefault(group, {})[found.group(1)] = i
+        elif ":" not in caption:
+            base[group] = i
+    full = sorted(g for g, t in toned.items() if len(t) == len(TONES) and g in base)
+    if len(full) < 3:
+        return {}
+    rng = np.random.default_rng(settings.seed)
+    choices = families(corpus, [base[g] for g in full])
+    options = dict(zip(full, choices, strict=True))
+    hits: dict[str, list[bool]] = {"pinned": [], "retrieval": []}
+    chance = []
+    for trial in range(settings.style):
+        first, second, third = (str(g) for g in rng.choice(full, size=3, replace=False))
+        tone = str(rng.choice(TONES))
+        demos = [corpus.ids[toned[first][tone]], corpus.ids[toned[second][tone]]]
+        caption, want = corpus.captions[base[third]], corpus.captions[toned[third][tone]]
+        seed = settings.seed + trial
+        pinned = ra.generate_image(
+            caption, settings.samples, settings.guidance, demos=demos, seed=seed
+        )
+        plain = ra.generate_image(caption, settings.samples, settings.guidance, seed=seed)
+        for name, out in (("pinned", pinned), ("retrieval", plain)):
+            hits[name].append(
+                variant_accuracy(ra.memory.encoder, [out.image], [want], [options[third]]) == 1.0
+            )
+        chance.append(1.0 / len(options[third]))
+    return {k: float(np.mean(v)) for k, v in hits.items()} | {
+        "chance": float(np.mean(chance)),
+        "trials": float(settings.style),
+    }
+
+
+# --- the evaluation --------------------------------------------------------------------------
 
 
 def evaluate(
@@ -287,10 +545,13 @@ def evaluate(
     memory_dir: Path | None,
     settings: Settings,
     vq_dir: Path | None = None,
+    model_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Every system on the first `settings.n` variants of `settings.split`; see the module
-    docstring. `vq_dir`: both models draw with that VQ (it must give their codes; see
-    `RACM3.with_vq`)."""
+    docstring. `ra_dir` is the RA run (its split, corpus and memory); `model_dir` the RA-CM3
+    model scored (default: the run's own; e.g. the shipped checkpoint, whose decoding settings
+    were chosen after training). `vq_dir`: both models draw with that VQ (it must give their
+    codes; see `RACM3.with_vq`)."""
     split = json.loads((ra_dir / "split.json").read_text(encoding="utf-8"))
     if not split.get(settings.split):
         raise ConfigError(
@@ -303,61 +564,71 @@ def evaluate(
     rows = split[settings.split][: settings.n]
     corpus = Corpus.load(ra_dir / CORPUS_FILE)
     captions = [corpus.captions[i] for i in rows]
+    choices = families(corpus, rows)
     truth = [_load(corpus.image_paths[i]) for i in rows]
     reference = fid_features(truth)
     memory_dir = memory_dir or ra_dir / "memory"
     results: dict[str, dict[str, float | None]] = {}
     with Memory.open(memory_dir) as memory:
-        ra = RACM3.from_pretrained(ra_dir, memory)
+        ra = RACM3.from_pretrained(model_dir or ra_dir, memory)
         vanilla = RACM3.from_pretrained(vanilla_dir, memory)
         if vq_dir is not None:
             vq = VQModel.from_pretrained(vq_dir)
             ra, vanilla = ra.with_vq(vq), vanilla.with_vq(vq)
-        runs = [
-            ("ra-cm3", ra, True),
-            ("ra-cm3 (no retrieval)", ra, False),
-            ("vanilla", vanilla, False),
-        ]
+        runs = systems(ra, vanilla, settings)
         top = top_documents(ra, captions)
         top_codes = top_document_codes(top, corpus)
         truth_agreement = top_agreement([corpus.codes[i].tolist() for i in rows], top_codes)
-
-        def score(name: str, drawn: Sequence[ImageOutput], written: Sequence[str]) -> None:
+        for system in runs:
+            drawn = caption_to_image(system, captions, settings, system.name)
+            written = image_to_caption(system, truth, settings, system.name)
             images = [o.image for o in drawn]
-            results[name] = score_system(memory.encoder, images, written, captions, reference)
-            results[name]["top_agreement"] = top_agreement([o.codes for o in drawn], top_codes)
-            logger.info("%s: %s", name, results[name])
-
-        for name, model, retrieval in runs:
-            drawn = caption_to_image(model, captions, retrieval, settings, name)
-            written = image_to_caption(model, truth, retrieval, settings, name)
-            score(name, drawn, written)
-            for w in copy_weights(settings) if name == "ra-cm3" else ():
-                copied = copied_name(w)  # the same captions, copied images
-                score(copied, caption_to_image(model, captions, True, settings, copied, w), written)
+            scores = score_system(memory.encoder, images, written, captions, choices, reference)
+            scores["top_agreement"] = top_agreement([o.codes for o in drawn], top_codes)
+            results[system.name] = scores
+            logger.info("%s: %s", system.name, scores)
         returned, written = retrieval_only(ra, top, truth)
         results["retrieval only"] = score_system(
-            memory.encoder, returned, written, captions, reference
+            memory.encoder, returned, written, captions, choices, reference
         )
-        knowledge: dict[str, float] = {}
+        truth_variants = variant_accuracy(memory.encoder, truth, captions, choices)
+        # the floor of any drawing: the true images through the VQ (their own codes decoded)
+        true_codes = corpus.codes[rows].view(len(rows), ra.grid, ra.grid)
+        vq_floor = frechet_distance(fid_features(ra.vq.decode_images(true_codes)), reference)
+        core = [
+            r
+            for r in runs
+            if r.name in ("ra-cm3", "generator alone", "ra-cm3 (no retrieval)", "vanilla")
+        ]
+        knowledge: dict[str, Any] = {}
         if settings.knowledge:
             step = max(1, len(split["train"]) // settings.knowledge)
             paired = split["train"][::step][: settings.knowledge]
-            knowledge = knowledge_test(ra, vanilla, memory_dir, corpus, paired, settings)
+            knowledge = knowledge_test(core, memory_dir, corpus, paired, settings)
         step = max(1, len(split["train"]) // max(1, settings.stored))
         kept = split["train"][step // 2 :: step][: settings.stored]
-        stored = stored_test(runs, corpus, kept, settings) if settings.stored else {}
+        stored = stored_test(core, corpus, kept, settings) if settings.stored else {}
+        infill = infill_test(core[:2], corpus, rows, settings) if settings.infill else {}
+        icl = icl_test(ra, corpus, rows, settings) if settings.icl else {}
+        style = style_test(ra, corpus, settings) if settings.style else {}
     return {
         "systems": results,
         "knowledge": knowledge,
         "stored": stored,
+        "infill": infill,
+        "icl": icl,
+        "style": style,
         "heldout_documents": len(rows),
         "split": settings.split,
         "truth_top_agreement": truth_agreement,
+        "truth_variant_accuracy": truth_variants,
+        "true_codes_fid": vq_floor,
         "fid_extractor": FID_EXTRACTOR,
         "settings": dataclasses.asdict(settings),
+        "decoding": ra.config.to_dict(),
         "models": {
-            "ra": str(ra_dir),
+            "ra": str(model_dir or ra_dir),
+            "run": str(ra_dir),
             "vanilla": str(vanilla_dir),
             "memory": str(memory_dir),
             "vq": str(vq_dir or "the models' own"),
@@ -366,11 +637,11 @@ def evaluate(
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The results table for docs/results.md."""
+    """The results tables for docs/results.md."""
     lines = [
-        f"| system | FID ({FID_EXTRACTOR}) lower is better | dual-encoder score | CIDEr-D "
-        "| knowledge hits | codes as the top retrieved image's |",
-        "|---|---|---|---|---|---|",
+        f"| system | FID ({FID_EXTRACTOR}) ↓ | dual-encoder score | variant accuracy "
+        "| CIDEr-D | exact | knowledge hits | codes as the top retrieved image's |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     knowledge = result["knowledge"]
 
@@ -382,10 +653,14 @@ def markdown(result: dict[str, Any]) -> str:
         cell = f"{hits:.2f}" if hits is not None else "-"
         lines.append(
             f"| {name} | {m['fid']:.1f} | {m['dual_encoder_score']:.3f} | "
-            f"{100 * m['cider']:.1f} | {cell} | {share(m.get('top_agreement'))} |"
+            f"{m['variant_accuracy']:.2f} | {100 * m['cider']:.1f} | {m['exact']:.2f} | {cell} | "
+            f"{share(m.get('top_agreement'))} |"
         )
     kind = "validation" if result.get("split") == "validation" else "held-out"
     told = f"\n{result['heldout_documents']} {kind} emoji variants"
+    told += f"; the true images' variant accuracy: {result['truth_variant_accuracy']:.2f}"
+    if result.get("true_codes_fid") is not None:
+        told += f", FID of their own VQ codes decoded: {result['true_codes_fid']:.1f}"
     if result.get("truth_top_agreement") is not None:
         told += (
             f"; the true images hold the top retrieved image's code at "
@@ -394,16 +669,35 @@ def markdown(result: dict[str, Any]) -> str:
     if knowledge:
         told += f"; knowledge test: {int(knowledge['names'])} made-up names"
         told += f", chance {knowledge['chance']:.2f}"
+        if "captioned_as_stored" in knowledge:
+            told += f", their images captioned as stored {knowledge['captioned_as_stored']:.2f}"
     lines.append(told + ".")
     stored = result.get("stored") or {}
     if stored:
         lines += [
-            "\n| image -> caption of a stored document | CIDEr-D | written exactly |",
-            "|---|---|---|",
+            "\n| stored documents | caption CIDEr-D | captioned exactly | drawn exactly "
+            "| cells drawn as stored |",
+            "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {name} | {100 * m['cider']:.1f} | {m['exact']:.2f} |" for name, m in stored.items()
+            f"| {name} | {100 * m['cider']:.1f} | {m['exact']:.2f} | {m['drawn_exactly']:.2f} "
+            f"| {m['drawn_cells']:.2f} |"
+            for name, m in stored.items()
         ]
+    tests = [
+        ("infill", "skin tone infilled exactly", "items"),
+        ("icl", "in-context classification accuracy", "episodes"),
+        ("style", "style control: pinned tone followed", "trials"),
+    ]
+    for key, title, count in tests:
+        block = result.get(key) or {}
+        if block:
+            cells = ", ".join(
+                f"{name} {value:.2f}"
+                for name, value in block.items()
+                if name != count and name not in ("ways",)
+            )
+            lines.append(f"\n{title} ({int(block[count])} {count}): {cells}.")
     return "\n".join(lines)
 
 
@@ -414,11 +708,23 @@ def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(
         prog="mmrag eval ra-cm3",
-        description="RA-CM3 vs the vanilla model (same compute) on held-out emoji variants: "
-        "caption -> image FID (EfficientNet-Lite0 features) and dual-encoder score, "
-        "image -> caption CIDEr-D, and the knowledge test (names added after training).",
+        description="RA-CM3 against the generator alone, the same weights without retrieval, "
+        "the vanilla model (same compute) and retrieval only, on held-out emoji variants: "
+        "caption -> image FID, dual-encoder score and variant accuracy, image -> caption "
+        "CIDEr-D and exact match; stored documents, the knowledge test, infilling, in-context "
+        "classification and style control.",
     )
-    p.add_argument("--ra", required=True, type=Path, help="RA-CM3 run folder (train ra-cm3 --out)")
+    p.add_argument(
+        "--ra",
+        required=True,
+        type=Path,
+        help="RA-CM3 run folder (train ra-cm3 --out): its split, corpus and memory",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="the RA-CM3 model folder scored (default: the run's own), e.g. checkpoints/ra-cm3",
+    )
     p.add_argument(
         "--vanilla", required=True, type=Path, help="vanilla run folder (--retrieval off)"
     )
@@ -437,14 +743,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=default,
             help=f"{text} (default {default})",
         )
+    for name, (kind, text) in MODEL_FLAGS.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=kind, help=f"{text} (default: the model's)"
+        )
     p.add_argument(
         "--copy-weight",
         dest="copy_weights",
         type=float,
         nargs="+",
         default=list(d.copy_weights),
-        help="copy interpolation weights: one ra-cm3 + copy w system each, 0 leaves it out "
-        f"(default {' '.join(map(str, d.copy_weights))})",
+        help="copy weights for images and captions: one ra-cm3 + copy w system each (for "
+        "choosing the weight on the validation split; default none)",
     )
     p.add_argument(
         "--split",
@@ -462,14 +772,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     prepare(args.threads)
-    chosen = {name: getattr(args, name) for name in SETTING_FLAGS}
+    chosen = {name: getattr(args, name) for name in (*SETTING_FLAGS, *MODEL_FLAGS)}
     settings = Settings(
         **chosen,
         copy_weights=tuple(args.copy_weights),
         split=args.split,
         progress=not args.no_progress,
     )
-    result = evaluate(args.ra, args.vanilla, args.memory, settings, args.vq)
+    result = evaluate(args.ra, args.vanilla, args.memory, settings, args.vq, args.model)
     report(result, args.out, markdown)
     return 0
 

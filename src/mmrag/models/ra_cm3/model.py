@@ -694,12 +694,14 @@ class RACM3:
             cells + [None] * cfg.max_caption_tokens, sources, prompt, words, complete=False
         )
         copy = None
-        if self.generator.config.text_hints and any(sources.captions):
+        # the hints (a model with text_hints) follow the slots; without slots, the
+        # interpolation alone follows the retrieved captions
+        captions = sources.captions if self.generator.config.hint_slots else retrieved.captions
+        if any(captions):
             offset = self.generator.config.hint_codes
-            kept = followed and followed in sources.captions
-            copy_from = sources.captions.index(followed) if kept else None
+            copy_from = captions.index(followed) if followed and followed in captions else None
             copy = TextCopy(
-                sources.captions,
+                captions,
                 tok.eos_id,
                 offset,
                 start,
