@@ -164,6 +164,10 @@ def test_generate_quick(tmp_path: Path) -> None:
     }
     assert all(r["images_per_s"] > 0 for r in result["throughput"])
     assert result["config"]["model"] == "random tiny"
+    cost = result["copy_cost"]
+    assert len(cost["image_copy_s"]) == len(cost["caption_plain_s"]) == 2
+    assert cost["image_copy_over_plain"] > 0 and cost["caption_copy_over_plain"] > 0
+    assert isinstance(result["goals"]["pass_copy"], bool)
     assert result["config"]["copy_weight"] == RACM3Config().copy_weight  # no shipped config
 
 

@@ -11,13 +11,22 @@ retrieved caption to a suffix of another at a word they share (`woman cook:` + `
 tone`), and the model ranks them with the generator's samples and the retrieved captions
 themselves (`RACM3.generate_caption`).
 
+Drawing has the same problem: copying the top retrieved image draws the sibling's attribute.
+`analogous_pairs` finds, among the retrieved documents, pairs that differ as the caption asked
+for differs from the copied document's (`man cook: medium skin tone` / `man cook: dark skin
+tone` when `woman cook: dark skin tone` is asked and `woman cook: medium skin tone` copied), and
+`translate_codes` changes the copied image's VQ codes as those pairs' codes change: an image
+analogy learnt from the memory at request time.
+
 Words here are whitespace-separated, with `,` and `:` split off as words of their own, so a
 join can happen at punctuation; `join` puts them back.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 _PUNCT = re.compile(r"\s*([,:;])")
@@ -69,3 +78,67 @@ def spans_between(captions: Sequence[str], left: str, right: str) -> list[str]:
                 if span:
                     out.setdefault(span)
     return list(out)
+
+
+# --- drawing by analogy ----------------------------------------------------------------------
+
+Edit = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def caption_edits(source: str, target: str) -> list[Edit]:
+    """The word replacements (old words, new words) that turn `source` into `target`."""
+    a, b = words(source), words(target)
+    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    return [
+        (tuple(a[i1:i2]), tuple(b[j1:j2]))
+        for op, i1, i2, j1, j2 in matcher.get_opcodes()
+        if op != "equal"
+    ]
+
+
+def apply_edits(text: str, edits: Sequence[Edit]) -> str | None:
+    """`text` with each edit's old words replaced by its new words (first occurrence); None
+    where an edit's old words are not in it (or an edit only inserts)."""
+    parts = words(text)
+    for old, new in edits:
+        at = next(
+            (s for s in range(len(parts) - len(old) + 1) if tuple(parts[s : s + len(old)]) == old),
+            None,
+        )
+        if not old or at is None:
+            return None
+        parts = [*parts[:at], *new, *parts[at + len(old) :]]
+    return join(parts)
+
+
+def analogous_pairs(captions: Sequence[str], edits: Sequence[Edit]) -> list[tuple[int, int]]:
+    """Pairs (i, j) of `captions` where the edits turn caption i into caption j: documents that
+    differ as the drawing asked for differs from the document it copies."""
+    at = {c: j for j, c in enumerate(captions)}
+    out = []
+    for i, caption in enumerate(captions):
+        edited = apply_edits(caption, edits) if edits else None
+        if edited is not None and edited != caption and edited in at:
+            out.append((i, at[edited]))
+    return out
+
+
+def translate_codes(
+    codes: Sequence[int], pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> list[int]:
+    """`codes` with each code replaced as the `pairs` of aligned code grids (before, after the
+    edit) replace it: code a becomes the code b that stands most often where a stood in a
+    pair's first grid, if a changed there more often than it stayed."""
+    moved: dict[int, Counter[int]] = {}
+    kept: Counter[int] = Counter()
+    for before, after in pairs:
+        for a, b in zip(before, after, strict=True):
+            if a == b:
+                kept[a] += 1
+            else:
+                moved.setdefault(a, Counter())[b] += 1
+    out = []
+    for a in codes:
+        best = moved[a].most_common(1)[0] if a in moved else None
+        out.append(best[0] if best is not None and best[1] > kept[a] else a)
+    return out

@@ -25,7 +25,13 @@ from mmrag.encoders.base import l2_normalize
 from mmrag.fileio import files_sha256
 from mmrag.memory.memory import Memory
 from mmrag.memory.store import Filters
-from mmrag.models.ra_cm3.compose import recombinations, spans_between
+from mmrag.models.ra_cm3.compose import (
+    analogous_pairs,
+    caption_edits,
+    recombinations,
+    spans_between,
+    translate_codes,
+)
 from mmrag.models.ra_cm3.copy_hints import (
     NO_HINT,
     Cells,
@@ -102,6 +108,10 @@ class RACM3Config(Config):
     # encoder keeps the one that matches the image best (0 = the generator's samples alone,
     # reranked by perplexity)
     compose_k: int = 0
+    # caption -> image without the same document: the first copied image is changed by
+    # analogy (compose.py) with pairs of documents among the analogy_k retrieved for the
+    # caption that differ as the caption differs from the copied document's (0 = off)
+    analogy_k: int = 0
 
     def validate(self) -> None:
         if self.samples < 1 or self.caption_samples < 1 or self.max_caption_tokens < 1:
@@ -486,7 +496,10 @@ class RACM3:
         samples = samples or cfg.samples
         guidance = cfg.guidance if guidance is None else guidance
         k = k or cfg.retriever.k
-        pool = self.evidence(caption, None, retrieval, demos, max(k, cfg.copy_sources), filters)
+        analogies = cfg.analogy_k if not demos else 0
+        wide = max(k, cfg.copy_sources, analogies)
+        found = self.evidence(caption, None, retrieval, demos, wide, filters)
+        pool = found[: max(k, cfg.copy_sources)] if not demos else found
         words_ids = tok.encode_text(caption)
         main = [tok.img_alt_id, *words_ids, tok.src_id]
         n = tok.config.image_tokens
@@ -495,13 +508,17 @@ class RACM3:
         prefix, retrieved = self.fit_documents(coded[:shown], self._room(len(main) + n))
         evidence = pool[: len(retrieved.images)]
         same = retrieved.same_caption(words_ids)
-        if same is not None or cfg.copy_sources <= 1:
-            copies = [self._copy(retrieved.copy_image(same), range(n))] * samples
+        if same is not None:
+            drawn = [retrieved.copy_image(same)]
         else:  # sample r copies the (r mod copy_sources)-th retrieved image
-            drawn = [im for im in CopySources.of(coded, tok).images if im][: cfg.copy_sources]
-            drawn = drawn or [()]
-            copies = [self._copy(drawn[r % len(drawn)], range(n)) for r in range(samples)]
-            evidence = pool[: max(len(evidence), len(drawn))]
+            stored = CopySources.of(coded, tok).images
+            with_image = [i for i, im in enumerate(stored) if im][: max(1, cfg.copy_sources)]
+            drawn = [stored[i] for i in with_image] or [()]
+            evidence = pool[: max(len(evidence), with_image[-1] + 1 if with_image else 0)]
+            if analogies and with_image:
+                top = pool[with_image[0]]
+                drawn[0] = self._analogy(caption, top.text, drawn[0], found[:analogies])
+        copies = [self._copy(drawn[r % len(drawn)], range(n)) for r in range(samples)]
         if copy_weight is None:
             copy_weight = cfg.exact_copy_weight if same is not None else cfg.copy_weight
         copy = [[NO_HINT] * n if c is None else c for c in copies]
@@ -529,6 +546,24 @@ class RACM3:
         scores = self.image_text_scores(images, caption)
         best = int(np.argmax(scores)) if scores else 0
         return ImageOutput(images[best], evidence, scores, grids[best])
+
+    def _analogy(
+        self, caption: str, copied: str, codes: Sequence[int], found: Sequence[Evidence]
+    ) -> tuple[int, ...]:
+        """The copied image's codes changed as the memory's documents change where their
+        captions differ as `caption` differs from the copied document's caption `copied`
+        (compose.py: `man cook: medium -> dark skin tone` shows the codes of a darker skin);
+        unchanged without such pairs among `found`."""
+        pairs = analogous_pairs([e.text for e in found], caption_edits(copied, caption))
+        if not pairs:
+            return tuple(codes)
+        used = sorted({i for pair in pairs for i in pair})
+        images = CopySources.of(self._coded([found[i] for i in used]), self.tokenizer).images
+        grid = dict(zip(used, images, strict=True))
+        aligned = [
+            (grid[i], grid[j]) for i, j in pairs if len(grid[i]) == len(grid[j]) == len(codes)
+        ]
+        return tuple(translate_codes(codes, aligned))
 
     def image_text_scores(self, images: Sequence[Image.Image], caption: str) -> list[float]:
         """The memory's dual-encoder score of each image against the caption (empty without a
