@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from mmrag.models.ra_cm3.compose import join, recombinations, spans_between, words
+from mmrag.models.ra_cm3.compose import (
+    analogous_pairs,
+    apply_edits,
+    caption_edits,
+    join,
+    recombinations,
+    spans_between,
+    translate_codes,
+    words,
+)
 
 
 def test_words_split_punctuation_and_join_puts_it_back() -> None:
@@ -45,3 +54,31 @@ def test_spans_between_the_contexts_of_an_infilling() -> None:
         "medium-light skin tone",
     ]
     assert spans_between(["a b"], "x", "y") == []
+
+
+def test_caption_edits_and_their_application() -> None:
+    edits = caption_edits("woman cook: medium skin tone", "woman cook: dark skin tone")
+    assert edits == [(("medium",), ("dark",))]
+    assert apply_edits("man cook: medium skin tone", edits) == "man cook: dark skin tone"
+    assert apply_edits("pizza", edits) is None
+    insertion = caption_edits("cook", "cook: dark skin tone")
+    assert apply_edits("man cook", insertion) is None  # nothing to replace: no analogy
+
+
+def test_analogous_pairs_differ_as_the_asked_caption_differs() -> None:
+    captions = [
+        "woman cook: medium skin tone",
+        "man cook: medium skin tone",
+        "man cook: dark skin tone",
+        "cook: medium skin tone",
+    ]
+    edits = caption_edits(captions[0], "woman cook: dark skin tone")
+    assert analogous_pairs(captions, edits) == [(1, 2)]
+    assert analogous_pairs(captions, []) == []
+
+
+def test_translate_codes_follows_the_codes_that_change_in_the_pairs() -> None:
+    # in the pairs code 5 (a skin colour) becomes 9 where the skin darkens; 1 (outline) stays
+    pairs = [([1, 5, 5, 2], [1, 9, 9, 2]), ([5, 1, 3, 3], [9, 1, 4, 3])]
+    assert translate_codes([5, 1, 2, 3, 7], pairs) == [9, 1, 2, 3, 7]  # 3 stayed more than moved
+    assert translate_codes([5, 5], []) == [5, 5]

@@ -24,6 +24,7 @@ from mmrag.models.ra_cm3.evaluate import (
     main,
     markdown,
     masked_tone,
+    parse_decoding,
     systems,
     top_agreement,
 )
@@ -128,6 +129,8 @@ def test_evaluate_scores_every_system(
             "--copy-weight",
             "0",
             "1",
+            "--decoding",
+            "copy_weight=1,copy_sources=2",
             "--split",
             "validation",
             "--out",
@@ -140,6 +143,7 @@ def test_evaluate_scores_every_system(
     written = json.loads(out.read_text())
     assert rc == 0 and written["knowledge"] == {} and written["stored"] == {}  # both skipped
     assert {"ra-cm3 + copy 0", "ra-cm3 + copy 1"} <= set(written["systems"])
+    assert "ra-cm3 copy_weight=1.0, copy_sources=2" in written["systems"]
     assert (written["split"], written["heldout_documents"]) == ("validation", 2)
     # weight 1 draws the top retrieved image's codes, the share the eval reports
     assert written["systems"]["ra-cm3 + copy 1"]["top_agreement"] == 1.0
@@ -213,3 +217,14 @@ def test_masked_tone_masks_the_skin_tone_only() -> None:
         "man: <mask> skin tone, red hair"
     )
     assert masked_tone("red apple") is None
+
+
+def test_parse_decoding_types_the_settings_and_rejects_unknown_keys() -> None:
+    assert parse_decoding("copy_weight=1,copy_sources=4,same_document_slot=true") == (
+        ("copy_weight", 1.0),
+        ("copy_sources", 4),
+        ("same_document_slot", True),
+    )
+    for bad in ("nope=1", "copy_weight", "copy_sources=many", "retriever=x"):
+        with pytest.raises(ConfigError, match="--decoding"):
+            parse_decoding(bad)

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from conftest import build_tiny_racm3
 from mmrag.documents import Document, load_image
+from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
+from mmrag.models.ra_cm3.compose import analogous_pairs, caption_edits, translate_codes
 from mmrag.models.ra_cm3.model import MASK, RACM3, reference_vq
 from mmrag.models.vq.model import VQModel
 
@@ -279,3 +281,42 @@ def test_composition_ranks_recombined_captions_by_the_dual_encoder(
     assert model.generate_caption(query_image, seed=0, compose=False).ranked == []
     filled = model.infill_caption(query_image, f"a {MASK} square", seed=0)
     assert filled.text.startswith("a ") and filled.text.endswith(" square") and filled.ranked
+
+
+def test_drawing_by_analogy_changes_the_copied_codes_as_stored_pairs_do(
+    hashing_memory: Memory,
+) -> None:
+    def shape(rgb: tuple[int, int, int], disc: bool) -> bytes:
+        img = Image.new("RGB", (16, 16), (255, 255, 255))
+        box = (3, 3, 13, 13)
+        (ImageDraw.Draw(img).ellipse if disc else ImageDraw.Draw(img).rectangle)(box, fill=rgb)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    docs = [
+        Document.of(text="a red square", image=shape((230, 20, 20), False)),
+        Document.of(text="a red disc", image=shape((230, 20, 20), True)),
+        Document.of(text="a blue square", image=shape((20, 40, 230), False)),
+    ]
+    ingest(hashing_memory, docs, progress=False)
+    base = build(memory=hashing_memory)
+    config = base.config.replace(analogy_k=3, copy_weight=1.0, copy_sources=1)
+    model = RACM3(base.generator, base.tokenizer, base.vq, config, hashing_memory)
+    out = model.generate_image("a blue disc", samples=1)
+    top = out.evidence[0]
+    assert top.text in {"a red square", "a blue square", "a red disc"}
+
+    def codes(text: str) -> list[int]:
+        doc = next(d for d in docs if d.text == text)
+        image = Image.open(io.BytesIO(doc.images[0].data or b"")).convert("RGB")
+        return model.vq.encode_images([image])[0].reshape(-1).tolist()
+
+    edits = caption_edits(top.text, "a blue disc")
+    pairs = analogous_pairs([d.text for d in docs], edits)
+    expected = translate_codes(
+        codes(top.text), [(codes(docs[i].text), codes(docs[j].text)) for i, j in pairs]
+    )
+    assert out.codes == expected
+    assert top.text == "a blue square"  # the pair (red square, red disc) teaches the change
+    assert pairs == [(0, 1)] and out.codes != codes("a blue square")

@@ -63,7 +63,7 @@ from mmrag.metrics.report import prepare, report
 from mmrag.metrics.retrieval import dual_encoder_scores, nearest_is_right
 from mmrag.models.ra_cm3.compose import spans_between
 from mmrag.models.ra_cm3.data import CORPUS_FILE, Corpus
-from mmrag.models.ra_cm3.model import MASK, RACM3, Evidence, ImageOutput
+from mmrag.models.ra_cm3.model import MASK, RACM3, Evidence, ImageOutput, RACM3Config
 from mmrag.models.vq.model import VQModel
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class Settings:
     caption_samples: int | None = None  # captions per image; None: the model's config
     guidance: float | None = None  # None: the model's config
     copy_weights: tuple[float, ...] = ()  # one `ra-cm3 + copy w` system each
+    # one system each: the model with these decoding settings (RACM3Config fields) changed
+    decodings: tuple[tuple[tuple[str, Any], ...], ...] = ()
     split: str = "heldout"  # the documents scored: "heldout" (test) or "validation"
     knowledge: int = 20  # made-up names
     stored: int = 20  # documents the memory holds, captioned and drawn
@@ -188,7 +190,32 @@ def systems(ra: RACM3, vanilla: RACM3, settings: Settings) -> list[System]:
         System("vanilla", vanilla, retrieval=False),
         System("copy 1", ra, copy_weight=1.0, compose=False),
     ]
-    return out + [System(copied_name(w), ra, copy_weight=w) for w in copy_weights(settings)]
+    out += [System(copied_name(w), ra, copy_weight=w) for w in copy_weights(settings)]
+    for changes in settings.decodings:
+        changed = RACM3(
+            ra.generator, ra.tokenizer, ra.vq, ra.config.replace(**dict(changes)), ra.memory
+        )
+        out.append(System("ra-cm3 " + ", ".join(f"{k}={v}" for k, v in changes), changed))
+    return out
+
+
+def parse_decoding(text: str) -> tuple[tuple[str, Any], ...]:
+    """`copy_weight=1,copy_sources=4` -> (("copy_weight", 1.0), ("copy_sources", 4)), typed as
+    the RACM3Config fields they name."""
+    fields = {f.name: f for f in dataclasses.fields(RACM3Config)}
+    out = []
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields or key == "retriever":
+            raise ConfigError(f"--decoding {text!r}: expected KEY=VALUE with RACM3Config keys")
+        kind = type(getattr(RACM3Config(), key))
+        try:
+            typed = value.strip() == "true" if kind is bool else kind(value)
+        except ValueError as e:
+            raise ConfigError(f"--decoding {text!r}: {key} takes a {kind.__name__}") from e
+        out.append((key, typed))
+    return tuple(out)
 
 
 def caption_to_image(
@@ -763,6 +790,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the held-out (test) variants or the validation ones (train ra-cm3 "
         "--validation), on which decoding settings are chosen (default heldout)",
     )
+    p.add_argument(
+        "--decoding",
+        dest="decodings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="one more system: the RA-CM3 model with these decoding settings changed (its "
+        "config.json keys, e.g. copy_weight=1,copy_sources=4,analogy_k=0); repeatable",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/eval-ra-cm3.json"), help="results JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -776,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         **chosen,
         copy_weights=tuple(args.copy_weights),
+        decodings=tuple(parse_decoding(d) for d in args.decodings),
         split=args.split,
         progress=not args.no_progress,
     )
