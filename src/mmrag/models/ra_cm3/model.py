@@ -517,7 +517,8 @@ class RACM3:
             evidence = pool[: max(len(evidence), with_image[-1] + 1 if with_image else 0)]
             if analogies and with_image:
                 top = pool[with_image[0]]
-                drawn[0] = self._analogy(caption, top.text, drawn[0], found[:analogies])
+                drawn[0], used = self._analogy(caption, top.text, drawn[0], found[:analogies])
+                evidence += [e for e in used if e not in evidence]
         copies = [self._copy(drawn[r % len(drawn)], range(n)) for r in range(samples)]
         if copy_weight is None:
             copy_weight = cfg.exact_copy_weight if same is not None else cfg.copy_weight
@@ -549,21 +550,21 @@ class RACM3:
 
     def _analogy(
         self, caption: str, copied: str, codes: Sequence[int], found: Sequence[Evidence]
-    ) -> tuple[int, ...]:
+    ) -> tuple[tuple[int, ...], list[Evidence]]:
         """The copied image's codes changed as the memory's documents change where their
         captions differ as `caption` differs from the copied document's caption `copied`
-        (compose.py: `man cook: medium -> dark skin tone` shows the codes of a darker skin);
-        unchanged without such pairs among `found`."""
+        (compose.py: `man cook: medium -> dark skin tone` shows the codes of a darker skin),
+        and those documents; unchanged, and none, without such pairs among `found`."""
         pairs = analogous_pairs([e.text for e in found], caption_edits(copied, caption))
         if not pairs:
-            return tuple(codes)
+            return tuple(codes), []
         used = sorted({i for pair in pairs for i in pair})
         images = CopySources.of(self._coded([found[i] for i in used]), self.tokenizer).images
         grid = dict(zip(used, images, strict=True))
         aligned = [
             (grid[i], grid[j]) for i, j in pairs if len(grid[i]) == len(grid[j]) == len(codes)
         ]
-        return tuple(translate_codes(codes, aligned))
+        return tuple(translate_codes(codes, aligned)), [found[i] for i in used]
 
     def image_text_scores(self, images: Sequence[Image.Image], caption: str) -> list[float]:
         """The memory's dual-encoder score of each image against the caption (empty without a
@@ -607,7 +608,7 @@ class RACM3:
         if out.copied is not None or not compose or not pool:
             return out
         texts = [*recombinations([e.text for e in pool]), *(t for t, _ in out.candidates)]
-        return self._compose(image, out, texts, lambda text: text)
+        return self._compose(image, out, texts, lambda text: text, pool)
 
     def infill_caption(
         self,
@@ -659,7 +660,8 @@ class RACM3:
 
         if out.copied is None and compose and pool:
             spans = spans_between([e.text for e in pool], left, right)
-            return self._compose(image, out, [*spans, *(t for t, _ in out.candidates)], whole)
+            texts = [*spans, *(t for t, _ in out.candidates)]
+            return self._compose(image, out, texts, whole, pool)
         out.text = whole(out.text)
         out.candidates = [(whole(t), p) for t, p in out.candidates]
         return out
@@ -670,9 +672,11 @@ class RACM3:
         sampled: CaptionOutput,
         texts: Sequence[str],
         whole: Callable[[str], str],
+        pool: Sequence[Evidence],
     ) -> CaptionOutput:
         """The candidate (`whole(text)` of each of `texts`) the memory's dual encoder scores
-        highest against `image`; `sampled`'s evidence and samples are kept."""
+        highest against `image`, with `sampled`'s samples; its evidence: `sampled`'s and the
+        other documents of `pool` whose captions were recombined."""
         full = list(dict.fromkeys(whole(t) for t in texts if t.strip()))
         samples = [(whole(t), p) for t, p in sampled.candidates]
         if not full or self.memory is None:
@@ -681,7 +685,9 @@ class RACM3:
         seen = l2_normalize(encoder.encode_image([image]))[0]
         match = l2_normalize(encoder.encode_text(full)) @ seen
         ranked = sorted(zip(full, map(float, match), strict=True), key=lambda c: -c[1])
-        return CaptionOutput(ranked[0][0], sampled.evidence, samples, None, ranked)
+        shown = {e.id for e in sampled.evidence}
+        evidence = [*sampled.evidence, *(e for e in pool if e.id not in shown)]
+        return CaptionOutput(ranked[0][0], evidence, samples, None, ranked)
 
     def _image_tokens(self, image: Image.Image) -> tuple[ImageCodes, list[int]]:
         """The image's VQ code grid and its tokens."""
