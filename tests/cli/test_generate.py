@@ -76,8 +76,16 @@ def test_generate_caption_and_infill(
     common = [str(memory), "--image", str(image), "--model", str(model_dir), "--json"]
     assert main(["generate", "caption", *common]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert isinstance(payload["output"], str) and payload["evidence"]
+    # the image is stored: its caption is copied, even by a random model
+    assert payload["output"] == "a red square" and payload["evidence"]
+    assert payload["copied"] == payload["evidence"][0]["id"]
+    free = ["--copy-weight", "0", "--no-compose"]
+    assert main(["generate", "caption", *common, *free]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert "copied" not in payload and "ranked" not in payload
     assert main(["generate", "infill-caption", *common, "--caption", "a <mask> square"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == "a red square"
+    assert main(["generate", "infill-caption", *common, "--caption", "a <mask>", *free]) == 0
     assert json.loads(capsys.readouterr().out)["output"].startswith("a ")
     out = tmp_path / "filled.png"
     assert main(["generate", "infill-image", *common, "--rows", "2:5", "--out", str(out)]) == 0

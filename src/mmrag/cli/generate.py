@@ -47,8 +47,26 @@ def _copy_weight(p: argparse.ArgumentParser) -> None:
         "--copy-weight",
         type=float,
         default=None,
-        help="draw each image code from (1 - W) * the model + W * the top retrieved image's code "
-        "at that cell; 0 = the generator alone (default: model config)",
+        help="draw each image code from (1 - W) * the model + W * the copied image's code at "
+        "that cell, whatever the match; 0 = the generator alone (default: the model config's "
+        "gate: 1 for a stored caption, else its copy_weight)",
+    )
+
+
+def _caption_copy(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--copy-weight",
+        type=float,
+        default=None,
+        help="draw each caption token from (1 - W) * the model + W * the token the copied "
+        "caption suggests, whatever the match; 0 = the generator alone (default: the model "
+        "config's gate: 1 for a stored image, else its text_copy_weight)",
+    )
+    p.add_argument(
+        "--no-compose",
+        action="store_true",
+        help="keep the generator's sample of lowest perplexity instead of ranking it with the "
+        "retrieved captions and their recombinations by the dual encoder",
     )
 
 
@@ -82,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=int,
         default=None,
-        help="captions sampled; the lowest perplexity is kept (default: model config)",
+        help="captions sampled (default: model config)",
     )
+    _caption_copy(p)
     p = sub.add_parser("infill-image", help="regenerate a band of rows of an image")
     _common(p)
     p.add_argument("--image", required=True, help="image file")
@@ -101,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--caption", required=True, help='caption with one "<mask>"')
     p.add_argument("--samples", type=int, default=None, help="captions sampled")
+    _caption_copy(p)
     return parser
 
 
@@ -121,9 +141,10 @@ def _generate(model: RACM3, args: argparse.Namespace) -> ImageOutput | CaptionOu
     if args.what == "infill-image":
         rows = _rows(args.rows)
         return model.infill_image(image, rows, args.caption, copy_weight=args.copy_weight, **common)
+    text = {"copy_weight": args.copy_weight, "compose": False if args.no_compose else None}
     if args.what == "caption":
-        return model.generate_caption(image, args.samples, **common)
-    return model.infill_caption(image, args.caption, samples=args.samples, **common)
+        return model.generate_caption(image, args.samples, **common, **text)
+    return model.infill_caption(image, args.caption, samples=args.samples, **common, **text)
 
 
 def run(args: argparse.Namespace) -> int:
