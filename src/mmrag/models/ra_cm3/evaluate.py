@@ -112,6 +112,7 @@ class Settings:
     copy_weights: tuple[float, ...] = ()  # one `ra-cm3 + copy w` system each
     # one system each: the model with these decoding settings (RACM3Config fields) changed
     decodings: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    only: tuple[str, ...] = ()  # score only these systems (retrieval only is always scored)
     split: str = "heldout"  # the documents scored: "heldout" (test) or "validation"
     knowledge: int = 20  # made-up names
     stored: int = 20  # documents the memory holds, captioned and drawn
@@ -603,6 +604,10 @@ def evaluate(
             vq = VQModel.from_pretrained(vq_dir)
             ra, vanilla = ra.with_vq(vq), vanilla.with_vq(vq)
         runs = systems(ra, vanilla, settings)
+        unknown = set(settings.only) - {r.name for r in runs}
+        if unknown:
+            raise ConfigError(f"--systems: no system named {sorted(unknown)}")
+        runs = [r for r in runs if not settings.only or r.name in settings.only]
         top = top_documents(ra, captions)
         top_codes = top_document_codes(top, corpus)
         truth_agreement = top_agreement([corpus.codes[i].tolist() for i in rows], top_codes)
@@ -635,7 +640,7 @@ def evaluate(
         step = max(1, len(split["train"]) // max(1, settings.stored))
         kept = split["train"][step // 2 :: step][: settings.stored]
         stored = stored_test(core, corpus, kept, settings) if settings.stored else {}
-        infill = infill_test(core[:2], corpus, rows, settings) if settings.infill else {}
+        infill = infill_test(core[:2], corpus, rows, settings) if settings.infill and core else {}
         icl = icl_test(ra, corpus, rows, settings) if settings.icl else {}
         style = style_test(ra, corpus, settings) if settings.style else {}
     return {
@@ -799,6 +804,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more system: the RA-CM3 model with these decoding settings changed (its "
         "config.json keys, e.g. copy_weight=1,copy_sources=4,analogy_k=0); repeatable",
     )
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="score only these systems (e.g. ra-cm3 'generator alone'; retrieval only always)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("runs/eval-ra-cm3.json"), help="results JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -813,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         **chosen,
         copy_weights=tuple(args.copy_weights),
         decodings=tuple(parse_decoding(d) for d in args.decodings),
+        only=tuple(args.systems),
         split=args.split,
         progress=not args.no_progress,
     )
