@@ -95,8 +95,9 @@ def decode(
     ids, mask = ids.to(device), mask.to(device)
     width = ids.shape[1]
     all_hints = _row_hints(hints, prompts, rows, max_new_tokens, width)
-    followed = [(r, c) for r, c in _text_copy_rows(model, text_copy, len(prompts)) if c.copies]
-    copying = _text_copy_rows(model, text_copy, len(prompts)) if model.config.text_hints else []
+    with_captions = _text_copy_rows(model, text_copy, len(prompts))
+    followed = [(r, c) for r, c in with_captions if c.copies]  # the text copy interpolation
+    copying = with_captions if model.config.text_hints else []  # the text copy hints
     slots = model.config.hint_slots
     if copying and (all_hints is None or all_hints.shape[2] < slots):
         wide = torch.full((len(rows), width + max_new_tokens, slots), NO_HINT, dtype=torch.long)
