@@ -600,10 +600,7 @@ class RACM3:
         sentinel = tok.sentinel_ids[0]
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
         compose = cfg.compose_k > 0 if compose is None else compose
-        k = k or cfg.retriever.k
-        wanted = max(k, cfg.compose_k) if compose else k
-        pool = self.evidence(None, image, retrieval, demos, wanted, filters)
-        shown = pool if demos else pool[:k]
+        pool, shown = self._caption_evidence(None, image, retrieval, demos, k, filters, compose)
         out = self._caption(main, grid.codes, shown, samples, seed, copy_weight=copy_weight)
         if out.copied is not None or not compose or not pool:
             return out
@@ -647,10 +644,8 @@ class RACM3:
         ]
         cfg = self.config
         compose = cfg.compose_k > 0 if compose is None else compose
-        k = cfg.retriever.k
-        wanted = max(k, cfg.compose_k) if compose else k
-        pool = self.evidence(left.strip() or None, image, retrieval, demos, wanted)
-        shown = pool if demos else pool[:k]
+        query = left.strip() or None
+        pool, shown = self._caption_evidence(query, image, retrieval, demos, None, None, compose)
         out = self._caption(
             main, grid.codes, shown, samples, seed, left_ids, right_ids, copy_weight
         )
@@ -665,6 +660,24 @@ class RACM3:
         out.text = whole(out.text)
         out.candidates = [(whole(t), p) for t, p in out.candidates]
         return out
+
+    def _caption_evidence(
+        self,
+        text: str | None,
+        image: Image.Image,
+        retrieval: bool,
+        demos: Sequence[str],
+        k: int | None,
+        filters: Filters | None,
+        compose: bool,
+    ) -> tuple[list[Evidence], list[Evidence]]:
+        """What a caption is conditioned on: the documents retrieved (or pinned), enough of
+        them for composition (`compose_k`) when `compose`, and the ones the generator's prompt
+        holds (the first k, or every pinned one)."""
+        k = k or self.config.retriever.k
+        wanted = max(k, self.config.compose_k) if compose else k
+        pool = self.evidence(text, image, retrieval, demos, wanted, filters)
+        return pool, pool if demos else pool[:k]
 
     def _compose(
         self,
