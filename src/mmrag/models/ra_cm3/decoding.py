@@ -36,9 +36,6 @@ class Decoded:
 
     tokens: list[list[int]]
     mean_nll: list[float]
-    # the same under the model's own (guided, constrained) distribution, before any copy
-    # interpolation: how much the model itself believes what was drawn
-    model_nll: list[float] = dataclasses.field(default_factory=list)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +113,6 @@ def decode(
     logits = model(ids, attention_mask=mask, cache=cache, hints=first)[:, -1]  # (R, V)
     out = [[] for _ in range(b)]  # type: list[list[int]]
     nll = torch.zeros(b, dtype=torch.float64)
-    own = torch.zeros(b, dtype=torch.float64)
     text_weights = torch.zeros(b)
     for r, c in followed:
         text_weights[r] = c.weight
@@ -136,7 +132,6 @@ def decode(
             scores = guide(logits[:b], logits[b:], guidance)  # (B, V)
         if bias is not None:
             scores = scores + bias
-        plain = scores
         if targets is not None:
             scores = mix_in(scores, targets[:, step], copy_weight)
         if followed:
@@ -151,12 +146,10 @@ def decode(
             scores = mix_in(scores, wanted.to(device), text_weights)
         token = sample_next(scores.float(), sampling, generator)  # (B,)
         logp = functional.log_softmax(scores.float(), -1).gather(-1, token[:, None]).squeeze(-1)
-        logq = functional.log_softmax(plain.float(), -1).gather(-1, token[:, None]).squeeze(-1)
         for r in range(b):
             if not done[r]:
                 out[r].append(int(token[r]))
                 nll[r] -= float(logp[r])
-                own[r] -= float(logq[r])
         if stop_id is not None:
             done |= (token == stop_id).cpu()
         if bool(done.all()) or step + 1 == max_new_tokens:
@@ -176,7 +169,7 @@ def decode(
             seen = None if all_hints is None else all_hints[:, : at + 1]
             logits = model(ids, attention_mask=mask, hints=seen)[:, -1]
     mean = [float(nll[r]) / max(1, len(out[r])) for r in range(b)]
-    return Decoded(out, mean, [float(own[r]) / max(1, len(out[r])) for r in range(b)])
+    return Decoded(out, mean)
 
 
 def _copy_targets(
