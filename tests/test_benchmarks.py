@@ -204,3 +204,17 @@ def test_scale_quick(
             assert row["recall_at_10"] == pytest.approx(1.0, abs=0.01)
     for ratio in result["search"]["ratios"].values():
         assert ratio["milvus_over_faiss_p50"] > 0
+
+
+def test_encoder_quick(tmp_path: Path) -> None:
+    """The encoder benchmark's quick mode: every system timed, sane JSON."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        bench_encoder = importlib.import_module("bench_encoder")
+        out = tmp_path / "encoder.json"
+        assert bench_encoder.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["images_per_s"]) == {"tower features", "plain heads", "shipped heads"}
+    assert all(len(s) == 2 for s in result["seconds"].values())
+    assert result["heads_over_tower"] > 0
+    assert isinstance(result["goals"]["pass_speed"], bool)

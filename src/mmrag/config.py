@@ -205,10 +205,33 @@ class LiteEncoderConfig(Config):
     image_feature_dim: int = 1280  # EfficientNet-Lite0 pooled features
     text_feature_dim: int = 384  # all-MiniLM-L6-v2 sentence embedding
     text_max_tokens: int = 77  # RA-CM3 / CLIP text limit
+    # The class bridge (ConSE, Norouzi et al. 2014; docs/encoders.md): an image is first the
+    # mean of its top classes' name embeddings, weighted by the image tower's own ImageNet
+    # probabilities; the trained heads add residuals to it. 0 classes: plain linear heads.
+    bridge_classes: int = 0
+    bridge_top_k: int = 10  # classes averaged per image
+    bridge_temperature: float = 1.0  # softmax temperature on the classifier's logits
+    residual_rank: int = 0  # rank of the image residual (1280 -> dim); 0: full rank
+
+    @property
+    def bridged(self) -> bool:
+        return self.bridge_classes > 0
 
     def validate(self) -> None:
         if self.dim < 1 or self.image_size < 32 or self.text_max_tokens < 2:
             raise ConfigError("LiteEncoderConfig: dim >= 1, image_size >= 32, text_max_tokens >= 2")
+        if self.bridge_classes < 0 or self.residual_rank < 0:
+            raise ConfigError("LiteEncoderConfig: bridge_classes, residual_rank >= 0")
+        if self.bridged and (
+            self.dim != self.text_feature_dim
+            or not 1 <= self.bridge_top_k <= self.bridge_classes
+            or self.bridge_temperature <= 0
+        ):
+            raise ConfigError(
+                "LiteEncoderConfig: a bridged encoder lives in the text tower's space (dim == "
+                "text_feature_dim), with 1 <= bridge_top_k <= bridge_classes and a positive "
+                "bridge_temperature"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +249,13 @@ class EncoderTrainConfig(Config):
     lr: float = 1e-3
     weight_decay: float = 1e-4
     temperature_init: float = 0.07
+    # Bridged encoders: the class names are embedded in each of these templates (";"
+    # between them) and averaged; "{}" is the class name, "{description}" its description.
+    bridge_prompts: str = "a photo of a {}."
 
     def validate(self) -> None:
+        if "{" not in self.bridge_prompts:
+            raise ConfigError("EncoderTrainConfig: bridge_prompts needs a {} or {description}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError("EncoderTrainConfig: holdout must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:

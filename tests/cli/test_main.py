@@ -210,3 +210,24 @@ def test_delegated_options_are_checked_by_the_subcommand(
         main(["train", "vq", "--steps", "many"])
     assert info.value.code == 2
     assert "mmrag train vq: error: argument --steps: invalid int value" in capsys.readouterr().err
+
+
+@pytest.mark.pretrained
+def test_ingest_reencode_switches_the_encoder_in_place(
+    memory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A memory built with one encoder is re-encoded with another, keeping every document;
+    searching it then uses the new encoder (the manifest names it)."""
+    main(["info", str(memory), "--json"])
+    before = json.loads(capsys.readouterr().out)
+    assert main(["ingest", str(memory), "--reencode", "--encoder", "lite", "--no-progress"]) == 0
+    assert "re-encoded" in capsys.readouterr().out
+    assert main(["info", str(memory), "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["count"] == before["count"]
+    assert (after["encoder"]["name"], after["encoder"]["dim"]) == ("lite", 384)
+    assert main(["search", str(memory), "--text", "a red square", "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"]
+    assert main(["ingest", str(memory), "--reencode", "--no-progress"]) == 0
+    assert "already uses this encoder" in capsys.readouterr().out
+    assert main(["ingest", str(memory)]) == 1  # nothing to ingest and no --reencode

@@ -37,7 +37,14 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_registry_and_unknown_name(tmp_path: Path) -> None:
-    assert set(DATASETS) == {"emoji", "photos", "fashion-mnist"}
+    assert set(DATASETS) == {
+        "emoji",
+        "twemoji",
+        "openmoji",
+        "openclipart",
+        "photos",
+        "fashion-mnist",
+    }
     with pytest.raises(DatasetError, match="unknown data set 'mnist'"):
         build_dataset("mnist", tmp_path)
 
@@ -154,6 +161,7 @@ def test_photos(tmp_path: Path) -> None:
     assert names == sorted(names)
     assert "astronaut" in names
     assert "camera" in names
+    assert "china" in names  # scikit-learn's sample photographs too
     for line in lines:
         image_part, text_part = line["parts"]
         assert len(text_part["text"]) > 20

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrag.config import LiteEncoderConfig
+from mmrag.config import ConfigError, LiteEncoderConfig
 from mmrag.documents import to_rgb
 from mmrag.encoders.base import Encoder
-from mmrag.encoders.lite import LiteEncoder, LiteHeads, image_batch, square_crop
+from mmrag.encoders.lite import LiteEncoder, LiteHeads, identity_json, image_batch, square_crop
 
 TINY = LiteEncoderConfig(dim=32)
 TEXTS = ["grinning face", "red apple", "woman dancing: medium skin tone"]
@@ -143,7 +143,7 @@ def test_changed_heads_or_config_change_the_fingerprint(encoder: LiteEncoder) ->
 def test_shipped_heads_load_by_default_and_match_captions_to_photos() -> None:
     shipped = LiteEncoder.from_pretrained(None)  # checkpoints/lite-encoder, committed
     data = pytest.importorskip("skimage.data")
-    assert shipped.dim == 256
+    assert shipped.dim == 384 and shipped.config.bridged
     photos = [Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())]
     captions = ["coffee in a cup", "a cat", "a rocket", "the flag of Japan"]
     sims = shipped.encode_image(photos) @ shipped.encode_text(captions).T  # (2, 4)
@@ -192,3 +192,83 @@ def test_shared_image_features_run_the_tower_once_per_image(
     assert not tower._cache  # emptied when the block ends
     tower.features([red], 32, batch_size=8)
     assert calls == [2, 2, 1, 1]  # and off again
+
+
+# --- the class bridge ------------------------------------------------------------------------
+
+BRIDGED = LiteEncoderConfig(dim=384, bridge_classes=5, bridge_top_k=2, bridge_temperature=0.5)
+
+
+def _bridged_heads(seed: int = 0) -> LiteHeads:
+    torch.manual_seed(seed)
+    heads = LiteHeads(BRIDGED)
+    assert heads.bridge is not None
+    names = torch.nn.functional.normalize(torch.randn(5, 384), dim=-1)
+    heads.bridge.class_text.copy_(names.half())
+    heads.bridge.attach_classifier(torch.nn.Linear(1280, 5))
+    return heads
+
+
+def test_untrained_bridged_heads_are_conse() -> None:
+    """Zero residuals: an image is the softmax-weighted mean of its top-k class names'
+    embeddings (Norouzi et al. 2014), a text its own MiniLM embedding."""
+    heads = _bridged_heads()
+    assert heads.bridge is not None
+    features = torch.randn(4, 1280)
+    logits = heads.bridge.logits(features)
+    probs = torch.softmax(logits / 0.5, dim=-1)
+    top, idx = probs.topk(2, dim=-1)
+    names = heads.bridge.class_text.float()
+    expected = torch.stack([(top[i, :, None] * names[idx[i]]).sum(0) for i in range(4)])
+    expected = torch.nn.functional.normalize(expected, dim=-1)
+    torch.testing.assert_close(heads.project_image(features), expected)
+    text = torch.nn.functional.normalize(torch.randn(3, 384), dim=-1)
+    torch.testing.assert_close(heads.project_text(text), text)
+
+
+def test_bridge_needs_its_classifier_and_a_text_sized_space() -> None:
+    heads = LiteHeads(BRIDGED)
+    with pytest.raises(RuntimeError, match="attach_classifier"):
+        heads.project_image(torch.randn(1, 1280))
+    with pytest.raises(ValueError, match="classifier"):
+        heads.bridge.attach_classifier(torch.nn.Linear(1280, 7))  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="text_feature_dim"):
+        LiteEncoderConfig(dim=256, bridge_classes=5)
+
+
+def test_bridged_heads_store_float16_and_measure_what_they_store() -> None:
+    heads = _bridged_heads()
+    with torch.no_grad():
+        for weight in heads.projections():
+            weight.normal_()
+    heads.round_to_storage_()
+    state = heads.storage_state()
+    assert state["image_proj.weight"].dtype == torch.float16
+    assert state["bridge.class_text"].dtype == torch.float16
+    assert state["logit_scale"].dtype == torch.float32
+    assert "bridge.weight" not in state  # the classifier is the frozen tower's, not stored
+    again = LiteHeads(BRIDGED)
+    again.load_state_dict(state, strict=True)
+    torch.testing.assert_close(again.image_proj.weight, heads.image_proj.weight, rtol=0, atol=0)
+
+
+def test_plain_heads_keep_their_fingerprint_identity() -> None:
+    assert "bridge" not in identity_json(LiteEncoderConfig())
+    assert "bridge_classes" in identity_json(BRIDGED)
+
+
+@pytest.mark.pretrained
+def test_bridged_encoder_round_trip_with_the_packaged_classifier(tmp_path: Path) -> None:
+    config = LiteEncoderConfig(dim=384, bridge_classes=1000)
+    torch.manual_seed(0)
+    heads = LiteHeads(config)
+    assert heads.bridge is not None
+    heads.bridge.class_text.copy_(torch.nn.functional.normalize(torch.randn(1000, 384), dim=-1))
+    encoder = LiteEncoder(config, heads)  # attaches the packaged tower's classifier
+    encoder.save_pretrained(tmp_path)
+    again = LiteEncoder.from_pretrained(tmp_path)
+    assert again.fingerprint() == encoder.fingerprint()
+    images = _images()
+    np.testing.assert_array_equal(encoder.encode_image(images), again.encode_image(images))
+    vectors = again.encode_text(TEXTS)
+    assert vectors.shape == (3, 384)

@@ -8,8 +8,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from mmrag.data.datasets import DATASETS
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-DATASET_NAMES = ("emoji", "photos", "fashion-mnist")
+DATASET_NAMES = tuple(DATASETS)
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -53,6 +53,10 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
                 "mmrag.models.gill.evaluate",
                 "decision F1 and calibration, mapper, generated images",
             ),
+            "encoder": (
+                "mmrag.encoders.evaluate",
+                "text/image recall per source on held-out groups, cross-style, bridge alone",
+            ),
             "vq": (
                 "mmrag.models.vq.evaluate",
                 "held-out PSNR, code usage, reconstruction FID",

@@ -80,10 +80,35 @@ def _read_all(sources: Sequence[str], image_column: str | None, text_column: str
         yield from read_source(source, **(options if is_table else {}))
 
 
+def _reencode(args: argparse.Namespace) -> None:
+    from mmrag.memory.reencode import reencode
+
+    if not (Path(args.memory) / "manifest.json").is_file():
+        raise CommandError(f"--reencode: {args.memory} is not an mmrag memory")
+    done = reencode(
+        args.memory, encoder_spec(args), batch_size=args.batch_size, progress=not args.no_progress
+    )
+    if done.skipped:
+        print(f"{args.memory} already uses this encoder ({done.new_fingerprint[:16]}); unchanged")
+    else:
+        print(
+            f"re-encoded {done.count} documents in {done.seconds:.1f} s "
+            f"({done.old_fingerprint[:16]} -> {done.new_fingerprint[:16]})"
+        )
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from mmrag.memory.ingest import ingest
     from mmrag.memory.memory import ensure_memory
 
+    if args.reencode:
+        if args.ray or args.backend or args.uri:
+            raise CommandError("--reencode works on an embedded memory, without --ray")
+        _reencode(args)
+        if not args.sources:
+            return EXIT_OK
+    elif not args.sources:
+        raise CommandError("give at least one SOURCE to ingest (or --reencode)")
     index = IndexConfig(kind=args.index) if args.index else None
     if args.ray_address and not args.ray:
         raise CommandError("--ray-address needs --ray")
@@ -216,10 +241,17 @@ def add_commands(add: AddCommand) -> None:
     p.add_argument("memory", help="memory folder")
     p.add_argument(
         "sources",
-        nargs="+",
+        nargs="*",
         help="image folders (x.png + x.txt), .jsonl, .csv, .parquet, or WebDataset .tar shards",
     )
     add_memory_writer_options(p)
+    p.add_argument(
+        "--reencode",
+        action="store_true",
+        help="first re-encode every stored document in place (from the memory's own texts "
+        "and image blobs; crash-safe) with --encoder/--encoder-path, by default the encoder "
+        "the manifest names as installed now: for a memory built with older heads",
+    )
     p.add_argument(
         "--index",
         choices=["flat", "hnsw", "ivf"],

@@ -11,6 +11,9 @@ from mmrag.registry import load_object
 # Builders import on use, so listing data sets does not import scikit-image or the emoji data.
 DATASETS: dict[str, str] = {
     "emoji": "mmrag.data.emoji:build_emoji",
+    "twemoji": "mmrag.data.emoji_styles:build_twemoji",
+    "openmoji": "mmrag.data.emoji_styles:build_openmoji",
+    "openclipart": "mmrag.data.openclipart:build_openclipart",
     "photos": "mmrag.data.photos:build_photos",
     "fashion-mnist": "mmrag.data.fashion_mnist:build_fashion_mnist",
 }

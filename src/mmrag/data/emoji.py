@@ -197,26 +197,39 @@ def _font() -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(require_file(FONT_PATH, FONT_PACKAGE)), FONT_SIZE)
 
 
-def is_single_glyph(sequence: str) -> bool:
-    """True when the font shapes the whole sequence into one glyph.
+def is_single_glyph(sequence: str, font: ImageFont.FreeTypeFont | None = None) -> bool:
+    """True when the font (Noto's by default) shapes the whole sequence into one glyph.
 
     A sequence newer than the font falls apart into its components (two people and a
     rabbit for "men with bunny ears: light skin tone, dark skin tone"): not its image.
     """
-    font = _font()
+    font = font or _font()
     return font.getlength(sequence) <= 1.5 * font.getlength(SINGLE_GLYPH_PROBE)
 
 
 def render(sequence: str, size: int = IMAGE_SIZE) -> Image.Image | None:
     """Render one sequence to a `size`x`size` RGB image on white; None if nothing is drawn."""
-    font = _font()
+    return render_glyph(sequence, _font(), size)
+
+
+def render_glyph(
+    sequence: str, font: ImageFont.FreeTypeFont, size: int = IMAGE_SIZE
+) -> Image.Image | None:
+    """Draw `sequence` with a colour font and centre it on a white square (`MARGIN` each side)."""
     left, top, right, bottom = (int(v) for v in font.getbbox(sequence))
     canvas = Image.new("RGBA", (right - left + 8, bottom - top + 8), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((4 - left, 4 - top), sequence, font=font, embedded_color=True)
-    box = canvas.getchannel("A").getbbox()
+    return on_white_square(canvas, size)
+
+
+def on_white_square(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image | None:
+    """Crop an RGBA drawing to its opaque pixels and centre it on a white `size` square with
+    `MARGIN` left on each side (the layout every emoji style shares); None if all transparent."""
+    rgba = image.convert("RGBA")
+    box = rgba.getchannel("A").getbbox()
     if box is None:
         return None
-    glyph = canvas.crop(box)
+    glyph = rgba.crop(box)
     side = round(max(glyph.size) / (1 - 2 * MARGIN))
     square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
     square.alpha_composite(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))

@@ -1,7 +1,9 @@
-"""The `photos` data set: the real photographs in scikit-image's data folder, captioned by hand."""
+"""The `photos` data set: the real photographs that ship in scikit-image's data folder and
+scikit-learn's sample images, captioned by hand."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -74,15 +76,36 @@ CAPTIONS: dict[str, str] = {
 }
 
 
-def load_photo(name: str) -> Image.Image:
-    """Load one scikit-image photograph as RGB, its long side resized to LONG_SIDE."""
-    import skimage.data
+# scikit-learn's two sample photographs (`sklearn/datasets/images/NAME.jpg`), read as files.
+SKLEARN_CAPTIONS: dict[str, str] = {
+    "china": (
+        "a tall Chinese temple tower with red and green painted tiers on a wooded hill above a lake"
+    ),
+    "flower": "a close-up of an orange dahlia flower in bloom against dark green leaves",
+}
 
-    loaded = getattr(skimage.data, name)()
-    array = np.asarray(loaded[0] if isinstance(loaded, tuple) else loaded)  # stereo: left view
-    if array.dtype != np.uint8:
-        raise DatasetError(f"photos: {name} is {array.dtype}, expected uint8")
-    image = Image.fromarray(array).convert("RGB")  # grayscale photos become RGB
+
+def _sklearn_image(name: str) -> Image.Image:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scikit-learn is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "images" / f"{name}.jpg"
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def load_photo(name: str) -> Image.Image:
+    """Load one photograph as RGB, its long side resized to LONG_SIDE."""
+    if name in SKLEARN_CAPTIONS:
+        image = _sklearn_image(name)
+    else:
+        import skimage.data
+
+        loaded = getattr(skimage.data, name)()
+        array = np.asarray(loaded[0] if isinstance(loaded, tuple) else loaded)  # stereo: left
+        if array.dtype != np.uint8:
+            raise DatasetError(f"photos: {name} is {array.dtype}, expected uint8")
+        image = Image.fromarray(array).convert("RGB")  # grayscale photos become RGB
     scale = LONG_SIDE / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
@@ -94,7 +117,8 @@ def build_photos(
     """Write the captioned scikit-image photographs (sorted by name) into `out`."""
     writer = DatasetWriter(out, "photos")
     missing: list[str] = []
-    for name in tqdm(sorted(CAPTIONS), desc="photos", unit="img", disable=not progress):
+    captions = CAPTIONS | SKLEARN_CAPTIONS
+    for name in tqdm(sorted(captions), desc="photos", unit="img", disable=not progress):
         if limit is not None and len(writer) >= limit:
             break
         try:
@@ -104,7 +128,7 @@ def build_photos(
             logger.warning("photos: cannot load %s offline (%s); skipped", name, e)
             missing.append(name)
             continue
-        writer.add(image, name, CAPTIONS[name], {"name": name, "dataset": "photos"})
+        writer.add(image, name, captions[name], {"name": name, "dataset": "photos"})
     if not len(writer):
         raise DatasetError(
             "photos: no scikit-image photograph could be loaded; "

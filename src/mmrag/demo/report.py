@@ -17,6 +17,7 @@ from PIL import Image
 
 from mmrag.data.datasets import build_dataset
 from mmrag.data.readers import read_sources
+from mmrag.data.writer import DatasetError
 from mmrag.demo.chat import chat_sections
 from mmrag.demo.generation import generation_sections
 from mmrag.encoders.base import EncoderSpec
@@ -48,6 +49,22 @@ MIXED_QUERIES = (
     ("👍", "medium-light skin tone"),
     ("❤️", "blue heart"),
     ("🧑‍🚀", "woman astronaut"),
+)
+
+
+# Real photographs (scikit-image, scikit-learn) and Openclipart drawings, searched by text in
+# a memory of their own (the emoji memory feeds the generators, which know emoji only).
+REAL_QUERIES = (
+    "a cat",
+    "a cup of coffee",
+    "a red motorcycle",
+    "an astronaut",
+    "a flower",
+    "a bird",
+    "a car",
+    "a guitar",
+    "an apple",
+    "a house",
 )
 
 
@@ -105,6 +122,41 @@ def build_memory(
             "build_seconds": round(time.perf_counter() - start, 2),
         }
     return memory_dir, info
+
+
+def build_real_memory(
+    out: Path, limit: int | None, progress: bool, rebuild: bool, spec: EncoderSpec
+) -> Path:
+    """OUT/memory-real: the photos and (when Debian's openclipart-png is installed) the
+    Openclipart drawings (the first `limit` of them, like the emoji)."""
+    sources = [out / "data" / "photos"]
+    clipart = out / "data" / "openclipart"
+    if rebuild or not (clipart / "documents.jsonl").exists():
+        try:
+            build_dataset("openclipart", clipart, limit=limit, progress=progress)
+        except DatasetError as e:
+            log.warning("demo: no Openclipart drawings in the real-image section (%s)", e)
+    if (clipart / "documents.jsonl").exists():
+        sources.append(clipart)
+    memory_dir = out / "memory-real"
+    if rebuild and memory_dir.exists():
+        shutil.rmtree(memory_dir)
+    with ensure_memory(memory_dir, spec) as memory:
+        ingest(memory, read_sources(sources), progress=progress)
+    return memory_dir
+
+
+def real_image_section(memory: Memory) -> Section:
+    retriever = Retriever(memory)
+    section = Section(
+        "Real photographs and drawings: text → image",
+        f"A memory of {len(memory)} real photographs (scikit-image, scikit-learn) and "
+        "Openclipart drawings, ingested with the default encoder and searched by text. "
+        "Captions of the drawings come from their file names and folders (noisy).",
+    )
+    for q in REAL_QUERIES:
+        section.rows.append({"query": q, "results": _results(retriever.search(text=q, k=K))})
+    return section
 
 
 def run_queries(memory: Memory) -> list[Section]:
@@ -216,6 +268,9 @@ def run_demo(
                 sections += [Section(**s) for s in generation_sections(memory, _find, progress)]
             if chat:
                 sections += [Section(**s) for s in chat_sections(memory, _find)]
+        real = build_real_memory(out, limit, progress, rebuild, spec or EncoderSpec())
+        with Memory.open(real) as memory:
+            sections.insert(3, real_image_section(memory))
     report = out / "report.html"
     report.write_text(render_html(sections, info), encoding="utf-8")
     results = {

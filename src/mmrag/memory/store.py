@@ -236,6 +236,23 @@ class Store:
                 )
         return out
 
+    def rows_after(self, seq: int, limit: int) -> list[Row]:
+        """Up to `limit` rows with a seq above `seq`, in seq order (a full scan in pages)."""
+        con = self._connect()
+        seqs = [
+            r[0]
+            for r in con.execute(
+                "SELECT seq FROM documents WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            )
+        ]
+        rows = self.rows_by_seq(seqs)
+        return [rows[s] for s in seqs if s in rows]
+
+    def self_contained(self) -> None:
+        """Fold the write-ahead log into the database file and stop using one (a file about
+        to be moved into place alone; callers hold the only connection)."""
+        self._connect().execute("PRAGMA journal_mode = DELETE")
+
     def vectors(self, seqs: Sequence[int]) -> NDArray[np.float32]:
         rows = self.rows_by_seq(seqs)
         return (

@@ -1,6 +1,6 @@
 """Caption-image pairs for the frozen-LM adapters: frozen EfficientNet-Lite0 features (cached
 by document id, shared with the `lite` encoder's trainer), caption token ids, the split by
-group (the encoder trainer's `three_way_split`, so held-out families are unseen in every
+group (the encoder pairs' `three_way_split`, so held-out families are unseen in every
 variant), and the token rows FROMAGe and GILL train and evaluate on."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mmrag.config import LiteEncoderConfig
-from mmrag.encoders.lite_train import (
+from mmrag.encoders.pairs import (
     Pairs,
     extract_features,
     load_pairs,
@@ -52,7 +52,7 @@ def load_pair_data(
     """Read the documents, extract (or reuse cached) EfficientNet-Lite0 features, tokenize the
     captions, and split by group exactly as the encoder trainer does."""
     from mmrag.encoders.lite import LiteEncoder
-    from mmrag.encoders.lite_train import default_cache_dir
+    from mmrag.encoders.pairs import default_cache_dir
 
     pairs = load_pairs(data, group_key)
     if len(pairs) < 4:
