@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import EncoderTrainConfig, LiteEncoderConfig
 from mmrag.encoders.lite import LiteEncoder, LiteHeads
 from mmrag.encoders.lite_train import (
@@ -177,3 +178,24 @@ def test_missing_data_and_bad_config_fail_cleanly(tmp_path: Path) -> None:
     bad.write_text('{"epochs": 3, "colour": "red"}', encoding="utf-8")
     with pytest.raises(SystemExit):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(bad)])
+
+
+@pytest.mark.pretrained
+def test_the_shipped_recipe_runs_on_a_tiny_budget(tmp_path: Path) -> None:
+    """`checkpoints/lite-encoder/RECIPE.md`'s command (its train-config.json: the bridged
+    encoder) on the colour squares for two epochs: a loadable bridged checkpoint whose
+    recipe names the config file it wrote."""
+    shipped = EncoderTrainConfig.load(checkpoint_dir("lite-encoder") / "train-config.json")
+    config = shipped.replace(epochs=2, batch_size=8, bridge_prompts="{}")  # 1,000 texts, not 3,000
+    config_file = tmp_path / "train.json"
+    config.save(config_file)
+    data = write_encoder_pairs(tmp_path / "colours")
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--config", str(config_file)]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    encoder = LiteEncoder.from_pretrained(out)
+    assert encoder.config.bridged and encoder.dim == 384
+    assert EncoderTrainConfig.load(out / "train-config.json") == config
+    assert f"--config {out / 'train-config.json'}" in (out / "RECIPE.md").read_text()
+    vectors = encoder.encode_text(["a light red square"])
+    assert vectors.shape == (1, 384)

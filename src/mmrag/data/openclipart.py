@@ -30,6 +30,7 @@ import collections
 import gzip
 import logging
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -182,10 +183,16 @@ def pick_files(files: Sequence[Path], per_folder: int) -> list[Path]:
 
 
 def load_drawing(path: Path) -> Image.Image:
-    """RGB on white (transparency flattened), long side `LONG_SIDE` (never enlarged)."""
-    with Image.open(path) as image:
-        image.load()
-        rgba = image.convert("RGBA")
+    """RGB on white (transparency flattened), long side `LONG_SIDE` (never enlarged).
+
+    A dozen of the package's drawings are 10,000 x 16,000 px, past Pillow's decompression
+    bomb warning; they are the Debian package's own files, so they are read (a few seconds
+    each) rather than dropped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            rgba = image.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     canvas.alpha_composite(rgba)
     rgb = canvas.convert("RGB")

@@ -325,6 +325,14 @@ class Memory:
                     self._write_lock.release()
             self.store.close()
 
+    def abandon(self) -> None:
+        """Close without writing anything back (no index, no manifest) and release the write
+        lock: for a caller that has replaced the memory's files (`reencode`)."""
+        with self._lock:
+            self.store.close()
+            if self._write_lock is not None:
+                self._write_lock.release()
+
     def __enter__(self) -> Memory:
         return self
 

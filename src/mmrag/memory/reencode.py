@@ -113,12 +113,10 @@ def reencode(
         )
         atomic_write(root / NEW_MANIFEST, (new_manifest.to_json() + "\n").encode())
         atomic_write(root / REENCODE_COMMIT, b"reencode\n")  # the swap is decided
-        memory.store.close()
+        memory.store.close()  # the old database is closed before it is replaced
         finish_pending(root)
     finally:
-        if memory._write_lock is not None:
-            memory._write_lock.release()
-        memory.store.close()
+        memory.abandon()
     with Memory.open(root, mode="a", encoder=encoder) as fresh:  # rebuilds the index cache
         fresh.checkpoint()
     seconds = time.perf_counter() - start
