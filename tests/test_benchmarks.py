@@ -214,7 +214,7 @@ def test_encoder_quick(tmp_path: Path) -> None:
         out = tmp_path / "encoder.json"
         assert bench_encoder.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
     result = json.loads(out.read_text())
-    assert set(result["images_per_s"]) == {"tower features", "plain heads", "shipped heads"}
+    assert {"tower features", "plain heads", "shipped heads"} <= set(result["images_per_s"])
     assert all(len(s) == 2 for s in result["seconds"].values())
     assert result["heads_over_tower"] > 0
     assert isinstance(result["goals"]["pass_speed"], bool)

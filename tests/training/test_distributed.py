@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from mmrag.config import EncoderTrainConfig, LiteEncoderConfig
 from mmrag.encoders import lite_train as encoder_trainer
+from mmrag.encoders import pairs as encoder_pairs
 from mmrag.encoders.lite import LiteHeads
 from mmrag.encoders.lite_train import info_nce, sharded_info_nce
 from mmrag.models.vq import train as vq_trainer
@@ -96,10 +97,10 @@ def test_encoder_heads_under_torchrun_equal_one_process(tmp_path: Path) -> None:
     config = EncoderTrainConfig(
         encoder=LiteEncoderConfig(dim=16), holdout=0.0, epochs=4, batch_size=7, lr=1e-2
     )
-    pairs = encoder_trainer.load_pairs([data], config.group_key)
+    pairs = encoder_pairs.load_pairs([data], config.group_key)
     rng = np.random.default_rng(0)  # stand-ins for the frozen towers' features
     rows = {i: (rng.standard_normal(1280), rng.standard_normal(384)) for i in pairs.ids}
-    encoder_trainer._write_cache(encoder_trainer.feature_cache_path(cache, config.encoder), rows)
+    encoder_pairs._write_cache(encoder_pairs.feature_cache_path(cache, config.encoder), rows)
     config.save(tmp_path / "config.json")
     argv = [
         "--data",

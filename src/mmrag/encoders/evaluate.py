@@ -74,11 +74,10 @@ class Source:
 
 
 def source_name(path: Path) -> str:
-    return (
-        path.parent.name
-        if path.is_file() and path.name == "documents.jsonl"
-        else (path.name if path.is_dir() else path.stem)
-    )
+    """A data folder's name (`.cache/data/emoji` -> `emoji`), else the JSONL file's stem."""
+    if path.is_dir():
+        return path.name
+    return path.parent.name if path.name == "documents.jsonl" else path.stem
 
 
 def load_source(
@@ -92,6 +91,8 @@ def load_source(
     cache_dir: Path,
     only: dict[str, str] | None = None,
 ) -> Source:
+    """The source's documents on `side` of the trainer's split (all of them when none has a
+    group key), narrowed to `only` and sampled evenly down to `limit`, with their features."""
     pairs = load_pairs([path], group_key)
     if only:
         pairs = pairs.subset([i for i, m in enumerate(pairs.metadata) if _matches(m, only)])
