@@ -99,3 +99,15 @@ def test_a_crash_after_the_commit_is_finished_on_open(
         assert sorted(memory.ids()) == ids
         assert memory.manifest.dim == 32
     assert not (memory_path / COMMIT).exists()
+
+
+def test_finishing_a_swap_twice_is_harmless(memory_path: Path, color_docs: list[Document]) -> None:
+    """The writer and a reader opening meanwhile may both finish the same committed swap."""
+    _build(memory_path, color_docs)
+    (memory_path / NEW_DATABASE).write_bytes((memory_path / DATABASE).read_bytes())
+    (memory_path / NEW_MANIFEST).write_bytes((memory_path / MANIFEST).read_bytes())
+    (memory_path / COMMIT).write_text("reencode\n")
+    assert finish_pending(memory_path)
+    assert not finish_pending(memory_path)  # nothing left to do, nothing raised
+    with Memory.open(memory_path, encoder=HashingEncoder()) as memory:
+        assert len(memory) == len(color_docs)

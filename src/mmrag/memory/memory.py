@@ -18,6 +18,7 @@ cache (`mmrag.memory.milvus`); the blobs, the manifest and the write lock stay i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -147,15 +148,18 @@ def finish_pending(root: str | Path) -> bool:
             remove_database(new_db)
             new_manifest.unlink(missing_ok=True)
         return False
+    # Two processes may finish the same swap (the writer and a reader opening meanwhile):
+    # every step tolerates the other having done it first.
     if new_db.exists():
         for suffix in WAL_SUFFIXES:  # the old database's log must not meet the new file
             (root / (DATABASE + suffix)).unlink(missing_ok=True)
-        os.replace(new_db, root / DATABASE)
-    if new_manifest.exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(new_db, root / DATABASE)
+    with contextlib.suppress(FileNotFoundError):
         os.replace(new_manifest, root / MANIFEST)
     (root / INDEX).unlink(missing_ok=True)
     _fsync_dir(root)
-    (root / REENCODE_COMMIT).unlink()
+    (root / REENCODE_COMMIT).unlink(missing_ok=True)
     _fsync_dir(root)
     log.info("%s: finished a committed re-encode", root)
     return True
