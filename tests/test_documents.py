@@ -128,3 +128,39 @@ def test_pixel_limit_applies_before_pillows_bomb_warning() -> None:
         decode_image(_png_header_only(10_000, 10_000), max_pixels=40_000_000)
     with pytest.raises(DocumentError, match="unreadable image"):
         decode_image(_png_header_only(50_000, 50_000), max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Document.of(text="x", metadata={"score": float("nan")}), "finite JSON"),
+        (lambda: Document.of(text="x", metadata={"score": float("inf")}), "finite JSON"),
+        (lambda: Document.of(text="   \n"), "non-blank text or an image"),
+        (lambda: Document.of(text="broken \ud800 text"), "not valid Unicode"),
+    ],
+)
+def test_documents_that_would_poison_a_memory_are_refused(make: object, message: str) -> None:
+    with pytest.raises(DocumentError, match=message):
+        make()  # type: ignore[operator]
+
+
+def test_one_bad_jsonl_line_never_stops_the_rest(tmp_path: Path) -> None:
+    """NaN metadata, 5,000 levels of nesting, a lone surrogate and a blank text: each line is
+    reported with its line number, and the good lines around them are read."""
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    lines = [
+        json.dumps({"text": "first"}),
+        '{"text": "nan", "metadata": {"x": NaN}}',
+        '{"text": "deep", "metadata": ' + deep + "}",
+        '{"text": "lone \\ud800 surrogate"}',
+        '{"text": "   "}',
+        json.dumps({"text": "last", "metadata": {"n": 1.5}}),
+    ]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = list(iter_jsonl(path))
+    good = [i for i in items if isinstance(i, Document)]
+    bad = [i for i in items if isinstance(i, DocumentError)]
+    assert [d.text for d in good] == ["first", "last"]
+    assert [e.line for e in bad] == [2, 3, 4, 5]
+    assert all(str(path) in str(e) for e in bad)

@@ -33,6 +33,12 @@ class DocumentError(ValueError):
         infield = f"field {field!r}: " if field else ""
         super().__init__(f"{prefix}{infield}{message}")
 
+    def located(self, file: str | None, line: int | None) -> DocumentError:
+        """The same error naming `file` and `line` where it names none."""
+        if self.file is not None or self.line is not None:
+            return self
+        return DocumentError(self.reason, file=file, line=line, field=self.field)
+
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -59,6 +65,12 @@ class Part:
                 raise DocumentError("a text part needs a string", field="text")
             if self.data is not None or self.path is not None:
                 raise DocumentError("a text part carries no image", field="text")
+            try:
+                self.text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON)
+                raise DocumentError(
+                    f"text is not valid Unicode: {e.reason} at character {e.start}", field="text"
+                ) from None
         elif self.kind == "image":
             if self.text is not None:
                 raise DocumentError("an image part carries no text", field="image")
@@ -117,10 +129,16 @@ class Document:
             raise DocumentError("a document needs at least one part", field="parts")
         if not isinstance(self.metadata, Mapping):
             raise DocumentError("metadata must be an object", field="metadata")
-        try:
-            json.dumps(dict(self.metadata))
+        if not any(p.kind == "image" or (p.text or "").strip() for p in self.parts):
+            raise DocumentError("a document needs non-blank text or an image", field="parts")
+        try:  # finite JSON only: NaN or Infinity would break every JSON query of the store
+            json.dumps(dict(self.metadata), allow_nan=False)
+        except RecursionError:
+            raise DocumentError("metadata is nested too deeply", field="metadata") from None
         except (TypeError, ValueError) as e:
-            raise DocumentError(f"metadata is not JSON-serialisable: {e}", field="metadata") from e
+            raise DocumentError(
+                f"metadata is not finite JSON (no NaN or Infinity): {e}", field="metadata"
+            ) from e
 
     @property
     def id(self) -> str:
@@ -257,11 +275,17 @@ def document_from_json(obj: Any, base: Path, file: str = "<jsonl>", line: int = 
         raw_parts = [{k: obj[k]} for k in ("image", "text") if k in obj]
         if not raw_parts:
             raise DocumentError("a document needs 'parts', 'text' or 'image'", file=file, line=line)
-    parts = tuple(_part_from_json(p, base, file, line, i) for i, p in enumerate(raw_parts))
+    try:
+        parts = tuple(_part_from_json(p, base, file, line, i) for i, p in enumerate(raw_parts))
+    except DocumentError as e:
+        raise e.located(file, line) from None
     metadata = obj.get("metadata", {})
     if not isinstance(metadata, dict):
         raise DocumentError("must be an object", file=file, line=line, field="metadata")
-    return Document(parts=parts, metadata=metadata, source=f"{file}:{line}")
+    try:
+        return Document(parts=parts, metadata=metadata, source=f"{file}:{line}")
+    except DocumentError as e:  # say where: the file and line the document came from
+        raise e.located(file, line) from None
 
 
 def document_to_json(doc: Document, image_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -298,6 +322,9 @@ def iter_jsonl(path: str | Path) -> Iterator[Document | DocumentError]:
                 yield DocumentError(
                     f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=lineno
                 )
+                continue
+            except RecursionError:
+                yield DocumentError("JSON nested too deeply", file=str(path), line=lineno)
                 continue
             try:
                 yield document_from_json(obj, base, file=str(path), line=lineno)

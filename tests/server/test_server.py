@@ -677,3 +677,16 @@ def test_bench_server_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert mixed["exact"] and mixed["added"] == 2 * 4 * 3 and mixed["deleted"] == 2 * 4
     assert mixed["count_after_restart"] == result["memory"]["docs"] + 16
     assert result["server_tracebacks"] == 0 and result["server_exit_code"] == 0
+
+
+def test_non_finite_metadata_is_refused_and_the_memory_stays_searchable(
+    client: TestClient, seeded: dict[str, str]
+) -> None:
+    """NaN in a JSON body's metadata (Python's JSON reads it) would break every metadata
+    filter afterwards: it is a 422, and filtered search keeps working."""
+    body = b'{"documents": [{"text": "a nan", "metadata": {"x": NaN}}]}'
+    headers = {"Content-Type": "application/json", **AUTH}
+    r = client.post("/documents", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    ok = client.post("/search", json={"text": "red", "filters": {"color": "red"}})
+    assert ok.status_code == 200
