@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,28 @@ def test_one_bad_jsonl_line_never_stops_the_rest(tmp_path: Path) -> None:
     assert [d.text for d in good] == ["first", "last"]
     assert [e.line for e in bad] == [2, 3, 4, 5]
     assert all(str(path) in str(e) for e in bad)
+
+
+def test_image_paths_must_be_regular_files(tmp_path: Path) -> None:
+    """A device or a FIFO is refused at once (reading /dev/zero never ends; opening a FIFO
+    waits for a writer); a symlink is followed only to a regular file."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    real = tmp_path / "red.png"
+    real.write_bytes(png_bytes((200, 0, 0)))
+    good_link, bad_link = tmp_path / "good.png", tmp_path / "bad.png"
+    good_link.symlink_to(real)
+    bad_link.symlink_to("/dev/zero")
+    for path in (fifo, Path("/dev/zero"), bad_link, tmp_path):
+        with pytest.raises(DocumentError, match="not a regular file"):
+            Part.of_image(path=path)
+    assert Part.of_image(path=good_link).sha256 == Part.of_image(path=real).sha256
+    lines = [
+        json.dumps({"text": "zero", "image": "/dev/zero"}),
+        json.dumps({"text": "pipe", "image": str(fifo)}),
+        json.dumps({"text": "fine", "image": str(good_link)}),
+    ]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = list(iter_jsonl(tmp_path / "docs.jsonl"))
+    assert [i.line for i in items if isinstance(i, DocumentError)] == [1, 2]
+    assert [d.text for d in items if isinstance(d, Document)] == ["fine"]

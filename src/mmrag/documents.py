@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,11 @@ PART_KEYS = frozenset({"text", "image"})
 
 PartKind = Literal["text", "image"]
 JSONValue = Any
+
+
+# Image files larger than this are refused before reading (a 64-megapixel PNG, the decoder's
+# pixel limit, is far smaller): a user's mistake must not exhaust memory.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 
 class DocumentError(ValueError):
@@ -185,10 +192,34 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def _read_file(path: str | Path) -> bytes:
+    """An image file's bytes: regular files only (a symlink to one is followed; a device,
+    FIFO, socket or folder is refused without reading), at most `MAX_IMAGE_BYTES`."""
     try:
-        return Path(path).read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise DocumentError(f"cannot read image file: {e.strerror or e}", file=str(path)) from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DocumentError(
+                "not a regular file (a device, FIFO, socket or folder): refused", file=str(path)
+            )
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise DocumentError(
+                f"image file of {info.st_size} bytes is over the {MAX_IMAGE_BYTES}-byte limit",
+                file=str(path),
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as e:
+        raise DocumentError(f"cannot read image file: {e.strerror or e}", file=str(path)) from e
+    finally:
+        os.close(fd)
+    if len(data) > MAX_IMAGE_BYTES:  # it grew while being read
+        raise DocumentError(f"image file is over the {MAX_IMAGE_BYTES}-byte limit", file=str(path))
+    return data
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

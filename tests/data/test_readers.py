@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mmrag.data import readers
 from mmrag.data.readers import read_source, read_sources
 from mmrag.documents import Document, DocumentError
 
@@ -286,3 +287,27 @@ def test_read_sources_chains(tmp_path: Path) -> None:
     b.write_text('{"text": "two"}\n{"text": "three"}\n', encoding="utf-8")
     texts = [r.text for r in read_sources([a, b]) if isinstance(r, Document)]
     assert texts == ["one", "two", "three"]
+
+
+def test_tar_link_and_oversized_members_are_reported_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(readers, "MAX_IMAGE_BYTES", 64)
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("s/000.png", RED), ("s/000.txt", b"a red square")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("s/001.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        small = tarfile.TarInfo("s/002.txt")
+        small.size = 5
+        tar.addfile(small, io.BytesIO(b"small"))
+    docs, errors = split(list(read_source(path)))
+    assert len(RED) > 64  # the PNG member is over the (patched) limit: reported, not read
+    assert sorted(e.file for e in errors) == [f"{path}#s/000.png", f"{path}#s/001.png"]
+    assert any("link member" in str(e) for e in errors)
+    assert any("over the 64-byte limit" in str(e) for e in errors)
+    assert [d.text for d in docs] == ["a red square", "small"]

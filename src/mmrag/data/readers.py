@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mmrag.documents import Document, DocumentError, JSONValue, Part, iter_jsonl
+from mmrag.documents import MAX_IMAGE_BYTES, Document, DocumentError, JSONValue, Part, iter_jsonl
 
 ReadResult = Document | DocumentError
 
@@ -327,11 +327,27 @@ def read_webdataset(path: str | Path) -> Iterator[ReadResult]:
     shard = str(path)
     key: str | None = None
     members: dict[str, tuple[str, bytes]] = {}
+    skipped: list[DocumentError] = []
     current = ""
     try:
         with tarfile.open(shard, mode="r|*") as tar:
             for info in tar:
+                yield from skipped
+                skipped.clear()
+                if info.issym() or info.islnk():  # said, not silently dropped
+                    skipped.append(
+                        DocumentError("a link member is not read", file=f"{shard}#{info.name}")
+                    )
+                    continue
                 if not info.isfile():
+                    continue
+                if info.size > MAX_IMAGE_BYTES:  # never read whole into memory
+                    skipped.append(
+                        DocumentError(
+                            f"member of {info.size} bytes is over the {MAX_IMAGE_BYTES}-byte limit",
+                            file=f"{shard}#{info.name}",
+                        )
+                    )
                     continue
                 current = info.name
                 member_key, ext = _split_member(info.name)
@@ -348,6 +364,7 @@ def read_webdataset(path: str | Path) -> Iterator[ReadResult]:
         where = f"{shard}#{current}" if current else shard
         yield DocumentError(f"truncated or corrupt tar, stopped reading: {e}", file=where)
         return  # the sample being read when the shard broke may be incomplete: dropped
+    yield from skipped
     if key is not None:
         yield _or_error(shard, key, members)
 
