@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,12 @@ def build_openmoji(
 def _build(
     out: str | Path,
     name: str,
-    draw: Any,
+    draw: Callable[[str], Image.Image | None],
     provenance: dict[str, Any],
     limit: int | None,
     progress: bool,
 ) -> DatasetSummary:
+    """Every fully-qualified emoji `draw` has an image for, named and keyed like Noto's."""
     writer = DatasetWriter(out, name)
     missing = 0
     for seq in tqdm(fully_qualified(), desc=name, unit="img", disable=not progress):
