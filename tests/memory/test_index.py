@@ -139,3 +139,21 @@ def test_save_load_round_trip_and_damage(tmp_path: Path, data: tuple[np.ndarray,
     path.write_bytes(b"garbage")
     with pytest.raises(IndexFileError):
         load_index(path, DIM, config)
+
+
+def test_the_checksum_covers_the_header(tmp_path: Path, data: tuple[np.ndarray, ...]) -> None:
+    """Editing the generation or max_seq in the header (same length, so the JSON still
+    parses) makes the file untrusted: the memory rebuilds its index from the store."""
+    ids, x, _ = data
+    config = IndexConfig(kind="flat")
+    path = tmp_path / "index.bin"
+    save_index(path, FaissIndex.build(DIM, config, ids, x), generation=7, max_seq=600)
+    raw = path.read_bytes()
+    for old, new in (
+        (b'"generation": 7', b'"generation": 9'),
+        (b'"max_seq": 600', b'"max_seq": 700'),
+    ):
+        assert old in raw
+        path.write_bytes(raw.replace(old, new))
+        with pytest.raises(IndexFileError, match="checksum"):
+            load_index(path, DIM, config)

@@ -159,3 +159,20 @@ def test_search_vectors_matches_brute_force(hashing_memory: Memory) -> None:
     brute = vecs @ q[0]
     order = np.argsort(-brute)[:5]
     assert [s for s, _ in got] == [seqs[i] for i in order]
+
+
+def test_missing_blobs_are_noticed(color_memory: Memory, caplog: pytest.LogCaptureFixture) -> None:
+    """An image deleted behind the memory's back is counted by `stats` and named when a
+    writer opens (the documents keep their vectors)."""
+    root = color_memory.root
+    (first,) = color_memory.get([next(iter(color_memory.ids()))])
+    assert first is not None and first.image is not None
+    Path(first.image).unlink()
+    assert color_memory.stats()["missing_images"] == 1
+    color_memory.close()
+    with (
+        caplog.at_level("WARNING", logger="mmrag.memory.memory"),
+        Memory.open(root, mode="a") as writer,
+    ):
+        assert len(writer) > 0
+    assert any("1 stored images are missing" in r.getMessage() for r in caplog.records)

@@ -88,6 +88,10 @@ class BlobStore:
             log.info("collected %d unreferenced image blobs", removed)
         return removed
 
+    def missing(self, referenced: set[str]) -> set[str]:
+        """The referenced hashes with no blob file: images deleted behind the memory's back."""
+        return referenced - {sha for sha, _ in self.iter_names()}
+
     def total_bytes(self) -> int:
         total = 0
         for _, path in self.iter_names():

@@ -20,7 +20,7 @@ from mmrag.config import IndexConfig
 from mmrag.fileio import atomic_write
 
 MAGIC = b"MMRAGIDX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the header too
 IVF_MIN_TRAIN = 2048  # below this many vectors IVF stays exact (and flat is faster anyway)
 IVF_POINTS_PER_LIST = 39  # FAISS's minimum for a stable k-means
 IVF_RETRAIN_GROWTH = 8  # retrain once the index holds this many times what it was trained on
@@ -262,6 +262,15 @@ class FaissIndex:
         )
 
 
+def _checksum(header: dict[str, Any], payload: bytes) -> str:
+    """BLAKE2b of the header (without its checksum) and the FAISS bytes: editing either, the
+    generation or `max_seq` included, makes the file untrusted (and the index rebuilt)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
+    digest.update(payload)
+    return digest.hexdigest()
+
+
 def save_index(path: Path, index: FaissIndex, generation: int, max_seq: int) -> None:
     """One self-checking file: MAGIC, header length, JSON header, FAISS bytes."""
     state, payload = index.to_bytes()
@@ -272,8 +281,8 @@ def save_index(path: Path, index: FaissIndex, generation: int, max_seq: int) -> 
         "generation": generation,
         "max_seq": max_seq,
         "state": state,
-        "blake2b": hashlib.blake2b(payload, digest_size=16).hexdigest(),
     }
+    header["blake2b"] = _checksum(header, payload)
     head = json.dumps(header).encode("utf-8")
     atomic_write(path, MAGIC + struct.pack("<Q", len(head)) + head + payload)
 
@@ -292,12 +301,15 @@ def load_index(path: Path, dim: int, config: IndexConfig) -> tuple[FaissIndex, i
         header = json.loads(raw[start : start + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise IndexFileError(f"{path}: damaged header") from e
+    if not isinstance(header, dict):
+        raise IndexFileError(f"{path}: damaged header")
     payload = raw[start + n :]
     if header.get("format") != FORMAT_VERSION or header.get("dim") != dim:
         raise IndexFileError(f"{path}: other format or dimension")
     if header.get("config") != config.to_dict():
         raise IndexFileError(f"{path}: built with another index configuration")
-    if hashlib.blake2b(payload, digest_size=16).hexdigest() != header.get("blake2b"):
+    expected = header.pop("blake2b", None)
+    if _checksum(header, payload) != expected:
         raise IndexFileError(f"{path}: checksum mismatch (damaged)")
     try:
         index = FaissIndex.from_bytes(dim, config, header["state"], payload)

@@ -226,7 +226,24 @@ class Memory:
         self._max_seq = 0
         self._dirty = False
         if self.mode == "a":
-            self.blobs.collect(self.store.referenced_blobs())  # leftovers of a killed writer
+            referenced = self.store.referenced_blobs()
+            self.blobs.collect(referenced)  # leftovers of a killed writer
+            self._check_blobs(referenced)
+
+    def _check_blobs(self, referenced: set[str]) -> set[str]:
+        """Warn (once per writer) about stored images whose blob file is gone."""
+        missing = self.blobs.missing(referenced)
+        if missing:
+            log.warning(
+                "%s: %d stored images are missing from %s (e.g. %s): their documents keep "
+                "their vectors but cannot show their images; re-ingest their sources or "
+                "delete them",
+                self.root,
+                len(missing),
+                BLOBS,
+                sorted(missing)[0][:16],
+            )
+        return missing
 
     # --- opening ------------------------------------------------------------------------
     @classmethod
@@ -540,6 +557,7 @@ class Memory:
                 "generation": self._generation,
             },
             blob_bytes=self.blobs.total_bytes(),
+            missing_images=len(self.blobs.missing(self.store.referenced_blobs())),
             database_bytes=sum(p.stat().st_size for p in self.root.glob(DATABASE + "*")),
         )
         return stats

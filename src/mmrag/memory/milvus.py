@@ -109,7 +109,9 @@ class MilvusMemory(Memory):
             self.root / SEQ_FILE, store.max_seq if exists else lambda: 0
         )
         if dirty.exists():  # the last writer died: collect the blobs it left unreferenced
-            self.blobs.collect(store.referenced_blobs())
+            referenced = store.referenced_blobs()  # a scan of the collection: only then
+            self.blobs.collect(referenced)
+            self._check_blobs(referenced)
         atomic_write(dirty, f"pid {os.getpid()}\n".encode())
         return store
 
@@ -168,6 +170,7 @@ class MilvusMemory(Memory):
             images=len(names),
             deleted_total=read_counters(self.root / SEQ_FILE).get("deleted", 0),
             blob_bytes=self.blobs.total_bytes(),
+            missing_images=len(self.blobs.missing(self.store.referenced_blobs())),
             database_bytes=sum(f.stat().st_size for f in database.rglob("*") if f.is_file())
             if is_lite(self.manifest.uri)
             else 0,
