@@ -176,3 +176,19 @@ def test_missing_blobs_are_noticed(color_memory: Memory, caplog: pytest.LogCaptu
     ):
         assert len(writer) > 0
     assert any("1 stored images are missing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_or_mismatched_manifest_is_one_clear_error(color_memory: Memory) -> None:
+    root = color_memory.root
+    color_memory.close()
+    manifest = root / "manifest.json"
+    good = manifest.read_bytes()
+    manifest.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(MemoryFolderError, match=r"manifest\.json is damaged"):
+        Memory.open(root)
+    manifest.write_bytes(good.replace(b'"dim": 64', b'"dim": 32'))
+    with pytest.raises(MemoryFolderError, match="64-d ones"):
+        Memory.open(root)
+    manifest.write_bytes(good)
+    with Memory.open(root) as memory:
+        assert len(memory) > 0

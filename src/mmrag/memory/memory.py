@@ -119,6 +119,14 @@ class StoredDocument:
         return Document(parts=self.parts, metadata=dict(self.metadata))
 
 
+def read_manifest(root: Path) -> Manifest:
+    """The folder's manifest, or a MemoryFolderError saying it is damaged (not a traceback)."""
+    try:
+        return Manifest.load(root / MANIFEST)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON and ConfigError
+        raise MemoryFolderError(f"{root / MANIFEST} is damaged: {e}") from None
+
+
 # --- re-encoding in place: the swap (mmrag.memory.reencode builds what it swaps in) ---------
 
 
@@ -221,6 +229,13 @@ class Memory:
     def _open_documents(self) -> None:
         """The embedded backend: SQLite and the FAISS index cache."""
         self.store = Store(self.root / DATABASE, self.manifest.dim, readonly=self.mode == "r")
+        stored = self.store.stored_dim()
+        if stored is not None and stored != self.manifest.dim:
+            self.store.close()
+            raise MemoryFolderError(
+                f"{self.root}: the manifest says {self.manifest.dim}-d vectors, the store holds "
+                f"{stored}-d ones: the manifest does not belong to this database"
+            )
         self._index: FaissIndex | None = None
         self._generation = -1
         self._max_seq = 0
@@ -303,7 +318,7 @@ class Memory:
             raise MemoryFolderError(
                 f"{root} is not an mmrag memory (no {MANIFEST}); create one with `mmrag ingest`"
             )
-        manifest = Manifest.load(root / MANIFEST)
+        manifest = read_manifest(root)
         if manifest.format != MANIFEST_FORMAT:
             raise MemoryFolderError(f"{root}: manifest format {manifest.format} is not supported")
         if encoder is not None:
@@ -577,7 +592,7 @@ def _locate_backend(root: Path, backend: str, uri: str | None) -> dict[str, Any]
 
 def _check_backend(root: Path, backend: str | None, uri: str | None) -> None:
     """An existing memory keeps the backend and URI it was created with."""
-    manifest = Manifest.load(root / MANIFEST)
+    manifest = read_manifest(root)
     same_backend = backend is None or backend == manifest.backend
     same_uri = uri is None or (
         manifest.backend == "milvus" and _locate_backend(root, "milvus", uri)["uri"] == manifest.uri

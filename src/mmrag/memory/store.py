@@ -236,6 +236,11 @@ class Store:
                 )
         return out
 
+    def stored_dim(self) -> int | None:
+        """The dimension of the stored vectors (from one row), None when the store is empty."""
+        row = self._connect().execute("SELECT length(vector) FROM documents LIMIT 1").fetchone()
+        return None if row is None else int(row[0]) // 4  # float32
+
     def rows_after(self, seq: int, limit: int) -> list[Row]:
         """Up to `limit` rows with a seq above `seq`, in seq order (a full scan in pages)."""
         con = self._connect()
