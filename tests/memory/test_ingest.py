@@ -132,10 +132,13 @@ def test_bad_inputs_are_reported_and_the_rest_ingested(
     report = ingest(hashing_memory, read_sources([folder / "docs.jsonl"]), progress=False)
     assert report.added == 2 and len(hashing_memory) == 2
     reasons = {e.source.rsplit("/", 1)[-1]: e.reason for e in report.errors}
-    assert set(reasons) == {"docs.jsonl:2", "corrupt.png", "truncated.png", "docs.jsonl:5"}
+    # Every error names the line that referenced it; an image that fails to decode, its file.
+    assert set(reasons) == {"docs.jsonl:2", "docs.jsonl:3", "docs.jsonl:4", "docs.jsonl:5"}
     assert "malformed JSON" in reasons["docs.jsonl:2"]
-    assert "unreadable image" in reasons["corrupt.png"]
-    assert "unreadable image" in reasons["truncated.png"]
+    assert "corrupt.png" in reasons["docs.jsonl:3"]
+    assert "unreadable image" in reasons["docs.jsonl:3"]
+    assert "truncated.png" in reasons["docs.jsonl:4"]
+    assert "unreadable image" in reasons["docs.jsonl:4"]
     assert "cannot read image file" in reasons["docs.jsonl:5"]
     assert {
         name for name, _ in hashing_memory.blobs.iter_names()

@@ -64,11 +64,23 @@ class _Batch:
 _DONE = object()
 
 
-def _error(report: IngestReport, err: DocumentError, doc: Document | None = None) -> None:
-    source = err.file or (doc.source if doc else None) or "<unknown>"
+def describe_error(
+    err: DocumentError, doc_source: str | None = None, fallback: str | None = None
+) -> tuple[str, str]:
+    """(where, why) of a skipped item, as reports print it: the file and line (or member),
+    else `fallback` (the source being read); an image of a read document (`doc_source`) that
+    failed to decode is named in the reason, after the line that referenced it."""
+    source = err.file or doc_source or fallback or "<unknown>"
     if err.line is not None and err.file:
         source = f"{err.file}:{err.line}"
     reason = f"{err.field}: {err.reason}" if err.field else err.reason
+    if doc_source and doc_source != source:
+        source, reason = doc_source, f"{source}: {reason}"
+    return source, reason
+
+
+def _error(report: IngestReport, err: DocumentError, doc: Document | None = None) -> None:
+    source, reason = describe_error(err, doc.source if doc else None)
     report.errors.append(IngestError(source, reason))
     log.warning("skipped %s: %s", source, reason)
 

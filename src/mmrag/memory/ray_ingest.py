@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mmrag.config import Config, ConfigError
 from mmrag.documents import Document, DocumentError, Part, decode_image
-from mmrag.memory.ingest import DEFAULT_MAX_PIXELS, IngestError, IngestReport
+from mmrag.memory.ingest import DEFAULT_MAX_PIXELS, IngestError, IngestReport, describe_error
 from mmrag.memory.memory import Memory
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,11 @@ def _document(row: dict[str, Any]) -> Document:
     return Document(tuple(parts), json.loads(row["metadata"]), source=row["source"] or None)
 
 
-def _error_row(err: DocumentError, source: str) -> dict[str, Any]:
-    where = f"{err.file}:{err.line}" if err.file and err.line is not None else err.file
-    reason = f"{err.field}: {err.reason}" if err.field else err.reason
-    return {"kind": "error", "source": where or source, "error": reason}
+def _error_row(
+    err: DocumentError, doc_source: str | None, fallback: str | None = None
+) -> dict[str, Any]:
+    where, reason = describe_error(err, doc_source, fallback)
+    return {"kind": "error", "source": where, "error": reason}
 
 
 def id_snapshot(ids: Iterable[str]) -> NDArray[np.bytes_]:
@@ -185,7 +186,7 @@ def read_task(
     for item in read_source(source, **(options if is_table else {})):
         read += 1
         if isinstance(item, DocumentError):
-            pending.append(_error_row(item, source))
+            pending.append(_error_row(item, None, str(source)))
         elif item.id in seen:
             known += 1  # repeated in this source: as the single-process reader counts it
         else:
