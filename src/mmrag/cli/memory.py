@@ -83,8 +83,7 @@ def _read_all(sources: Sequence[str], image_column: str | None, text_column: str
 def _reencode(args: argparse.Namespace) -> None:
     from mmrag.memory.reencode import reencode
 
-    if not (Path(args.memory) / "manifest.json").is_file():
-        raise CommandError(f"--reencode: {args.memory} is not an mmrag memory")
+    # A folder without a memory: Memory.open's MemoryFolderError says so, in one line.
     done = reencode(
         args.memory, encoder_spec(args), batch_size=args.batch_size, progress=not args.no_progress
     )

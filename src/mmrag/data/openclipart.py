@@ -161,10 +161,10 @@ def folder_words(folder: str) -> str:
     return folder.replace("_", " ").replace("-", " ")
 
 
-def caption_for(relative: Path, authors: frozenset[str]) -> str:
+def caption_for(relative: Path, title: str) -> str:
+    """`"{title}, clip art of {leaf folder}"`; the leaf folder stands in for an empty title."""
     leaf = folder_words(relative.parent.name) if relative.parent.name else "clip art"
-    title = clean_title(relative.stem, authors) or leaf
-    return f"{title}, clip art of {leaf}"
+    return f"{title or leaf}, clip art of {leaf}"
 
 
 def pick_files(files: Sequence[Path], per_folder: int) -> list[Path]:
@@ -238,15 +238,16 @@ def build_openclipart(
             bad += 1
             continue
         stem = "--".join(relative.with_suffix("").parts)
+        title = clean_title(relative.stem, authors)
         meta = {
             "dataset": "openclipart",
             "category": "/".join(relative.parts[:-1][:2]) or "unsorted",
             "file": str(relative),
-            "title": clean_title(relative.stem, authors),
+            "title": title,
             "source": source,
             "licence": LICENCE,
         }
-        writer.add(image, stem, caption_for(relative, authors), meta)
+        writer.add(image, stem, caption_for(relative, title), meta)
     summary = writer.close()
     logger.info(
         "openclipart: wrote %d of %d drawings (at most %d per folder), %d unreadable; "

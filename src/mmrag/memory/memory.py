@@ -245,7 +245,7 @@ class Memory:
             self.blobs.collect(referenced)  # leftovers of a killed writer
             self._check_blobs(referenced)
 
-    def _check_blobs(self, referenced: set[str]) -> set[str]:
+    def _check_blobs(self, referenced: set[str]) -> None:
         """Warn (once per writer) about stored images whose blob file is gone."""
         missing = self.blobs.missing(referenced)
         if missing:
@@ -258,7 +258,6 @@ class Memory:
                 BLOBS,
                 sorted(missing)[0][:16],
             )
-        return missing
 
     # --- opening ------------------------------------------------------------------------
     @classmethod

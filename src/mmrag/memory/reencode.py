@@ -8,7 +8,7 @@ itself keeps, its texts and image blobs, without the original sources:
    new encoder and written, with the same id, parts, metadata and blobs, into a new SQLite
    file beside the old one (`memory.sqlite.reencode`), and the new manifest is written beside
    the old one (`manifest.json.reencode`); the old memory is untouched, and a crash here
-   leaves only those two files, which the next `reencode` or writer removes;
+   leaves only those two files, which the next `reencode` removes (opening ignores them);
 2. a commit marker (`reencode.commit`) is written atomically: from then on the swap is
    decided;
 3. the old database (with its WAL) is closed and replaced by the new one, the manifest
