@@ -2,7 +2,11 @@
 
 1. Load: `wrk` (Debian) with 50 concurrent connections runs POST /search against
    `mmrag serve` over a 10k-document memory: requests/s, p50/p90/p99 latency, errors; text
-   queries and image queries (base64 JSON).
+   queries and image queries (base64 JSON). Then, in the same run, text queries against
+   baselines: the same service encoding one query per forward, the hashing-encoder service
+   (no model), optionally the code of another checkout (`--baseline-src`), and the text
+   tower's in-process throughput at batch 32 (the goals: >= 4x the code before batching,
+   >= 75% of the in-process batch-32 rate, p99 under 300 ms, no errors).
 2. Mixed: writer threads add and delete documents while reader threads search, all from
    this process (a second process beside the server); the memory must end holding exactly
    initial + added - deleted documents, by /stats and by reopening the folder afterwards.
@@ -86,7 +90,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         default="auto",
         help="auto: lite when its heads (checkpoints/lite-encoder) exist, else hashing",
     )
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: load,mixed,st")
+    p.add_argument(
+        "--skip", default="", help="comma-separated phases to skip: load,compare,mixed,st"
+    )
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also load a server running another checkout's code (its src/ folder, e.g. of a "
+        "`git worktree` at the commit before a change) over the same memory",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -115,7 +128,13 @@ def free_port() -> int:
 class ServerProcess:
     """`mmrag serve MEMORY` on a free loopback port, with a fresh token, logging to a file."""
 
-    def __init__(self, memory: Path, log_path: Path, extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        memory: Path,
+        log_path: Path,
+        extra: list[str] | None = None,
+        source: Path | None = None,
+    ) -> None:
         self.token = secrets.token_urlsafe(24)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -123,6 +142,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "mmrag.cli.main", "serve", str(memory)]
         cmd += ["--port", str(self.port)]
         env = {**os.environ, "MMRAG_TOKEN": self.token}
+        if source is not None:  # another checkout's mmrag (`src/` folder) in front
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [*cmd, "--no-access-log", *(extra or [])], env=env, stdout=self._log, stderr=self._log
@@ -258,6 +279,95 @@ def load_phase(server: ServerProcess, plan: Plan, workdir: Path) -> dict[str, An
         results[kind]["quiet"] = quiet_besides(meter, server.cpu_s() - server_cpu)
         log.info("load %s: %s", kind, results[kind])
     return results
+
+
+# --- 1b. the same load against baselines of the same run ---------------------------------------
+
+
+def encoder_throughput(spec: EncoderSpec, texts: list[str], seconds: float) -> dict[str, Any]:
+    """Text queries encoded per second in this process on one thread, at batch 32 and 1: what
+    the service's encoder could do with no HTTP around it."""
+    from threadpoolctl import threadpool_limits
+
+    from mmrag.encoders.base import load_encoder
+
+    encoder = load_encoder(spec)
+    out: dict[str, Any] = {}
+    with threadpool_limits(1):
+        for batch in (32, 1):
+            encoder.encode_text(texts[:batch])  # warm-up
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                first = (done * 7) % (len(texts) - batch + 1)
+                encoder.encode_text(texts[first : first + batch])
+                done += batch
+            out[f"batch_{batch}_per_s"] = round(done / (time.perf_counter() - start), 1)
+    return out
+
+
+def compare_phase(
+    memory_path: Path,
+    hashing_memory: Path,
+    plan: Plan,
+    workdir: Path,
+    baseline_source: Path | None,
+    main_text: dict[str, Any],
+    spec: EncoderSpec,
+) -> dict[str, Any]:
+    """Text-query load on the baselines, each a fresh server over a copy of its memory: the
+    lite service encoding one query at a time (`--encode-max-batch 1`), the hashing-encoder
+    service (no model: what HTTP and Python allow), optionally another checkout's code (the
+    code before a change, same memory), and the in-process text tower's throughput."""
+    bodies = query_bodies("text", 64, plan.docs)
+    runs: dict[str, Any] = {"batched (shipped)": main_text}
+    servers: list[tuple[str, Path, list[str], Path | None]] = [
+        ("one query per forward", memory_path, ["--encode-max-batch", "1"], None),
+        ("hashing encoder", hashing_memory, [], None),
+    ]
+    if baseline_source is not None:
+        servers.append((f"code at {baseline_source}", memory_path, [], baseline_source))
+    for name, memory, extra, source in servers:
+        scratch = workdir / f"compare-{len(runs)}"
+        shutil.copytree(memory, scratch)
+        (scratch / "write.lock").unlink(missing_ok=True)
+        server = ServerProcess(scratch, workdir / f"server-compare-{len(runs)}.log", extra, source)
+        try:
+            run_wrk(server.url, bodies, plan.clients, 2, workdir)  # warm-up, not recorded
+            meter, server_cpu = QuietMeter(), server.cpu_s()
+            runs[name] = run_wrk(server.url, bodies, plan.clients, plan.duration, workdir)
+            runs[name]["quiet"] = quiet_besides(meter, server.cpu_s() - server_cpu)
+        finally:
+            server.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("compare %s: %s", name, runs[name])
+    texts = [json.loads(b)["text"] for b in bodies]
+    inproc = encoder_throughput(spec, texts, 2.0 if plan.duration < 10 else 8.0)
+    shipped = runs["batched (shipped)"]
+    one = runs["one query per forward"]
+    before = next((v for k, v in runs.items() if k.startswith("code at")), one)
+    return {
+        "runs": runs,
+        "in_process_encoder": inproc,
+        "ratios": {
+            "batched_over_one_per_forward": round(
+                shipped["requests_per_s"] / one["requests_per_s"], 2
+            ),
+            "batched_over_before": round(shipped["requests_per_s"] / before["requests_per_s"], 2),
+            "batched_over_in_process_batch_32": round(
+                shipped["requests_per_s"] / inproc["batch_32_per_s"], 3
+            ),
+            "batched_over_hashing_service": round(
+                shipped["requests_per_s"] / runs["hashing encoder"]["requests_per_s"], 3
+            ),
+        },
+        "goals": {
+            "4x_before": shipped["requests_per_s"] >= 4 * before["requests_per_s"],
+            "75pct_in_process_batch_32": shipped["requests_per_s"]
+            >= 0.75 * inproc["batch_32_per_s"],
+            "p99_under_300_ms": shipped["latency_ms"]["p99"] < 300,
+            "no_errors": all(r["errors"] == 0 for r in runs.values()),
+        },
+    }
 
 
 # --- 2. mixed reads and writes ----------------------------------------------------------------
@@ -539,6 +649,15 @@ def main(argv: list[str] | None = None) -> int:
                 == mixed["index_vectors"]
                 == mixed["count_after_restart"]
                 == mixed["manifest_count"]
+            )
+        if "compare" not in args.skip and "load" in result:
+            hashing = WORK / f"server-{plan.docs}-hashing"
+            if name != "hashing":
+                result["memory"]["hashing_build"] = build_memory(
+                    hashing, plan.docs, EncoderSpec(name="hashing")
+                )
+            result["compare"] = compare_phase(
+                cached, hashing, plan, workdir, args.baseline_src, result["load"]["text"], spec
             )
         if "st" not in args.skip:
             result["schemathesis"] = schemathesis_phase(plan, workdir)

@@ -7,7 +7,7 @@ from conftest import png_bytes
 from mmrag.config import RetrieverConfig
 from mmrag.documents import Document
 from mmrag.memory.ingest import ingest
-from mmrag.memory.memory import Memory
+from mmrag.memory.memory import Memory, StoredDocument
 from mmrag.retrieval import Retriever, drop_query_tokens, select
 
 
@@ -110,3 +110,43 @@ def test_query_dropout_changes_the_query_only_with_an_rng(filled: Memory) -> Non
     assert not np.allclose(plain, dropped)
     with pytest.raises(ValueError, match="needs text, an image"):
         retriever.encode()
+
+
+def test_fetches_only_what_the_options_need(
+    filled: Memory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """k rows (no vectors) when nothing re-ranks; k x candidate_factor for the cap or
+    diversity, plus what exclusion may remove; the results are the same either way."""
+    fetched: list[int] = []
+    vector_reads: list[int] = []
+    search, vectors = filled.search_vectors, filled.vectors
+    monkeypatch.setattr(
+        filled, "search_vectors", lambda q, k, f=None: fetched.append(k) or search(q, k, f)
+    )
+    monkeypatch.setattr(filled, "vectors", lambda s: vector_reads.append(len(s)) or vectors(s))
+    retriever = Retriever(filled, RetrieverConfig(k=3, candidate_factor=4))
+    plain = retriever.search(text="a red square")
+    assert fetched == [3] and vector_reads == []
+    wide = retriever.search(text="a red square", config=RetrieverConfig(k=3, relevance_cap=1.5))
+    assert fetched[-1] == 12 and vector_reads == []
+    assert [r.id for r in wide] == [r.id for r in plain]  # a cap above every score: same top 3
+    retriever.search(text="a red square", exclude_ids=["x", "y"])
+    assert fetched[-1] == 5
+    retriever.search(text="a red square", config=RetrieverConfig(k=3, mmr_lambda=0.5))
+    assert fetched[-1] == 12 and vector_reads == [min(12, len(filled))]
+
+
+def test_a_document_deleted_between_index_and_rows_is_refetched(
+    filled: Memory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    retriever = Retriever(filled, RetrieverConfig(k=3))
+    expected = retriever.search(text="a red square", k=4)
+    get_by_seq = filled.get_by_seq
+    gone = expected[0].seq
+
+    def first_row_missing(seqs: list[int]) -> list[StoredDocument | None]:
+        return [None if s == gone else d for s, d in zip(seqs, get_by_seq(seqs), strict=True)]
+
+    monkeypatch.setattr(filled, "get_by_seq", first_row_missing)
+    results = retriever.search(text="a red square")
+    assert [r.id for r in results] == [r.id for r in expected[1:]]

@@ -99,6 +99,24 @@ class Part:
         return cls(kind="text", text=text)
 
     @classmethod
+    def stored(
+        cls, text: str | None = None, sha256: str | None = None, path: str | None = None
+    ) -> Part:
+        """A part read back from a memory: validated when it was stored, so built without
+        checks or reads (a search builds one per result part; the checks cost more than the
+        rest of building a result)."""
+        part = object.__new__(cls)
+        for name, value in (
+            ("kind", "text" if text is not None else "image"),
+            ("text", text),
+            ("data", None),
+            ("path", path),
+            ("sha256", sha256),
+        ):
+            object.__setattr__(part, name, value)
+        return part
+
+    @classmethod
     def of_image(cls, data: bytes | None = None, path: str | Path | None = None) -> Part:
         return cls(kind="image", data=data, path=None if path is None else str(path))
 

@@ -46,7 +46,11 @@ class SearchResult(StoredDocument):
 
     @classmethod
     def of(cls, doc: StoredDocument, score: float) -> SearchResult:
-        return cls(doc.id, doc.seq, doc.parts, doc.metadata, doc.modality, score)
+        """`doc` with its score. Built by copying doc's fields: one per result of every search,
+        and the frozen dataclass constructor costs more than the rest of making a result."""
+        result = object.__new__(cls)
+        result.__dict__.update(doc.__dict__, score=score)
+        return result
 
 
 def drop_query_tokens(text: str, rate: float, rng: np.random.Generator) -> str:
@@ -68,6 +72,16 @@ def load_query_image(image: ImageInput) -> Image.Image:
     return decode_image(Path(image).read_bytes(), source=str(image))
 
 
+def diversifies(config: RetrieverConfig) -> bool:
+    """Whether choosing compares candidates with each other (MMR, redundancy skipping)."""
+    return config.mmr_lambda is not None or config.redundancy_threshold is not None
+
+
+def reranks(config: RetrieverConfig) -> bool:
+    """Whether the top k candidates by score may not be the results (cap or diversity)."""
+    return config.relevance_cap is not None or diversifies(config)
+
+
 def select(
     scores: NDArray[np.float32], vectors: NDArray[np.float32], k: int, config: RetrieverConfig
 ) -> list[int]:
@@ -76,7 +90,7 @@ def select(
     eligible = [
         i for i, s in enumerate(scores) if config.relevance_cap is None or s <= config.relevance_cap
     ]
-    if config.mmr_lambda is None and config.redundancy_threshold is None:
+    if not diversifies(config):
         return eligible[:k]
     chosen: list[int] = []
     max_sim = np.full(len(scores), -np.inf, dtype=np.float32)  # to anything chosen so far
@@ -160,24 +174,25 @@ class Retriever:
         k = k or config.k
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))
         excludes = [set(e) for e in exclude_ids] if exclude_ids else [set() for _ in vectors]
-        total = len(self.memory)
-        fetch = min(total, k * config.candidate_factor + max(len(e) for e in excludes))
+        # Only the cap and the diversity options choose among more than k candidates; without
+        # them k (plus what exclusion may remove) is enough, and a refetch covers the rest.
+        pool = k * config.candidate_factor if reranks(config) else k
+        fetch = pool + max(len(e) for e in excludes)
         results: list[list[SearchResult] | None] = [None] * len(vectors)
         for _ in range(MAX_REFETCH_ROUNDS):
             pending = [q for q, r in enumerate(results) if r is None]
-            hits = self.memory.search_vectors(vectors[pending], max(fetch, 1), filters)
+            hits = self.memory.search_vectors(vectors[pending], fetch, filters)
             for q, candidates in zip(pending, hits, strict=True):
-                chosen = self._choose(vectors[q], candidates, excludes[q], k, config)
-                if len(chosen) >= k or len(candidates) < fetch or fetch >= total:
+                chosen = self._choose(candidates, excludes[q], k, config)
+                if len(chosen) >= k or len(candidates) < fetch:  # enough, or all there is
                     results[q] = chosen
             if all(r is not None for r in results):
                 break
-            fetch = min(total, fetch * 4)
+            fetch *= 4
         return [r if r is not None else [] for r in results]
 
     def _choose(
         self,
-        query: NDArray[np.float32],
         candidates: list[tuple[int, float]],
         exclude: set[str],
         k: int,
@@ -185,17 +200,16 @@ class Retriever:
     ) -> list[SearchResult]:
         docs = self.memory.get_by_seq([seq for seq, _ in candidates])
         kept = [
-            (doc, score)
+            SearchResult.of(doc, score)
             for doc, (_, score) in zip(docs, candidates, strict=True)
             if doc is not None and doc.id not in exclude
         ]
-        if not kept:
-            return []
-        scores = np.asarray([s for _, s in kept], np.float32)
-        needs_vectors = config.mmr_lambda is not None or config.redundancy_threshold is not None
+        if not reranks(config):
+            return kept[:k]
+        scores = np.asarray([r.score for r in kept], np.float32)
         vectors = (
-            self.memory.vectors([d.seq for d, _ in kept])
-            if needs_vectors
+            self.memory.vectors([r.seq for r in kept])
+            if diversifies(config)
             else np.zeros((len(kept), 0), np.float32)
         )
-        return [SearchResult.of(kept[i][0], kept[i][1]) for i in select(scores, vectors, k, config)]
+        return [kept[i] for i in select(scores, vectors, k, config)]

@@ -86,3 +86,47 @@ def test_readonly_store_sees_writes(store: Store, tmp_path: Path) -> None:
     store.insert([row(7, {})])
     assert reader.count() == 5
     assert reader.rows_by_id(["id7"])["id7"].metadata == {}
+
+
+def test_the_kept_count_follows_every_write(store: Store) -> None:
+    def counted() -> int:
+        return int(store._connect().execute("SELECT COUNT(*) FROM documents").fetchone()[0])
+
+    assert store.count() == counted() == 4
+    store.insert([row(0, {}), row(7, {}), row(8, {})])  # id0 exists: two new
+    assert store.count() == counted() == 6
+    seqs, _ = store.delete(["id7", "id7", "nope", *[f"x{i}" for i in range(600)], "id7"])
+    assert len(seqs) == 1  # an id given twice (across 500-id chunks too) is one deletion
+    assert store.count() == counted() == 5
+    with pytest.raises(StoreError):  # a failed write moves nothing
+        store.insert([row(9, {}), NewRow("bad", [], {}, "text", np.zeros(3, np.float32), ())])
+    assert store.count() == counted() == 5
+
+
+def test_a_store_made_before_the_kept_count(tmp_path: Path) -> None:
+    """Older stores have no count row: read-only opens count the rows, the first writer
+    adds the row."""
+    path = tmp_path / "old.sqlite"
+    s = Store(path, dim=4)
+    s.insert([row(i, {}) for i in range(3)])
+    s._connect().execute("DELETE FROM meta WHERE key='count'")
+    s.close()
+    reader = Store(path, dim=4, readonly=True)
+    assert reader.count() == 3
+    writer = Store(path, dim=4)
+    writer.insert([row(5, {})])
+    assert writer.count() == reader.count() == 4
+    assert writer._connect().execute("SELECT value FROM meta WHERE key='count'").fetchone() == (
+        "4",
+    )
+
+
+def test_rows_leave_vectors_out_and_vectors_keep_order(store: Store) -> None:
+    rows = store.rows_by_seq([3, 1])
+    assert rows[3].id == "id2" and rows[3].vector is None
+    assert rows[3].metadata == {"color": "red", "n": 3}
+    np.testing.assert_array_equal(store.vectors([3, 1]), np.eye(4, dtype=np.float32)[[2, 0]])
+    assert store.vectors([]).shape == (0, 4)
+    big = Store(store.path, dim=4)
+    big.insert([NewRow("huge", [{"text": "h"}], {"n": 2**70}, "text", np.ones(4, np.float32), ())])
+    assert big.rows_by_id(["huge"])["huge"].metadata == {"n": 2**70}  # beyond orjson's ints

@@ -673,6 +673,16 @@ def test_bench_server_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         load = result["load"][kind]
         assert load["requests"] > 0 and load["errors"] == 0 and load["requests_per_s"] > 0
         assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"]
+    compare = result["compare"]
+    assert set(compare["runs"]) == {
+        "batched (shipped)",
+        "one query per forward",
+        "hashing encoder",
+    }
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in compare["runs"].values())
+    assert compare["in_process_encoder"]["batch_32_per_s"] > 0
+    assert compare["ratios"]["batched_over_one_per_forward"] > 0
+    assert compare["goals"]["no_errors"]
     mixed = result["mixed"]
     assert mixed["exact"] and mixed["added"] == 2 * 4 * 3 and mixed["deleted"] == 2 * 4
     assert mixed["count_after_restart"] == result["memory"]["docs"] + 16

@@ -19,6 +19,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig.load(args.config) if args.config else ServerConfig()
     if args.open_reads is not None:
         config = config.replace(open_reads=args.open_reads)
+    batching = {
+        "encode_max_batch": args.encode_max_batch,
+        "encode_max_wait_ms": args.encode_max_wait_ms,
+        "encode_workers": args.encode_workers,
+    }
+    config = config.replace(**{k: v for k, v in batching.items() if v is not None})
     capabilities = _generation_capabilities(args)
     serve(
         args.memory,
@@ -83,6 +89,29 @@ def add_commands(add: AddCommand) -> None:
         "--config",
         default=None,
         help="ServerConfig JSON: upload, pixel, k and batch limits, worker threads",
+    )
+    p.add_argument(
+        "--encode-max-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="concurrent queries' texts (and images) encoded in one forward, at most N "
+        "(default 32; 1 encodes each alone)",
+    )
+    p.add_argument(
+        "--encode-max-wait-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="wait up to MS for more queries before encoding (default 0: take what is "
+        "queued; batches form under load while the previous forward runs)",
+    )
+    p.add_argument(
+        "--encode-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="encoder worker threads, each running whole batches (default 1)",
     )
     add_memory_writer_options(p)
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")

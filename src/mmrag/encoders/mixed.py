@@ -54,11 +54,20 @@ def encode_query(
     encoder: Encoder, text: str | None = None, images: Sequence[Image.Image] = ()
 ) -> Vectors:
     """A query is encoded exactly like a document: text only, image(s) only, or both."""
+    return query_vector(
+        encoder.encode_text([text]) if text else None,
+        encoder.encode_image(list(images)) if images else None,
+    )
+
+
+def query_vector(text_rows: Vectors | None, image_rows: Vectors | None) -> Vectors:
+    """The query's vector from its text's row (1, D) and its images' rows (N, D), either
+    absent: what `encode_query` computes, for callers that encoded the parts themselves."""
     parts: list[Vectors] = []
-    if text:
-        parts.append(encoder.encode_text([text])[0])
-    if images:
-        parts.append(l2_normalize(encoder.encode_image(list(images)).mean(axis=0)))
+    if text_rows is not None:
+        parts.append(text_rows[0])
+    if image_rows is not None and len(image_rows):
+        parts.append(l2_normalize(image_rows.mean(axis=0)))
     if not parts:
         raise ValueError("a query needs text, an image, or both")
     return combine(parts)

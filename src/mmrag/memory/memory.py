@@ -352,6 +352,12 @@ class Memory:
             self._encoder = encoder
         return self._encoder
 
+    def use_encoder(self, encoder: Encoder) -> None:
+        """Encode with `encoder` from now on (a wrapper of the memory's own, such as the
+        server's `BatchingEncoder`); it must have the memory's name and fingerprint."""
+        self._check_encoder(self.root, self.manifest, encoder)
+        self._encoder = encoder
+
     def close(self) -> None:
         with self._lock:
             if self.mode == "a":
@@ -525,12 +531,10 @@ class Memory:
 
     def _stored(self, row: Row) -> StoredDocument:
         parts = tuple(
-            Part.of_text(p["text"])
+            Part.stored(text=p["text"])
             if "text" in p
-            else Part(
-                kind="image",
-                sha256=p["image"].split(".", 1)[0],
-                path=str(self.blobs.resolve(p["image"])),
+            else Part.stored(
+                sha256=p["image"].split(".", 1)[0], path=str(self.blobs.resolve(p["image"]))
             )
             for p in row.parts
         )

@@ -132,6 +132,7 @@ def create_app(
         retriever_config=retriever_config,
         max_pixels=config.max_pixels,
         thumbnail_cache=config.thumbnail_cache,
+        batching=config.batching(),
     )
     if callable(capabilities):
         capabilities = capabilities(service.memory, service.retriever)

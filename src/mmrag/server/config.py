@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from mmrag.config import Config, ConfigError
+from mmrag.encoders.batching import BatchingConfig
 
 MB = 1024 * 1024
 HARD_MAX_K = 100  # the schema's bound; a config may only lower it
@@ -36,6 +37,14 @@ class ServerConfig(Config):
     # mostly waits for its other members (docs/benchmarks.md, "Measurements behind defaults").
     openmp_threads: int = 1
     thumbnail_cache: int = 512
+    # Query and document encodings of concurrent requests run as shared batches
+    # (`mmrag.encoders.batching`): at most this many texts (or images) per forward, ...
+    encode_max_batch: int = 32
+    # ... after waiting this long for more once one is queued (0: take what is waiting; under
+    # load, batches form while the previous one runs), ...
+    encode_max_wait_ms: float = 0.0
+    # ... on this many encoder workers, each with `openmp_threads` threads.
+    encode_workers: int = 1
 
     def validate(self) -> None:
         for name in ("max_upload_bytes", "max_pixels", "max_batch_documents", "max_text_chars"):
@@ -55,3 +64,13 @@ class ServerConfig(Config):
             raise ConfigError("ServerConfig: openmp_threads must be in [1, 256]")
         if self.thumbnail_cache < 0:
             raise ConfigError("ServerConfig: thumbnail_cache must be >= 0")
+        self.batching()  # its own checks
+
+    def batching(self) -> BatchingConfig:
+        """The batching encoder's settings."""
+        return BatchingConfig(
+            max_batch=self.encode_max_batch,
+            max_wait_ms=self.encode_max_wait_ms,
+            workers=self.encode_workers,
+            threads=self.openmp_threads,
+        )

@@ -182,13 +182,12 @@ async def search(request: Request, ctx: ContextDep) -> SearchResponse:
         )
     )
 
-    def run() -> tuple[list[Any], int]:
-        loc = ("body", "image" if isinstance(raw, bytes) else "image_base64")
-        image = decode_image_input(raw, loc, config)
-        results = service.search(text, image, k, body.filters, body.exclude_ids, retriever)
-        return results, service.count()
-
-    results, count = await ctx.run(run)
+    loc = ("body", "image" if isinstance(raw, bytes) else "image_base64")
+    image = None if raw is None else await ctx.run(decode_image_input, raw, loc, config)
+    vector = await service.encode_query(text, image)
+    results, count = await ctx.run(
+        service.search_vector, vector, k, body.filters, body.exclude_ids, retriever
+    )
     took = round((time.perf_counter() - start) * 1000, 3)
     return SearchResponse(results=views.hits(results), count=count, took_ms=took)
 

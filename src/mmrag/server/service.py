@@ -2,17 +2,21 @@
 
 All library calls of the HTTP layer go through here. Writes (add, delete) run one at a time
 under one lock, blob writes included, so a delete never removes an image that a concurrent
-add has just referenced; reads run concurrently. Encoder calls are serialised too: tokenizers
-of some text towers are not safe to call from two threads at once.
+add has just referenced; reads run concurrently. Every encoder call (search queries,
+documents, and the generation and chat capabilities, which use the memory's encoder) goes
+through one `BatchingEncoder`: concurrent queries share forwards, run on the encoder's own
+worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,9 @@ from PIL import Image
 
 from mmrag.config import RetrieverConfig
 from mmrag.documents import Document, DocumentError, decode_image
-from mmrag.encoders.base import EncoderSpec, load_encoder
-from mmrag.encoders.mixed import encode_documents
+from mmrag.encoders.base import EncoderSpec, Vectors, load_encoder
+from mmrag.encoders.batching import BatchingConfig, BatchingEncoder
+from mmrag.encoders.mixed import encode_documents, query_vector
 from mmrag.memory.memory import Memory, StoredDocument, ensure_memory
 from mmrag.memory.store import Filters
 from mmrag.retrieval import Retriever, SearchResult
@@ -40,6 +45,13 @@ MEDIA_TYPES = {
     "tif": "image/tiff",
     "img": "application/octet-stream",
 }
+
+
+async def _rows(future: Future[Vectors] | None) -> Vectors | None:
+    if future is None:
+        return None
+    rows: Vectors = await asyncio.wrap_future(future)
+    return rows
 
 
 class Thumbnails:
@@ -76,14 +88,15 @@ class MemoryService:
         retriever_config: RetrieverConfig | None = None,
         max_pixels: int = 40_000_000,
         thumbnail_cache: int = 512,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self.memory = memory
+        self.encoder = BatchingEncoder(memory.encoder, batching)
+        memory.use_encoder(self.encoder)
         self.retriever = Retriever(memory, retriever_config)
         self.max_pixels = max_pixels
         self._write_lock = threading.Lock()
-        self._encode_lock = threading.Lock()
         self._thumbnails = Thumbnails(thumbnail_cache)
-        self._count: tuple[int, int] | None = None  # (store generation, count)
 
     @classmethod
     def open(
@@ -96,11 +109,10 @@ class MemoryService:
         else:
             memory = Memory.open(path, "r", load_encoder(encoder) if encoder else None)
         try:
-            _ = memory.encoder
+            return cls(memory, **kwargs)
         except BaseException:
             memory.close()
             raise
-        return cls(memory, **kwargs)
 
     @property
     def writable(self) -> bool:
@@ -109,34 +121,33 @@ class MemoryService:
     def close(self) -> None:
         with self._write_lock:
             self.memory.close()
+        self.encoder.close()
 
     # --- reads ----------------------------------------------------------------------------
     def count(self) -> int:
-        """len(memory), recounted only when the store's generation moved (a COUNT(*) reads
-        the whole documents table, vectors included)."""
-        generation = self.memory.store.generation()
-        cached = self._count
-        if cached is not None and cached[0] == generation:
-            return cached[1]
-        count = len(self.memory)
-        if self.memory.store.generation() == generation:  # no write in between
-            self._count = (generation, count)
-        return count
+        """len(memory): the count the store keeps (one row read)."""
+        return len(self.memory)
 
-    def search(
+    async def encode_query(self, text: str | None, image: Image.Image | None) -> Vectors:
+        """The query's vector, its text and image queued on the batching encoder (awaited,
+        so a waiting query holds no thread); equal to `Retriever.encode(text, image)`."""
+        text_future = self.encoder.submit_text([text]) if text else None
+        image_future = self.encoder.submit_image([image]) if image is not None else None
+        return query_vector(await _rows(text_future), await _rows(image_future))
+
+    def search_vector(
         self,
-        text: str | None,
-        image: Image.Image | None,
+        vector: Vectors,
         k: int,
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
         config: RetrieverConfig | None = None,
-    ) -> list[SearchResult]:
-        with self._encode_lock:
-            vector = self.retriever.encode(text, image)
-        return self.retriever.search_vectors(
+    ) -> tuple[list[SearchResult], int]:
+        """Top-k documents for an encoded query, and the memory's count."""
+        results = self.retriever.search_vectors(
             vector[None], k, filters or None, [list(exclude_ids)], config
         )[0]
+        return results, self.count()
 
     def get(self, doc_id: str) -> StoredDocument | None:
         return self.memory.get([doc_id])[0]
@@ -196,10 +207,9 @@ class MemoryService:
         added: set[str] = set()
         if todo:
             rows = list(todo.values())
-            with self._encode_lock:
-                vectors = encode_documents(
-                    self.memory.encoder, [docs[i] for i in rows], [images[i] for i in rows]
-                )
+            vectors = encode_documents(
+                self.memory.encoder, [docs[i] for i in rows], [images[i] for i in rows]
+            )
             with self._write_lock:
                 added = set(self.memory.add_encoded([docs[i] for i in rows], vectors))
         return [doc.id in added and todo.get(doc.id) == i for i, doc in enumerate(docs)]
