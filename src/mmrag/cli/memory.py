@@ -210,6 +210,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from mmrag.memory.check import check_memory
+
+    report = check_memory(
+        args.memory, repair=args.repair, hashes=not args.no_hashes, sample=args.sample
+    )
+    if args.json:
+        print_json(report.to_json())
+    else:
+        for key, value in report.checked.items():
+            print(f"{key}: {value}")
+        for finding in report.findings:
+            print(finding.line())
+        print("ok" if report.ok else "problems found" + ("" if args.repair else ": --repair"))
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
 def add_memory_writer_options(p: argparse.ArgumentParser) -> None:
     from mmrag.encoders.base import ENCODERS
 
@@ -356,6 +373,30 @@ def add_commands(add: AddCommand) -> None:
     p.add_argument("memory", help="memory folder")
     p.add_argument("ids", nargs="+", help="document ids")
 
+    p = add(
+        "check",
+        cmd_check,
+        "verify MEMORY: database integrity, documents' JSON, counts, image blobs (present, "
+        "hashing to their name, none orphaned), the index against the store; --repair fixes "
+        "what the store can rebuild (exit 1 while problems remain)",
+    )
+    p.add_argument("memory", help="memory folder")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="fix what can be fixed, as the memory's writer: recount, rewrite unreadable JSON, "
+        "collect orphan blobs, remove corrupt ones and mark the documents whose image is gone "
+        "(metadata 'mmrag_missing_images'), rebuild the index",
+    )
+    p.add_argument("--no-hashes", action="store_true", help="do not hash every image blob (faster)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=256,
+        metavar="N",
+        help="vectors compared between the index and the store (default 256)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = add("info", cmd_info, "show MEMORY's encoder, index and counts")
     p.add_argument("memory", help="memory folder")
     p.add_argument("--json", action="store_true", help="print as JSON")

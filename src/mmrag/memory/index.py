@@ -218,6 +218,27 @@ class FaissIndex:
         scores, ids = self._index.search(queries, k, params=self._params(allowed))
         return scores.astype(np.float32), ids.astype(np.int64)
 
+    def ids(self) -> Ids:
+        """Every id the index holds (tombstones excluded), sorted: for `mmrag check`."""
+        faiss = _faiss()
+        if self.is_ivf:
+            lists = self._index.invlists
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(lists.nlist)
+            ]
+            found = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        else:
+            found = faiss.vector_to_array(self._index.id_map)
+        found = np.asarray(found, np.int64)
+        if self._tombstones:
+            found = found[~np.isin(found, list(self._tombstones))]
+        return np.sort(found)
+
+    def vector(self, i: int) -> Vecs:
+        """The stored vector of id `i` (RuntimeError if absent)."""
+        return np.asarray(self._index.reconstruct(int(i)), np.float32)
+
     def _exact(self, queries: Vecs, k: int, allowed: Ids) -> tuple[Vecs, Ids]:
         """Brute force over a small allowed set (ANN graphs lose recall under tight filters)."""
         if not len(allowed):

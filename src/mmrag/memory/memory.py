@@ -240,10 +240,19 @@ class Memory:
         self._generation = -1
         self._max_seq = 0
         self._dirty = False
-        if self.mode == "a":
+        if self.mode == "a":  # the cheap part of `mmrag check`, as the writer opens
             referenced = self.store.referenced_blobs()
             self.blobs.collect(referenced)  # leftovers of a killed writer
             self._check_blobs(referenced)
+            kept, rows = self.store.count(), self.store.counted()
+            if kept != rows:
+                log.warning(
+                    "%s: the kept count said %d, the store holds %d: recounted",
+                    self.root,
+                    kept,
+                    rows,
+                )
+                self.store.recount()
 
     def _check_blobs(self, referenced: set[str]) -> None:
         """Warn (once per writer) about stored images whose blob file is gone."""
@@ -442,6 +451,19 @@ class Memory:
             self.manifest = self.manifest.replace(count=self.store.count(), updated=time.time())
             self._write_manifest()
             self._last_checkpoint = time.monotonic()
+
+    def rebuild_index(self) -> None:
+        """Rebuild the index from the store and save it (writers only: a repair)."""
+        self._require_writer()
+        with self._lock:
+            self._index = self._rebuild()
+            self.checkpoint()
+
+    def index_snapshot(self) -> tuple[FaissIndex, int]:
+        """The index, caught up with the store, and the generation it is at (for checks)."""
+        with self._lock:
+            index = self._sync()
+            return index, self._generation
 
     def _write_manifest(self) -> None:
         atomic_write(self.root / MANIFEST, (self.manifest.to_json() + "\n").encode())

@@ -218,6 +218,46 @@ class Store:
             .fetchone()[0]
         )
 
+    def counted(self) -> int:
+        """The documents counted row by row (COUNT(*) reads the whole table): `mmrag check`
+        compares it with the kept count."""
+        return int(self._connect().execute("SELECT COUNT(*) FROM documents").fetchone()[0])
+
+    def recount(self) -> int:
+        """Set the kept count to the counted rows (a repair); returns the count."""
+        with self.transaction() as con:
+            n = int(con.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('count', ?)", (str(n),))
+        return n
+
+    def integrity(self) -> list[str]:
+        """SQLite's own integrity check: [] when the database file is sound."""
+        rows = [r[0] for r in self._connect().execute("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
+    def unreadable_json(self) -> list[tuple[str, str, str]]:
+        """(id, parts, metadata) of documents whose stored JSON SQLite cannot read (NaN or
+        Infinity written before they were refused: every metadata filter fails on them)."""
+        q = (
+            "SELECT id, parts, metadata FROM documents "
+            "WHERE json_valid(parts) = 0 OR json_valid(metadata) = 0"
+        )
+        return [(r[0], r[1], r[2]) for r in self._connect().execute(q)]
+
+    def seqs(self) -> NDArray[np.int64]:
+        """Every stored seq, sorted."""
+        rows = self._connect().execute("SELECT seq FROM documents ORDER BY seq")
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def blob_users(self, shas: Iterable[str]) -> dict[str, list[str]]:
+        """The ids of the documents holding each image blob."""
+        out: dict[str, list[str]] = {}
+        con = self._connect()
+        for sha in sorted(set(shas)):
+            q = "SELECT d.id FROM doc_blobs b JOIN documents d USING (seq) WHERE b.sha256 = ?"
+            out[sha] = [r[0] for r in con.execute(q, (sha,))]
+        return out
+
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         con = self._connect()
