@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import uvicorn
 from PIL import Image, ImageDraw
 
 from mmrag.config import RetrieverConfig
@@ -194,3 +199,23 @@ def trusting_racm3(memory: Memory) -> RACM3:
         gen.hints.weight[:n] = 50 * gen.head.weight[tok.image_offset : tok.image_offset + n]
         gen.norm.weight.fill_(30.0)
     return model
+
+
+def serve_in_thread(app: Any) -> tuple[str, Callable[[], None]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+    return f"http://127.0.0.1:{port}", stop

@@ -9,14 +9,17 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import png_bytes
 from mmrag.data.readers import read_sources
-from mmrag.documents import Document
+from mmrag.documents import Document, DocumentLimits
+from mmrag.encoders.base import Encoder, Vectors
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import DATABASE, Memory
 
@@ -143,6 +146,64 @@ def test_bad_inputs_are_reported_and_the_rest_ingested(
     assert {
         name for name, _ in hashing_memory.blobs.iter_names()
     } == hashing_memory.store.referenced_blobs()
+
+
+def test_documents_over_the_limits_are_reported_and_the_rest_ingested(
+    tmp_path: Path, hashing_memory: Memory
+) -> None:
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(40):
+        node["a"] = {}
+        node = node["a"]  # type: ignore[assignment]
+    lines = [
+        json.dumps({"text": "fine"}),
+        json.dumps({"text": "x" * 2_000}),
+        json.dumps({"text": "deep", "metadata": deep}),
+        json.dumps({"text": "big", "metadata": {"blob": "y" * 70_000}}),
+        json.dumps({"text": "also fine"}),
+    ]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    limits = DocumentLimits(max_text_chars=1_000)
+    report = ingest(hashing_memory, read_sources([source]), progress=False, limits=limits)
+    assert report.added == 2 and len(hashing_memory) == 2
+    reasons = {e.source.rsplit("/", 1)[-1]: e.reason for e in report.errors}
+    assert reasons == {
+        "docs.jsonl:2": "text: 2000 characters of text, over the 1000 limit",
+        "docs.jsonl:3": "metadata: nested 41 levels deep, over the 32 limit",
+        "docs.jsonl:4": "metadata: 70012 bytes of JSON, over the 65536 limit",
+    }
+
+
+class Refusing:
+    """The hashing encoder, refusing texts that contain "poison" (as a real tower might
+    refuse an input it cannot tokenise)."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner, self.name, self.dim = inner, inner.name, inner.dim
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def encode_text(self, texts: Sequence[str]) -> Vectors:
+        if any("poison" in t for t in texts):
+            raise ValueError("cannot encode poison")
+        return self.inner.encode_text(texts)
+
+    def encode_image(self, images: Sequence[Image.Image]) -> Vectors:
+        return self.inner.encode_image(images)
+
+
+def test_a_document_the_encoder_refuses_fails_alone(hashing_memory: Memory) -> None:
+    hashing_memory.use_encoder(Refusing(hashing_memory.encoder))
+    docs = [Document.of(text=t) for t in ("one", "the poison one", "two", "three")]
+    report = ingest(hashing_memory, docs, progress=False)
+    assert report.added == 3 and len(hashing_memory) == 3
+    assert [e.reason for e in report.errors] == ["the encoder refused it: cannot encode poison"]
+    with pytest.raises(ValueError, match="poison"):  # no document's fault: the run stops
+        ingest(hashing_memory, [Document.of(text=f"poison {i}") for i in range(3)], progress=False)
+    assert len(hashing_memory) == 3
 
 
 @pytest.mark.slow

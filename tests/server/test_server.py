@@ -24,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import COLORS, HASHING, png_bytes
+from conftest import COLORS, HASHING, png_bytes, serve_in_thread
 from mmrag.config import ConfigError
 from mmrag.documents import Document
 from mmrag.memory.memory import Memory, ensure_memory
@@ -700,3 +700,48 @@ def test_non_finite_metadata_is_refused_and_the_memory_stays_searchable(
     assert r.status_code == 422, r.text
     ok = client.post("/search", json={"text": "red", "filters": {"color": "red"}})
     assert ok.status_code == 200
+
+
+def test_deeply_nested_form_json_is_a_422(client: TestClient, seeded: dict[str, str]) -> None:
+    """Filters or metadata sent as multipart fields nested past any sane depth (or past
+    Python's recursion limit) are a validation error, not a 500."""
+    for depth in (65, 5000):
+        nested = "[" * depth + "]" * depth
+        for path, field, extra in (
+            ("/search", "filters", {"text": "red"}),
+            ("/documents", "metadata", {"text": "deep"}),
+        ):
+            r = client.post(
+                path,
+                files={"unused": ("x.txt", b"", "text/plain")},
+                data={**extra, field: nested},
+                headers=AUTH,
+            )
+            assert r.status_code == 422, (path, depth, r.text)
+            assert "nested deeper than 64" in r.json()["detail"]
+    assert client.post("/search", json={"text": "red"}).status_code == 200
+
+
+def test_a_stalled_body_is_answered_408(memory_path: Path) -> None:
+    """A client that announces more body than it sends does not hold a worker forever."""
+    app = create_app(
+        memory_path, token=TOKEN, encoder=HASHING, config=ServerConfig(body_read_timeout_s=0.5)
+    )
+    base, stop = serve_in_thread(app)
+    try:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"text": '
+            )
+            start = time.monotonic()
+            answer = b""
+            while b"stalled" not in answer and (chunk := sock.recv(4096)):
+                answer += chunk
+            assert time.monotonic() - start < 5
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"stalled for more than 0.5 s" in answer
+        assert httpx.post(f"{base}/search", json={"text": "red"}, timeout=10).status_code == 200
+    finally:
+        stop()

@@ -6,19 +6,15 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
-from conftest import COLORS, png_bytes
+from conftest import COLORS, png_bytes, serve_in_thread
 from mmrag.encoders.base import EncoderSpec
 from mmrag.memory.memory import Memory
 from mmrag.server import Capabilities, create_app
@@ -76,26 +72,6 @@ def screenshot_dir(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("MMRAG_SCREENSHOTS", tmp_path))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def serve_in_thread(app: Any) -> tuple[str, Callable[[], None]]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-    return f"http://127.0.0.1:{port}", stop
 
 
 def seed(base: str) -> None:

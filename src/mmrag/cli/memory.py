@@ -18,6 +18,7 @@ from mmrag.cli.common import (
     print_json,
 )
 from mmrag.config import IndexConfig, RetrieverConfig
+from mmrag.documents import DocumentLimits
 
 
 def parse_filters(items: Sequence[str]) -> dict[str, Any]:
@@ -109,6 +110,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     elif not args.sources:
         raise CommandError("give at least one SOURCE to ingest (or --reencode)")
     index = IndexConfig(kind=args.index) if args.index else None
+    limits = _limits(args)
     if args.ray_address and not args.ray:
         raise CommandError("--ray-address needs --ray")
     with ensure_memory(
@@ -121,7 +123,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 memory,
                 args.sources,
                 RayIngestConfig(
-                    address=args.ray_address, workers=args.ray_workers, batch_size=args.batch_size
+                    address=args.ray_address,
+                    workers=args.ray_workers,
+                    batch_size=args.batch_size,
+                    limits=limits,
                 ),
                 progress=not args.no_progress,
                 update_metadata=args.update_metadata,
@@ -134,6 +139,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 progress=not args.no_progress,
                 update_metadata=args.update_metadata,
+                limits=limits,
             )
         count = len(memory)
     if args.json:
@@ -208,6 +214,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key, value in stats.items():
             print(f"{key}: {json.dumps(value, ensure_ascii=False)}")
     return EXIT_OK
+
+
+def _limits(args: argparse.Namespace) -> DocumentLimits:
+    limits = DocumentLimits.load(args.limits) if args.limits else DocumentLimits()
+    if args.max_text_chars is not None:
+        limits = limits.replace(max_text_chars=args.max_text_chars)
+    return limits
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -307,6 +320,21 @@ def add_commands(add: AddCommand) -> None:
         default=None,
         help="encoder actors with --ray (default: the cluster's free CPUs less half a CPU "
         "left for reading and decoding, at least 1)",
+    )
+    p.add_argument(
+        "--limits",
+        default=None,
+        metavar="JSON_FILE",
+        help="DocumentLimits JSON: max_text_chars, max_metadata_bytes, max_metadata_depth, "
+        "max_image_bytes, max_pixels (defaults in docs/format.md); a document over a limit is "
+        "reported and skipped",
+    )
+    p.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most characters of text one document may hold (default 100000)",
     )
     p.add_argument(
         "--image-column",

@@ -50,6 +50,30 @@ def encode_documents(
     return out
 
 
+def encode_isolated(
+    encoder: Encoder, docs: Sequence[Document], images: Sequence[Sequence[Image.Image]]
+) -> tuple[Vectors, list[Exception | None]]:
+    """`encode_documents`, where one document the encoder rejects fails alone: when the batch
+    fails, each document is encoded by itself; returns the vectors (a failed document's row
+    is zero) and each document's error (None where it was encoded). When every document of
+    the batch fails alone too, the cause is no document's: the first error is raised."""
+    try:
+        return encode_documents(encoder, docs, images), [None] * len(docs)
+    except Exception:  # find the culprit(s) below
+        pass
+    out = np.zeros((len(docs), encoder.dim), np.float32)
+    errors: list[Exception | None] = []
+    for i, (doc, imgs) in enumerate(zip(docs, images, strict=True)):
+        try:
+            out[i] = encode_documents(encoder, [doc], [imgs])[0]
+            errors.append(None)
+        except Exception as e:
+            errors.append(e)
+    if errors and all(e is not None for e in errors):
+        raise errors[0]  # type: ignore[misc]
+    return out, errors
+
+
 def encode_query(
     encoder: Encoder, text: str | None = None, images: Sequence[Image.Image] = ()
 ) -> Vectors:

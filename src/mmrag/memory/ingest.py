@@ -20,13 +20,13 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmrag.documents import Document, DocumentError, decode_image
-from mmrag.encoders.mixed import encode_documents
+from mmrag.documents import Document, DocumentError, DocumentLimits, decode_image
+from mmrag.encoders.mixed import encode_isolated
 from mmrag.memory.memory import Memory
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs, allow large photos
+DEFAULT_MAX_PIXELS = DocumentLimits().max_pixels  # refuse decompression bombs, allow photos
 QUEUE_BATCHES = 3
 
 
@@ -95,16 +95,16 @@ class _Producer(threading.Thread):
         report: IngestReport,
         batch_size: int,
         update_metadata: bool,
-        max_pixels: int,
+        limits: DocumentLimits,
         out: queue.Queue[Any],
         bar: tqdm[Any],
     ) -> None:
         super().__init__(name="mmrag-ingest-reader", daemon=True)
         self.memory, self.sources, self.report = memory, sources, report
-        self.batch_size, self.update_metadata, self.max_pixels = (
+        self.batch_size, self.update_metadata, self.limits = (
             batch_size,
             update_metadata,
-            max_pixels,
+            limits,
         )
         self.out, self.bar = out, bar
         self.stop = threading.Event()
@@ -161,9 +161,12 @@ class _Producer(threading.Thread):
                 self.bar.update(1)
                 continue
             try:
+                self.limits.check(doc)
                 images = [
                     decode_image(
-                        p.image_bytes(), source=p.path or doc.source, max_pixels=self.max_pixels
+                        p.image_bytes(),
+                        source=p.path or doc.source,
+                        max_pixels=self.limits.max_pixels,
                     )
                     for p in doc.images
                 ]
@@ -184,12 +187,15 @@ def ingest(
     batch_size: int = 64,
     progress: bool = True,
     update_metadata: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limits: DocumentLimits | None = None,
 ) -> IngestReport:
     """Encode and store every new document from `sources`; never stops on bad input.
 
     Documents already in the memory (same content, hence same id) are skipped; with
-    `update_metadata` their metadata is replaced by the incoming one.
+    `update_metadata` their metadata is replaced by the incoming one. A document over
+    `limits`, whose image does not decode, or that the encoder rejects is reported (file,
+    line, field) and the rest is stored; an error no document causes (the encoder failing
+    every document alone, the memory unwritable) stops the run with nothing half-written.
     """
     report = IngestReport()
     start = time.perf_counter()
@@ -197,7 +203,14 @@ def ingest(
     batches: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_BATCHES)
     with tqdm(desc="ingest", unit="doc", disable=not progress) as bar:
         producer = _Producer(
-            memory, sources, report, batch_size, update_metadata, max_pixels, batches, bar
+            memory,
+            sources,
+            report,
+            batch_size,
+            update_metadata,
+            limits or DocumentLimits(),
+            batches,
+            bar,
         )
         producer.start()
         try:
@@ -207,8 +220,13 @@ def ingest(
                     break
                 if isinstance(item, BaseException):
                     raise item
-                vectors = encode_documents(encoder, item.docs, item.images)
-                report.added += len(memory.add_encoded(item.docs, vectors))
+                vectors, errors = encode_isolated(encoder, item.docs, item.images)
+                keep = [i for i, e in enumerate(errors) if e is None]
+                for doc, e in zip(item.docs, errors, strict=True):
+                    if e is not None:
+                        _error(report, DocumentError(f"the encoder refused it: {e}"), doc)
+                docs = [item.docs[i] for i in keep]
+                report.added += len(memory.add_encoded(docs, vectors[keep]))
                 bar.update(len(item.docs))
         finally:
             producer.stop.set()

@@ -35,8 +35,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmrag.config import Config, ConfigError
-from mmrag.documents import Document, DocumentError, Part, decode_image
-from mmrag.memory.ingest import DEFAULT_MAX_PIXELS, IngestError, IngestReport, describe_error
+from mmrag.documents import Document, DocumentError, DocumentLimits, Part, decode_image
+from mmrag.memory.ingest import IngestError, IngestReport, describe_error
 from mmrag.memory.memory import Memory
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,15 @@ class RayIngestConfig(Config):
     batch_size: int = 64  # documents per encoder call
     read_cpus: float = 0.5  # CPUs left to the read and decode tasks
     actor_cpus: float | None = None  # CPUs each actor reserves; None: the rest, shared
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    # What one document may hold (over a limit: that document's error).
+    limits: DocumentLimits = dataclasses.field(default_factory=DocumentLimits)
     object_store_mb: int | None = None  # a new local instance's object store; None: Ray's
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise ConfigError("RayIngestConfig: workers must be >= 1")
-        if self.batch_size < 1 or self.read_cpus <= 0 or self.max_pixels < 1:
-            raise ConfigError("RayIngestConfig: batch_size >= 1, read_cpus > 0, max_pixels >= 1")
+        if self.batch_size < 1 or self.read_cpus <= 0:
+            raise ConfigError("RayIngestConfig: batch_size >= 1, read_cpus > 0")
         if self.actor_cpus is not None and self.actor_cpus <= 0:
             raise ConfigError("RayIngestConfig: actor_cpus must be > 0")
 
@@ -156,13 +157,18 @@ def _stored(snapshot: NDArray[np.bytes_], ids: Sequence[str]) -> NDArray[np.bool
 
 
 def read_task(
-    source: str, options: dict[str, str], snapshot_ref: Any, update_metadata: bool
+    source: str,
+    options: dict[str, str],
+    snapshot_ref: Any,
+    update_metadata: bool,
+    limits_json: str = "{}",
 ) -> Iterator[Any]:
     """One source's documents as blocks of new-document and error rows, then a tally row.
     Known documents are dropped here (sent as metadata-only rows with `update_metadata`)."""
     from mmrag.data.readers import read_source
 
     snapshot = _ray().get(snapshot_ref)
+    limits = DocumentLimits.from_json(limits_json)
     is_table = source.lower().endswith((".csv", ".parquet"))
     read = known = 0
     seen: set[str] = set()
@@ -185,6 +191,11 @@ def read_task(
 
     for item in read_source(source, **(options if is_table else {})):
         read += 1
+        if isinstance(item, Document):
+            try:
+                limits.check(item)
+            except DocumentError as e:
+                item = e.located(item.source, None)
         if isinstance(item, DocumentError):
             pending.append(_error_row(item, None, str(source)))
         elif item.id in seen:
@@ -234,7 +245,7 @@ class EncoderActor:
             raise RuntimeError("the worker's encoder differs from the memory's (fingerprint)")
 
     def __call__(self, batch: Any) -> Any:
-        from mmrag.encoders.mixed import encode_documents
+        from mmrag.encoders.mixed import encode_isolated
 
         rows = batch.to_pylist()
         docs = [r for r in rows if r["kind"] == "doc"]
@@ -246,9 +257,13 @@ class EncoderActor:
                 ]
                 for r in docs
             ]
-            vectors = encode_documents(self.encoder, [_document(r) for r in docs], images)
-            for row, vector in zip(docs, vectors, strict=True):
-                row["vector"] = np.asarray(vector, np.float32).tobytes()
+            vectors, errors = encode_isolated(self.encoder, [_document(r) for r in docs], images)
+            for row, vector, error in zip(docs, vectors, errors, strict=True):
+                if error is None:
+                    row["vector"] = np.asarray(vector, np.float32).tobytes()
+                else:  # this document alone: an error row, the others are stored
+                    refused = DocumentError(f"the encoder refused it: {error}")
+                    row.update(_error_row(refused, row["source"]), images=[], paths=[])
         for row in rows:
             row["pixels"], row["shapes"] = None, None  # the driver needs only the vector
         return _table(rows)
@@ -276,11 +291,17 @@ def ray_session(config: RayIngestConfig) -> Iterator[Any]:
 
 
 def sources_datasource(
-    sources: Sequence[str], options: dict[str, str], snapshot_ref: Any, update_metadata: bool
+    sources: Sequence[str],
+    options: dict[str, str],
+    snapshot_ref: Any,
+    update_metadata: bool,
+    limits: DocumentLimits | None = None,
 ) -> Any:
     """A Ray Data source with one read task per source (file, folder or shard)."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
+
+    limits_json = (limits or DocumentLimits()).to_json()
 
     class Sources(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
@@ -294,7 +315,9 @@ def sources_datasource(
         ) -> list[ReadTask]:
             return [
                 ReadTask(
-                    functools.partial(read_task, s, options, snapshot_ref, update_metadata),
+                    functools.partial(
+                        read_task, s, options, snapshot_ref, update_metadata, limits_json
+                    ),
                     BlockMetadata(
                         num_rows=None, size_bytes=None, exec_stats=None, input_files=(s,)
                     ),
@@ -346,12 +369,14 @@ def build_dataset(
     share = config.read_cpus / 2
     return (
         ray.data.read_datasource(
-            sources_datasource(sources, table_options, snapshot_ref, update_metadata),
+            sources_datasource(
+                sources, table_options, snapshot_ref, update_metadata, config.limits
+            ),
             num_cpus=share,
         )
         .map_batches(
             decode_batch,
-            fn_kwargs={"max_pixels": config.max_pixels},
+            fn_kwargs={"max_pixels": config.limits.max_pixels},
             batch_format="pyarrow",
             batch_size=config.batch_size,
             num_cpus=share,

@@ -173,7 +173,7 @@ def create_app(
     def limit_for(path: str) -> int:
         return config.max_request_bytes if path.startswith(BIG_BODY_PATHS) else upload_limit
 
-    app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_middleware(BodyLimit, limit_for=limit_for, read_timeout_s=config.body_read_timeout_s)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -16,13 +17,14 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mmrag.documents import DocumentError, decode_image
+from mmrag.documents import DocumentError, decode_image, json_depth
 from mmrag.server.config import ServerConfig
 
 M = TypeVar("M", bound=BaseModel)
 FORM_OVERHEAD = 1024 * 1024  # text fields and multipart framing beside one image
 READ_CHUNK = 1024 * 1024
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+MAX_FORM_JSON_DEPTH = 64  # filters and metadata sent as form fields (deeper is a 422, not a 500)
 
 
 def _too_large(limit: int) -> HTTPException:
@@ -31,11 +33,16 @@ def _too_large(limit: int) -> HTTPException:
 
 class BodyLimit:
     """ASGI middleware: refuse bodies over `limit_for(path)` bytes, by Content-Length up front
-    and by counting as they stream (chunked uploads), before any handler buffers them."""
+    and by counting as they stream (chunked uploads), before any handler buffers them; and
+    answer 408 when the next piece of a body takes more than `read_timeout_s` to arrive (a
+    client that announces more than it sends would otherwise hold a worker forever)."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+    def __init__(
+        self, app: ASGIApp, limit_for: Callable[[str], int], read_timeout_s: float = 30.0
+    ) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,7 +62,12 @@ class BodyLimit:
 
         async def limited() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the request body stalled for more than {self.read_timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -177,10 +189,18 @@ async def _read_form(
 
 
 def _json_field(key: str, value: str) -> Any:
+    too_deep = validation_error(
+        ("body", key), f"JSON nested deeper than {MAX_FORM_JSON_DEPTH} levels", "json_invalid"
+    )
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
     except json.JSONDecodeError as e:
         raise validation_error(("body", key), f"must be JSON: {e.msg}", "json_invalid") from None
+    except RecursionError:  # past Python's own limit
+        raise too_deep from None
+    if json_depth(parsed) > MAX_FORM_JSON_DEPTH:
+        raise too_deep
+    return parsed
 
 
 def decode_base64(text: str, loc: tuple[str | int, ...], limit: int) -> bytes:

@@ -37,6 +37,8 @@ class ServerConfig(Config):
     # mostly waits for its other members (docs/benchmarks.md, "Measurements behind defaults").
     openmp_threads: int = 1
     thumbnail_cache: int = 512
+    # A request body whose next piece takes longer than this to arrive is answered 408.
+    body_read_timeout_s: float = 30.0
     # Query and document encodings of concurrent requests run as shared batches
     # (`mmrag.encoders.batching`): at most this many texts (or images) per forward, ...
     encode_max_batch: int = 32
@@ -62,6 +64,8 @@ class ServerConfig(Config):
             raise ConfigError("ServerConfig: worker_threads must be in [1, 64]")
         if not 1 <= self.openmp_threads <= 256:
             raise ConfigError("ServerConfig: openmp_threads must be in [1, 256]")
+        if not 0.1 <= self.body_read_timeout_s <= 3600:
+            raise ConfigError("ServerConfig: body_read_timeout_s must be in [0.1, 3600]")
         if self.thumbnail_cache < 0:
             raise ConfigError("ServerConfig: thumbnail_cache must be >= 0")
         self.batching()  # its own checks
