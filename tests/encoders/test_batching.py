@@ -148,3 +148,15 @@ def test_lite_rows_batched_equal_rows_alone(one_thread: None) -> None:
         encoder.close()
     alone = np.stack([inner.encode_text([t])[0] for t in texts])
     np.testing.assert_allclose(np.stack(rows), alone, rtol=0, atol=1e-6)
+
+
+def test_close_finishes_what_is_queued() -> None:
+    inner = Gated()
+    encoder = BatchingEncoder(inner, BatchingConfig(max_batch=2, workers=2))
+    futures = [encoder.submit_text([t]) for t in TEXTS]
+    closer = threading.Thread(target=encoder.close)
+    closer.start()
+    inner.gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert all(f.result(timeout=1).shape == (1, inner.dim) for f in futures)

@@ -95,6 +95,7 @@ class BatchingEncoder:
         self.stats = BatchStats()
         self._queue: queue.Queue[_Call] = queue.Queue()
         self._stats_lock = threading.Lock()
+        self._queue_lock = threading.Lock()  # no call is queued behind the stop signals
         self._closed = False
         self._workers = [
             threading.Thread(target=self._work, name=f"mmrag-encode-{i}", daemon=True)
@@ -133,18 +134,20 @@ class BatchingEncoder:
         if not items:
             future.set_result(np.zeros((0, self.dim), np.float32))
             return future
-        if self._closed:
-            raise RuntimeError("the batching encoder is closed")
-        self._queue.put(_Call(kind, items, future))
+        with self._queue_lock:
+            if self._closed:
+                raise RuntimeError("the batching encoder is closed")
+            self._queue.put(_Call(kind, items, future))
         return future
 
     def close(self) -> None:
         """Encode what is queued, then stop the workers (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._workers:
-            self._queue.put(_STOP)
+        with self._queue_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for _ in self._workers:
+                self._queue.put(_STOP)
         for worker in self._workers:
             worker.join()
 
