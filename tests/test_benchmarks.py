@@ -218,3 +218,23 @@ def test_encoder_quick(tmp_path: Path) -> None:
     assert all(len(s) == 2 for s in result["seconds"].values())
     assert result["heads_over_tower"] > 0
     assert isinstance(result["goals"]["pass_speed"], bool)
+
+
+def test_retriever_quick(tmp_path: Path) -> None:
+    """The retriever benchmark's quick mode: the bare index, the memory and the retriever
+    timed on the same queries, the retriever's results as exact as flat search."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        bench_retriever = importlib.import_module("bench_retriever")
+        out = tmp_path / "retriever.json"
+        argv = ["--quick", "--out", str(out), "--work", str(tmp_path)]
+        assert bench_retriever.main(argv) == 0
+    result = json.loads(out.read_text())
+    (size,) = result["sizes"]
+    for kind in ("flat", "hnsw"):
+        row = size["kinds"][kind]
+        assert {"faiss", "memory", "retriever"} <= set(row)
+        assert row["retriever"]["n"] == 60 and row["retriever_over_faiss_p50"] > 0
+    assert size["kinds"]["flat"]["recall_at_10"] == 1.0
+    assert size["kinds"]["hnsw"]["recall_at_10"] >= 0.9
+    assert set(result["goals"]["retriever_over_faiss_p50"]) == {"2000/flat", "2000/hnsw"}
