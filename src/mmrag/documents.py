@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -15,8 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
-
-from mmrag.config import Config, ConfigError
 
 ID_HEX_CHARS = 32  # 128 bits of SHA-256: collisions are negligible at 10^12 documents
 JSONL_KEYS = frozenset({"parts", "text", "image", "metadata"})
@@ -153,54 +150,6 @@ class Part:
         if self.kind == "text":
             return ["text", self.text or ""]
         return ["image", self.sha256 or ""]
-
-
-@dataclass(frozen=True)
-class DocumentLimits(Config):
-    """What one document may hold when it is ingested (docs/format.md, "Limits"); a document
-    over a limit is reported as that document's error and the rest is stored. Image files
-    are never read past `MAX_IMAGE_BYTES`, whatever the limit here."""
-
-    # All text parts together, in characters (the text tower reads the first 77 tokens; a
-    # long text costs storage and every result that shows it).
-    max_text_chars: int = 100_000
-    # The metadata object, as compact JSON in UTF-8 bytes, and how deeply it may nest.
-    max_metadata_bytes: int = 64 * 1024
-    max_metadata_depth: int = 32
-    # One image's encoded bytes, and its decoded pixels (checked from the header before
-    # decompression: decompression bombs are refused unread).
-    max_image_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 64 * 1024 * 1024
-
-    def validate(self) -> None:
-        for name in (f.name for f in dataclasses.fields(self)):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"DocumentLimits: {name} must be >= 1")
-
-    def check(self, doc: Document) -> None:
-        """Raise DocumentError, naming the field, if `doc` is over a limit."""
-        chars = sum(len(p.text or "") for p in doc.parts)
-        if chars > self.max_text_chars:
-            raise DocumentError(
-                f"{chars} characters of text, over the {self.max_text_chars} limit", field="text"
-            )
-        depth = json_depth(dict(doc.metadata))
-        if depth > self.max_metadata_depth:
-            raise DocumentError(
-                f"nested {depth} levels deep, over the {self.max_metadata_depth} limit",
-                field="metadata",
-            )
-        size = len(json.dumps(dict(doc.metadata), ensure_ascii=False).encode("utf-8"))
-        if size > self.max_metadata_bytes:
-            raise DocumentError(
-                f"{size} bytes of JSON, over the {self.max_metadata_bytes} limit", field="metadata"
-            )
-        for part in doc.images:
-            if part.data is not None and len(part.data) > self.max_image_bytes:
-                raise DocumentError(
-                    f"{len(part.data)} bytes, over the {self.max_image_bytes}-byte limit",
-                    field="image",
-                )
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from PIL import Image
 
 from conftest import png_bytes
 from mmrag.data.readers import read_sources
-from mmrag.documents import Document, DocumentLimits
+from mmrag.documents import Document
 from mmrag.encoders.base import Encoder, Vectors
-from mmrag.memory.ingest import ingest
+from mmrag.memory.ingest import DocumentLimits, ingest
 from mmrag.memory.memory import DATABASE, Memory
 
 N_DOCS = 3000

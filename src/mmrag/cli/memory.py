@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmrag.cli.common import (
     DATASET_NAMES,
@@ -18,7 +18,9 @@ from mmrag.cli.common import (
     print_json,
 )
 from mmrag.config import IndexConfig, RetrieverConfig
-from mmrag.documents import DocumentLimits
+
+if TYPE_CHECKING:
+    from mmrag.memory.ingest import DocumentLimits
 
 
 def parse_filters(items: Sequence[str]) -> dict[str, Any]:
@@ -217,6 +219,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _limits(args: argparse.Namespace) -> DocumentLimits:
+    from mmrag.memory.ingest import DocumentLimits
+
     limits = DocumentLimits.load(args.limits) if args.limits else DocumentLimits()
     if args.max_text_chars is not None:
         limits = limits.replace(max_text_chars=args.max_text_chars)

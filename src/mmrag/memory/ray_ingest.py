@@ -35,8 +35,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmrag.config import Config, ConfigError
-from mmrag.documents import Document, DocumentError, DocumentLimits, Part, decode_image
-from mmrag.memory.ingest import IngestError, IngestReport, describe_error
+from mmrag.documents import Document, DocumentError, Part, decode_image
+from mmrag.memory.ingest import DocumentLimits, IngestError, IngestReport, describe_error
 from mmrag.memory.memory import Memory
 
 log = logging.getLogger(__name__)
