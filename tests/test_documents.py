@@ -190,3 +190,18 @@ def test_image_paths_must_be_regular_files(tmp_path: Path) -> None:
     items = list(iter_jsonl(tmp_path / "docs.jsonl"))
     assert [i.line for i in items if isinstance(i, DocumentError)] == [1, 2]
     assert [d.text for d in items if isinstance(d, Document)] == ["fine"]
+
+
+def test_reading_many_images_holds_no_memory_mapping_each(tmp_path: Path) -> None:
+    """Each image read once asked for the size limit (256 MB): every bytes object became its
+    own memory mapping, and 65k images exhausted the process's mappings (MemoryError)."""
+    for i in range(2000):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes((i % 256, 0, 0), size=8))
+
+    def mappings() -> int:
+        return len(Path("/proc/self/maps").read_text().splitlines())
+
+    before = mappings()
+    parts = [Part.of_image(path=tmp_path / f"{i}.png") for i in range(2000)]
+    assert mappings() - before < 200
+    assert len({p.sha256 for p in parts}) == 256
