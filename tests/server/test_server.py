@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from conftest import COLORS, HASHING, png_bytes, serve_in_thread
 from mmrag.config import ConfigError
 from mmrag.documents import Document
 from mmrag.memory.memory import Memory, ensure_memory
-from mmrag.retrieval import SearchResult
+from mmrag.retrieval import Retriever, SearchResult
 from mmrag.server import Capabilities, ServerConfig, create_app
 from mmrag.server.auth import TOKEN_ENV, TokenError, load_token
 from mmrag.server.capabilities import (
@@ -745,3 +746,24 @@ def test_a_stalled_body_is_answered_408(memory_path: Path) -> None:
         assert httpx.post(f"{base}/search", json={"text": "red"}, timeout=10).status_code == 200
     finally:
         stop()
+
+
+def test_concurrent_searches_share_forwards_and_match_the_library(
+    memory_path: Path, seeded: dict[str, str], client: TestClient
+) -> None:
+    """Searches sent at once are encoded in shared batches; each gets what the library's
+    Retriever gives the same query alone (ids, and scores to 1e-6)."""
+    queries = [f"a {name} square" for name in COLORS] * 4 + ["a poem", "blue", "red and green"]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(
+            pool.map(lambda q: client.post("/search", json={"text": q, "k": 3}), queries)
+        )
+    service = client.app.state.mmrag.service  # type: ignore[attr-defined]
+    assert service.encoder.stats.calls >= len(queries)
+    retriever = Retriever(service.memory)
+    for query, answer in zip(queries, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        got = [(h["id"], h["score"]) for h in answer.json()["results"]]
+        expected = [(r.id, r.score) for r in retriever.search(text=query, k=3)]
+        assert [i for i, _ in got] == [i for i, _ in expected], query
+        assert all(abs(a - b) <= 1e-6 for (_, a), (_, b) in zip(got, expected, strict=True))
