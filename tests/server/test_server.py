@@ -767,3 +767,21 @@ def test_concurrent_searches_share_forwards_and_match_the_library(
         expected = [(r.id, r.score) for r in retriever.search(text=query, k=3)]
         assert [i for i, _ in got] == [i for i, _ in expected], query
         assert all(abs(a - b) <= 1e-6 for (_, a), (_, b) in zip(got, expected, strict=True))
+
+
+def test_documents_over_the_ingest_limits_are_a_422(client: TestClient) -> None:
+    """The API holds documents to the ingest's DocumentLimits (metadata size and depth)."""
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(40):
+        node["a"] = {}
+        node = node["a"]
+    for metadata, words in (
+        (deep, "nested 41 levels deep, over the 32 limit"),
+        ({"blob": "y" * 70_000}, "bytes of JSON, over the 65536 limit"),
+    ):
+        r = client.post(
+            "/documents", json={"documents": [{"text": "x", "metadata": metadata}]}, headers=AUTH
+        )
+        assert r.status_code == 422, r.text
+        assert words in r.json()["detail"]

@@ -6,6 +6,7 @@ import dataclasses
 
 from mmrag.config import Config, ConfigError
 from mmrag.encoders.batching import BatchingConfig
+from mmrag.memory.ingest import DocumentLimits
 
 MB = 1024 * 1024
 HARD_MAX_K = 100  # the schema's bound; a config may only lower it
@@ -69,6 +70,15 @@ class ServerConfig(Config):
         if self.thumbnail_cache < 0:
             raise ConfigError("ServerConfig: thumbnail_cache must be >= 0")
         self.batching()  # its own checks
+
+    def document_limits(self) -> DocumentLimits:
+        """The ingest's per-document limits, with this service's own text and image bounds
+        (metadata size and depth as the ingest's): one rule for files and the API."""
+        return DocumentLimits(
+            max_text_chars=self.max_text_chars,
+            max_image_bytes=self.max_upload_bytes,
+            max_pixels=self.max_pixels,
+        )
 
     def batching(self) -> BatchingConfig:
         """The batching encoder's settings."""
