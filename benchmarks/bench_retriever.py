@@ -34,7 +34,16 @@ from numpy.typing import NDArray
 from threadpoolctl import threadpool_limits
 
 import search_data
-from machine import REPO, RESULTS, WORK, QuietMeter, machine_info, write_json
+from machine import (
+    REPO,
+    RESULTS,
+    WORK,
+    QuietMeter,
+    machine_info,
+    parse_size,
+    with_defaults,
+    write_json,
+)
 from mmrag.config import IndexConfig
 from mmrag.documents import Document
 from mmrag.encoders.base import EncoderSpec, load_encoder
@@ -78,17 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=WORK, help="scratch folder for the memories")
     p.add_argument("--out", type=Path, help="result JSON (default: results/retriever[-quick].json)")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    with_defaults(args, QUICK if args.quick else FULL)
     if args.out is None:
         args.out = RESULTS / ("retriever-quick.json" if args.quick else "retriever.json")
     return args
-
-
-def _size(text: str) -> int:
-    text = text.strip().lower()
-    return {"10k": 10_000, "100k": 100_000}.get(text) or int(text)
 
 
 def documents(n: int) -> list[Document]:
@@ -233,7 +235,7 @@ def bench_size(n: int, dim: int, args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     dim = load_encoder(EncoderSpec(name=args.encoder)).dim
     meter = QuietMeter()
-    sizes = [bench_size(_size(s), dim, args) for s in args.sizes.split(",")]
+    sizes = [bench_size(parse_size(s), dim, args) for s in args.sizes.split(",")]
     goals = {
         f"{s['n']}/{kind}": s["kinds"][kind]["retriever_over_faiss_p50"]
         for s in sizes

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from threadpoolctl import threadpool_limits
 
 import search_data
-from machine import RESULTS, WORK, QuietMeter, machine_info, write_json
+from machine import RESULTS, WORK, QuietMeter, machine_info, parse_size, with_defaults, write_json
 from mmrag.config import IndexConfig
 from mmrag.documents import Document
 from mmrag.encoders.base import Encoder, EncoderSpec, load_encoder
@@ -47,7 +47,6 @@ TARGET_RECALL = 0.95
 GOAL_BANDWIDTH_RATIO = 1.5  # exact search within 1.5x of the memory-bandwidth bound
 GOAL_HNSW_SPEEDUP = 20.0  # HNSW at recall 0.95 vs NumPy brute force, at the largest size
 NUMPY_QUERY_CHUNK = 64  # NumpyIndex materialises (Q, N) scores: bound them
-SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 LARGE = 1_000_000  # from this size on, IVF uses --ivf-nlist-1m lists
 FULL: dict[str, Any] = {
     "sizes": "10k,100k,1m",
@@ -134,17 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, help="result JSON (default: benchmarks/results/search[-quick].json)"
     )
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    with_defaults(args, QUICK if args.quick else FULL)
     if args.out is None:
         args.out = RESULTS / ("search-quick.json" if args.quick else "search.json")
     return args
-
-
-def _size(text: str) -> int:
-    text = text.strip().lower()
-    return SIZES.get(text) or int(text)
 
 
 # --- machine bounds ---------------------------------------------------------------------------
@@ -648,7 +640,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = EncoderSpec(name=args.encoder, path=args.encoder_path)
     encoder = load_encoder(spec)
     dim = encoder.dim
-    sizes = [_size(s) for s in args.sizes.split(",")]
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
     meter = QuietMeter()
     bounds = machine_bounds(args.bandwidth_mb, cores)
     log.info("machine bounds: %s", bounds)

@@ -124,3 +124,21 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
+
+
+def parse_size(text: str) -> int:
+    """A benchmark size: 10k, 100k, 1m, or a number."""
+    text = text.strip().lower()
+    return SIZES.get(text) or int(text)
+
+
+def with_defaults(args: Any, defaults: dict[str, Any]) -> Any:
+    """`args` with every option left unset (None) taken from `defaults` (a FULL or QUICK
+    table of a benchmark)."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
