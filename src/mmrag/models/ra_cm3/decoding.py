@@ -49,7 +49,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (faster than no_grad per token)
 def decode(
     model: Generator,
     prompts: Sequence[Sequence[int]],
