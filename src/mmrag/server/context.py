@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, HTTPException, Request
 from fastapi.params import Depends as DependsParam
 
+from mmrag.memory.ingest import DocumentLimits
 from mmrag.server.auth import BearerAuth
 from mmrag.server.bodies import validation_error
 from mmrag.server.capabilities import MISSING, Capabilities, GenerationOptions
@@ -31,6 +32,10 @@ class Context:
     auth: BearerAuth
     pool: ThreadPoolExecutor
     generation_pool: ThreadPoolExecutor
+    limits: DocumentLimits = dataclasses.field(init=False)  # built once from `config`
+
+    def __post_init__(self) -> None:
+        self.limits = self.config.document_limits()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -69,7 +69,7 @@ def _document(
             built.append(Part.of_image(data=value))
     try:
         doc = Document(parts=tuple(built), metadata=metadata)
-        ctx.config.document_limits().check(doc)
+        ctx.limits.check(doc)
     except DocumentError as e:
         raise validation_error(loc, str(e)) from None
     if not doc.text and not images:
