@@ -120,7 +120,7 @@ def test_index_holding_other_vectors_is_rebuilt(closed_memory: Path) -> None:
     """An index file that passes its checksum but holds a vector the store lacks (written by
     a buggy tool, say) is found by comparing ids."""
     with Memory.open(closed_memory, "a") as memory:
-        index, _ = memory.index_snapshot()
+        index = memory.index_snapshot()
         index.add([999], memory.vectors([1]))
         memory._dirty = True
     report = check_memory(closed_memory)

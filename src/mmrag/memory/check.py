@@ -242,7 +242,7 @@ class _Checker:
             else:
                 if generation > memory.store.generation():
                     problems.append("the index file is newer than the store")
-        index, _ = memory.index_snapshot()  # caught up with the store (rebuilt if untrusted)
+        index = memory.index_snapshot()  # caught up with the store (rebuilt if untrusted)
         stored = memory.store.seqs()
         held = index.ids()
         self.checked.update(index_vectors=len(held))

@@ -459,11 +459,10 @@ class Memory:
             self._index = self._rebuild()
             self.checkpoint()
 
-    def index_snapshot(self) -> tuple[FaissIndex, int]:
-        """The index, caught up with the store, and the generation it is at (for checks)."""
+    def index_snapshot(self) -> FaissIndex:
+        """The index, caught up with the store (for checks)."""
         with self._lock:
-            index = self._sync()
-            return index, self._generation
+            return self._sync()
 
     def _write_manifest(self) -> None:
         atomic_write(self.root / MANIFEST, (self.manifest.to_json() + "\n").encode())
