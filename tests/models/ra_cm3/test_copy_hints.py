@@ -469,7 +469,8 @@ def test_the_prompts_caption_gets_the_text_hints_training_gives_it(color_memory:
     # caption -> image: the caption in the prompt is hinted as in a plain training sequence
     model = build_tiny_racm3(memory=color_memory, hint_slots=2, text_hints=True)
     tok, offset = model.tokenizer, model.generator.config.hint_codes
-    hints, out = spied_hints(lambda: model.generate_image("a red square", samples=1, seed=0))
+    draw = lambda: model.generate_image("a red square", samples=1, seed=0, copy_weight=0.5)  # noqa: E731
+    hints, out = spied_hints(draw)  # sampled (a stored caption copied at weight 1 is not)
     docs = color_memory.get([e.id for e in out.evidence])
     sources = tuple(tuple(tok.encode_text(d.text)) for d in docs if d is not None)
     caption = tok.encode_text("a red square")
@@ -579,8 +580,8 @@ def test_inference_routes_the_document_asked_about_to_the_same_slot(
     cells = hints[last - 3 - n : last - 3]  # the tokens that predict codes 0 .. n-1
     assert cells[:, 2].tolist() == codes
     assert (cells[:, 0] >= 0).all() and (cells[:, 1] == NO_HINT).all()  # one other retrieved
-    # caption -> image with a caption the memory holds: the same
-    hints, _ = spied_hints(lambda: model.generate_image("a red square", samples=1))
+    # caption -> image with a caption the memory holds, sampled (below weight 1): the same
+    hints, _ = spied_hints(lambda: model.generate_image("a red square", 1, copy_weight=0.5))
     assert hints[-n - 1 : -1, 2].tolist() == codes
     # nothing the memory holds: the slot stays free; a model without it: rank order
     novel = Image.new("RGB", (16, 16), (90, 10, 200))

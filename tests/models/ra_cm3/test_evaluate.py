@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import HASHING, tiny_ra_cm3_config
 from mmrag.cli.main import main as cli_main
@@ -25,6 +26,8 @@ from mmrag.models.ra_cm3.evaluate import (
     markdown,
     masked_tone,
     parse_decoding,
+    pixel_rows,
+    pixel_variant_accuracy,
     systems,
     top_agreement,
 )
@@ -85,6 +88,7 @@ def test_evaluate_scores_every_system(
         assert -1 <= metrics["dual_encoder_score"] <= 1
         assert metrics["cider"] >= 0 and 0 <= metrics["exact"] <= 1
         assert 0 <= metrics["variant_accuracy"] <= 1
+        assert 0 <= metrics["variant_accuracy_pixels"] <= 1
     assert 0 <= result["truth_variant_accuracy"] <= 1 and result["true_codes_fid"] >= 0
     knowledge = result["knowledge"]
     assert knowledge["chance"] == pytest.approx(1 / 3)
@@ -228,3 +232,12 @@ def test_parse_decoding_types_the_settings_and_rejects_unknown_keys() -> None:
     for bad in ("nope=1", "copy_weight", "copy_sources=many", "retriever=x"):
         with pytest.raises(ConfigError, match="--decoding"):
             parse_decoding(bad)
+
+
+def test_pixel_variant_accuracy_asks_which_family_image_is_nearest() -> None:
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    family = pixel_rows([Image.new("RGB", (40, 40), c) for c in colours])
+    families = [(family, 0), (family, 2)]  # the first asks for red, the second for blue
+    reddish, green = Image.new("RGB", (64, 64), (180, 50, 40)), Image.new("RGB", (8, 8), colours[1])
+    assert pixel_variant_accuracy([reddish, green], families) == 0.5  # a sibling is no hit
+    assert pixel_variant_accuracy([reddish, Image.new("RGB", (9, 9), colours[2])], families) == 1.0

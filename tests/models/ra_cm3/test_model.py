@@ -6,6 +6,7 @@ import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -33,6 +34,8 @@ def test_generate_image_returns_best_sample_and_evidence(color_memory: Memory) -
     model = build(memory=color_memory)
     out = model.generate_image("a red square", seed=1)
     assert out.image.size == (16, 16)
+    assert len(out.scores) == 1  # a stored caption: its image copied, nothing to sample
+    out = model.generate_image("a red square", seed=1, copy_weight=0.5)
     assert len(out.scores) == 2
     assert len(out.codes) == model.tokenizer.config.image_tokens
     assert all(0 <= c < model.tokenizer.config.image_codes for c in out.codes)
@@ -45,7 +48,7 @@ def test_generate_image_returns_best_sample_and_evidence(color_memory: Memory) -
     assert scores == sorted(scores, reverse=True)
     best = model.image_text_scores([out.image], "a red square")[0]
     assert best == pytest.approx(max(out.scores), abs=1e-5)
-    again = model.generate_image("a red square", seed=1)
+    again = model.generate_image("a red square", seed=1, copy_weight=0.5)
     assert again.codes == out.codes  # seeded
 
 
@@ -234,6 +237,112 @@ def test_a_stored_caption_is_drawn_as_its_stored_image(
     # near matches keep the model's share: the generator alone does not draw the copy
     free = model.generate_image(color_docs[0].text, samples=2, copy_weight=0.0)
     assert free.codes != model.vq.encode_images([stored_image(color_docs)])[0].reshape(-1).tolist()
+
+
+def pasting(model: RACM3, size: int = 32) -> RACM3:
+    """The model drawing at `size` pixels, keeping the copied image's pixels where its codes
+    agree."""
+    config = model.config.replace(paste_reference=True, output_size=size)
+    return RACM3(model.generator, model.tokenizer, model.vq, config, model.memory)
+
+
+def test_a_stored_caption_is_drawn_as_its_stored_pixels_when_pasting(
+    color_memory: Memory, color_docs: list[Document]
+) -> None:
+    model = pasting(build(memory=color_memory))
+    for i in range(3):
+        out = model.generate_image(color_docs[i].text, samples=2, seed=i)
+        assert out.image.size == (32, 32)
+        want = stored_image(color_docs, i).resize((32, 32), Image.Resampling.BICUBIC)
+        assert out.image.tobytes() == want.tobytes()  # every code agrees: every pixel stored
+    free = model.generate_image(color_docs[0].text, samples=1, copy_weight=0.0, seed=0)
+    assert free.image.size == (32, 32)  # the decoding upscaled where the codes differ
+
+
+def test_infill_image_keeps_the_pixels_outside_the_band_when_pasting(
+    color_memory: Memory, query_image: Image.Image
+) -> None:
+    model = pasting(build(memory=color_memory), size=16)
+    out = model.infill_image(query_image, (1, 3), caption="a red square")
+    given = np.asarray(query_image.resize((16, 16), Image.Resampling.BOX))
+    drawn = np.asarray(out.image)
+    cell = 16 // model.grid
+    assert (drawn[3 * cell + 2 :] == given[3 * cell + 2 :]).all()  # below the band, past the seam
+    plain = build(memory=color_memory).infill_image(query_image, (1, 3), caption="a red square")
+    assert plain.codes == out.codes and plain.image.size == (16, 16)
+
+
+GREEN, BLUE = (40, 180, 60), (30, 60, 220)
+
+
+def shape_png(rgb: tuple[int, int, int], disc: bool) -> bytes:
+    """A 32 px white PNG with a coloured disc or square."""
+    img = Image.new("RGB", (32, 32), (255, 255, 255))
+    box = (6, 6, 26, 26)
+    (ImageDraw.Draw(img).ellipse if disc else ImageDraw.Draw(img).rectangle)(box, fill=rgb)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shapes_model(memory: Memory) -> RACM3:
+    """A tiny model drawing by colour analogy over a memory of a green disc and a green and a
+    blue square, with pasting at 32 px."""
+    docs = [
+        Document.of(text="a shiny green disc", image=shape_png(GREEN, True)),
+        Document.of(text="a green square", image=shape_png(GREEN, False)),
+        Document.of(text="a blue square", image=shape_png(BLUE, False)),
+    ]
+    ingest(memory, docs, progress=False)
+    base = build(memory=memory)
+    config = base.config.replace(
+        analogy_k=3, copy_weight=1.0, colour_analogy_gain=0.5, paste_reference=True, output_size=32
+    )
+    return RACM3(base.generator, base.tokenizer, base.vq, config, memory)
+
+
+def test_drawing_by_colour_analogy_recolours_the_copied_image(hashing_memory: Memory) -> None:
+    model = shapes_model(hashing_memory)
+    out = model.generate_image("a shiny blue disc", samples=1)
+    assert out.evidence[0].text == "a shiny green disc"  # copied, recoloured as the squares are
+    assert {e.text for e in out.evidence} == {
+        "a shiny green disc",
+        "a green square",
+        "a blue square",
+    }
+    expected = Image.open(io.BytesIO(shape_png(BLUE, True))).convert("RGB")
+    assert np.abs(np.asarray(out.image, int) - np.asarray(expected, int)).max() <= 1
+    off = model.config.replace(colour_analogy_gain=2.0)  # the codes translated instead
+    kept = RACM3(model.generator, model.tokenizer, model.vq, off, hashing_memory)
+    kept_out = kept.generate_image("a shiny blue disc", samples=1)
+    assert np.abs(np.asarray(kept_out.image, int) - np.asarray(expected, int)).max() > 100
+
+
+def test_captions_are_verified_by_drawing_them(hashing_memory: Memory) -> None:
+    model = shapes_model(hashing_memory)
+    model = RACM3(
+        model.generator,
+        model.tokenizer,
+        model.vq,
+        model.config.replace(synthesis_k=3, synthesis_distance=4.0),
+        hashing_memory,
+    )
+    blue_disc = Image.open(io.BytesIO(shape_png(BLUE, True))).convert("RGB")
+    ranked = [("a green square", 0.9), ("a shiny blue disc", 0.5), ("a blue square", 0.3)]
+    # the recoloured green disc looks like the image: verified, first; the rest in order
+    assert [t for t, _ in model._verified(blue_disc, ranked)] == [
+        "a shiny blue disc",
+        "a green square",
+        "a blue square",
+    ]
+    assert model._imagined("a blue square") is not None  # stored: its own image
+    assert model._imagined("a purple triangle") is None  # would have to be sampled
+    green_square = Image.open(io.BytesIO(shape_png(GREEN, False))).convert("RGB")
+    assert model._verified(green_square, ranked)[0][0] == "a green square"
+    strict = model.config.replace(synthesis_distance=0.0)
+    unsure = RACM3(model.generator, model.tokenizer, model.vq, strict, hashing_memory)
+    near_blue = Image.new("RGB", (32, 32), (250, 250, 250))  # like none of them: unchanged
+    assert unsure._verified(near_blue, ranked) == ranked
 
 
 def test_infilling_a_stored_image_fills_the_stored_words(

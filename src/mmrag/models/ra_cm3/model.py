@@ -21,6 +21,7 @@ from PIL import Image
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
+from mmrag.documents import load_image
 from mmrag.encoders.base import l2_normalize
 from mmrag.fileio import files_sha256
 from mmrag.memory.memory import Memory
@@ -43,13 +44,15 @@ from mmrag.models.ra_cm3.copy_hints import (
 )
 from mmrag.models.ra_cm3.decoding import decode
 from mmrag.models.ra_cm3.generator import Generator
+from mmrag.models.ra_cm3.recolour import ColourMap
 from mmrag.models.ra_cm3.tokenizer import (
     CodedDocument,
     ImageCodes,
     MultimodalTokenizer,
     code_document,
 )
-from mmrag.models.vq.model import VQModel
+from mmrag.models.vq.model import VQModel, square_resize
+from mmrag.models.vq.reference import paste_reference, pixel_distance, upscale
 from mmrag.retrieval import Retriever
 from mmrag.sampling import Sampling, allowed_mask
 
@@ -57,6 +60,7 @@ CONFIG_FILE = "config.json"  # beside generator/, tokenizer/, vq/
 # Instead of vq/: {"checkpoint": NAME, "sha256": ...}, the shipped VQ checkpoint the model uses
 # (checkpoints/ra-cm3 names checkpoints/vq rather than holding a second copy of it).
 VQ_REFERENCE_FILE = "vq.json"
+MAX_COLOUR_PAIRS = 16  # pairs of images a colour analogy learns from, in rank order
 MASK = "<mask>"  # the placeholder a user writes in a caption to infill
 
 
@@ -112,6 +116,27 @@ class RACM3Config(Config):
     # analogy (compose.py) with pairs of documents among the analogy_k retrieved for the
     # caption that differ as the caption differs from the copied document's (0 = off)
     analogy_k: int = 0
+    # image -> caption with composition: the synthesis_k candidates the dual encoder ranks
+    # highest are drawn without sampling where a drawing would copy a whole image (a stored
+    # document with that caption, or a colour analogy), and the one whose drawing looks most
+    # like the image (mean absolute pixel difference at 32 px, at most synthesis_distance of
+    # 255) is the caption: analysis by synthesis (0 = off)
+    synthesis_k: int = 0
+    synthesis_distance: float = 16.0
+    # ... and when the pixels of those pairs show a recolouring (recolour.py: a colour map that
+    # explains at least this share of the pairs' difference), the copied image is recoloured
+    # and its codes are what is copied (> 1: never; the codes are translated instead)
+    colour_analogy_gain: float = 2.0
+    # the copy weight for an image so recoloured: the edit the memory's pairs explain is what
+    # the caption asks for, so it can be trusted like the same document
+    recoloured_copy_weight: float = 1.0
+    # Drawings are `output_size` pixels square (0: the VQ's image size). With
+    # `paste_reference`, a drawing keeps the pixels of the image it copied wherever its codes
+    # are that image's (models/vq/reference.py), the VQ decoding elsewhere, the seams
+    # feathered by `paste_feather` pixels.
+    output_size: int = 0
+    paste_reference: bool = False
+    paste_feather: float = 0.0
 
     def validate(self) -> None:
         if self.samples < 1 or self.caption_samples < 1 or self.max_caption_tokens < 1:
@@ -120,11 +145,16 @@ class RACM3Config(Config):
             raise ConfigError("RACM3Config: guidance >= 0, temperatures > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("RACM3Config: top_p in (0, 1]")
-        for name in ("copy_weight", "text_copy_weight", "exact_copy_weight"):
+        weights = ("copy_weight", "text_copy_weight", "exact_copy_weight", "recoloured_copy_weight")
+        for name in weights:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"RACM3Config: {name} in [0, 1]")
         if not 0.0 < self.same_image_agreement <= 1.0:
             raise ConfigError("RACM3Config: same_image_agreement in (0, 1]")
+        if min(self.output_size, self.paste_feather, self.colour_analogy_gain) < 0:
+            raise ConfigError("RACM3Config: output_size, paste_feather, colour_analogy_gain >= 0")
+        if self.synthesis_k < 0 or self.synthesis_distance < 0:
+            raise ConfigError("RACM3Config: synthesis_k, synthesis_distance >= 0")
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -143,6 +173,15 @@ class Evidence:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "score": round(self.score, 6), "source": self.source}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """An image a drawing copies (at the model's output size) with its VQ codes: where the
+    drawing's codes are these, it keeps these pixels."""
+
+    image: Image.Image
+    codes: tuple[int, ...]
 
 
 @dataclasses.dataclass
@@ -491,7 +530,8 @@ class RACM3:
         the memory's dual encoder scores highest against the caption. `k` and `filters`
         change what is retrieved (default: the model config's k, no filters); `copy_weight`
         the copy interpolation's weight, whatever the match (default: the model config's gate,
-        `exact_copy_weight` when the memory holds this caption, else `copy_weight`)."""
+        `exact_copy_weight` when the memory holds this caption, `recoloured_copy_weight` when a
+        colour analogy recoloured the copied image, else `copy_weight`)."""
         cfg, tok = self.config, self.tokenizer
         samples = samples or cfg.samples
         guidance = cfg.guidance if guidance is None else guidance
@@ -508,20 +548,57 @@ class RACM3:
         prefix, retrieved = self.fit_documents(coded[:shown], self._room(len(main) + n))
         evidence = pool[: len(retrieved.images)]
         same = retrieved.same_caption(words_ids)
+        gated = cfg.exact_copy_weight if same is not None else cfg.copy_weight
         if same is not None:
             drawn = [retrieved.copy_image(same)]
+            references = [self._reference(pool[same], drawn[0])]
         else:  # sample r copies the (r mod copy_sources)-th retrieved image
             stored = CopySources.of(coded, tok).images
             with_image = [i for i, im in enumerate(stored) if im][: max(1, cfg.copy_sources)]
             drawn = [stored[i] for i in with_image] or [()]
+            references = [self._reference(pool[i], stored[i]) for i in with_image] or [None]
             evidence = pool[: max(len(evidence), with_image[-1] + 1 if with_image else 0)]
             if analogies and with_image:
                 top = pool[with_image[0]]
-                drawn[0], used = self._analogy(caption, top.text, drawn[0], found[:analogies])
+                drawn[0], references[0], used, recoloured = self._analogy(
+                    caption, top, drawn[0], found[:analogies]
+                )
                 evidence += [e for e in used if e not in evidence]
+                gated = cfg.recoloured_copy_weight if recoloured else gated
         copies = [self._copy(drawn[r % len(drawn)], range(n)) for r in range(samples)]
-        if copy_weight is None:
-            copy_weight = cfg.exact_copy_weight if same is not None else cfg.copy_weight
+        copy_weight = gated if copy_weight is None else copy_weight
+        references = [references[r % len(references)] for r in range(samples)]
+        if copy_weight >= 1.0 and all(c is not None for c in copies):
+            # each cell is drawn from the copied code alone: nothing to sample, and samples
+            # differ only where they copy different images
+            distinct = min(samples, len(drawn))
+            grids = [[t - tok.image_offset for t in c] for c in copies[:distinct] if c]
+            references = references[:distinct]
+        else:
+            grids = self._sample_codes(
+                prefix, main, retrieved, same, copies, copy_weight, samples, guidance, seed
+            )
+        images = self._pixels(grids, references)
+        scores = self.image_text_scores(images, caption)
+        best = int(np.argmax(scores)) if scores else 0
+        return ImageOutput(images[best], evidence, scores, grids[best])
+
+    def _sample_codes(
+        self,
+        prefix: list[int],
+        main: list[int],
+        retrieved: CopySources,
+        same: int | None,
+        copies: Sequence[list[int] | None],
+        copy_weight: float,
+        samples: int,
+        guidance: float,
+        seed: int,
+    ) -> list[list[int]]:
+        """`samples` code grids for the caption prompt `prefix + main`, with guidance, the copy
+        hints of the `retrieved` documents and the copy interpolation towards `copies`."""
+        cfg, tok = self.config, self.tokenizer
+        n = tok.config.image_tokens
         copy = [[NO_HINT] * n if c is None else c for c in copies]
         sources = self.slotted(retrieved, same)
         prompt = prefix + main
@@ -542,29 +619,84 @@ class RACM3:
             copy=copy,
             copy_weight=copy_weight,
         )
-        grids = [[t - tok.image_offset for t in row] for row in decoded.tokens]
-        images = self.vq.decode_images(torch.tensor(grids).view(samples, self.grid, self.grid))
-        scores = self.image_text_scores(images, caption)
-        best = int(np.argmax(scores)) if scores else 0
-        return ImageOutput(images[best], evidence, scores, grids[best])
+        return [[t - tok.image_offset for t in row] for row in decoded.tokens]
+
+    @property
+    def output_size(self) -> int:
+        """The side in pixels of the images this model returns."""
+        return self.config.output_size or self.vq.config.image_size
+
+    def _reference(self, evidence: Evidence, codes: Sequence[int]) -> Reference | None:
+        """The retrieved document's image (at the output size) with its codes, to keep its
+        pixels where a drawing copies its codes; None without pasting or an image file."""
+        if not self.config.paste_reference or not evidence.image or not codes:
+            return None
+        return Reference(self._evidence_pixels(evidence), tuple(codes))
+
+    def _evidence_pixels(self, evidence: Evidence) -> Image.Image:
+        assert evidence.image is not None
+        return square_resize(load_image(evidence.image), self.output_size)
+
+    def _pixels(
+        self, grids: Sequence[Sequence[int]], references: Sequence[Reference | None]
+    ) -> list[Image.Image]:
+        """The images of these code grids at the output size: the VQ's decoding, with each
+        grid's reference pixels kept where its codes agree (`paste_reference`)."""
+        decoded = self.vq.decode_images(torch.tensor(grids).view(len(grids), self.grid, self.grid))
+        size, feather = self.output_size, self.config.paste_feather
+        return [
+            upscale(image, size)
+            if ref is None
+            else paste_reference(image, grid, ref.image, ref.codes, size, feather)
+            for image, grid, ref in zip(decoded, grids, references, strict=True)
+        ]
 
     def _analogy(
-        self, caption: str, copied: str, codes: Sequence[int], found: Sequence[Evidence]
-    ) -> tuple[tuple[int, ...], list[Evidence]]:
-        """The copied image's codes changed as the memory's documents change where their
-        captions differ as `caption` differs from the copied document's caption `copied`
-        (compose.py: `man cook: medium -> dark skin tone` shows the codes of a darker skin),
-        and those documents; unchanged, and none, without such pairs among `found`."""
-        pairs = analogous_pairs([e.text for e in found], caption_edits(copied, caption))
+        self, caption: str, copied: Evidence, codes: Sequence[int], found: Sequence[Evidence]
+    ) -> tuple[tuple[int, ...], Reference | None, list[Evidence], bool]:
+        """The copied document's codes changed as the memory's documents change where their
+        captions differ as `caption` differs from the copied document's caption (compose.py:
+        `man cook: medium -> dark skin tone` shows the codes of a darker skin), the reference
+        whose pixels the drawing keeps, and those documents; unchanged, and none, without such
+        pairs among `found`; also whether it was recoloured: when the pairs' pixels show a
+        recolouring (recolour.py), the copied image itself is recoloured and coded, and is
+        both the codes and the reference."""
+        reference = self._reference(copied, codes)
+        pairs = analogous_pairs([e.text for e in found], caption_edits(copied.text, caption))
         if not pairs:
-            return tuple(codes), []
+            return tuple(codes), reference, [], False
         used = sorted({i for pair in pairs for i in pair})
+        recoloured = self._recolour(copied, [(found[i], found[j]) for i, j in pairs])
+        if recoloured is not None:
+            new = tuple(int(c) for c in self.vq.encode_images([recoloured])[0].flatten())
+            keep = Reference(recoloured, new) if self.config.paste_reference else None
+            return new, keep, [found[i] for i in used], True
         images = CopySources.of(self._coded([found[i] for i in used]), self.tokenizer).images
         grid = dict(zip(used, images, strict=True))
         aligned = [
             (grid[i], grid[j]) for i, j in pairs if len(grid[i]) == len(grid[j]) == len(codes)
         ]
-        return tuple(translate_codes(codes, aligned)), [found[i] for i in used]
+        translated = tuple(translate_codes(codes, aligned))
+        return translated, reference, [found[i] for i in used], False
+
+    def _recolour(
+        self, copied: Evidence, pairs: Sequence[tuple[Evidence, Evidence]]
+    ) -> Image.Image | None:
+        """The copied document's image recoloured as the pairs' images are (at the output
+        size), when their colour map explains at least `colour_analogy_gain` of their
+        difference; else None."""
+        cfg = self.config
+        with_images = [(a, b) for a, b in pairs if a.image and b.image][:MAX_COLOUR_PAIRS]
+        if cfg.colour_analogy_gain > 1.0 or not copied.image or not with_images:
+            return None
+        pixels = [
+            (np.asarray(self._evidence_pixels(a)), np.asarray(self._evidence_pixels(b)))
+            for a, b in with_images
+        ]
+        colours = ColourMap.learn(pixels)
+        if not colours.moves_anything or colours.gain(pixels) < cfg.colour_analogy_gain:
+            return None
+        return Image.fromarray(colours.apply(np.asarray(self._evidence_pixels(copied))))
 
     def image_text_scores(self, images: Sequence[Image.Image], caption: str) -> list[float]:
         """The memory's dual-encoder score of each image against the caption (empty without a
@@ -698,9 +830,40 @@ class RACM3:
         seen = l2_normalize(encoder.encode_image([image]))[0]
         match = l2_normalize(encoder.encode_text(full)) @ seen
         ranked = sorted(zip(full, map(float, match), strict=True), key=lambda c: -c[1])
+        ranked = self._verified(image, ranked)
         shown = {e.id for e in sampled.evidence}
         evidence = [*sampled.evidence, *(e for e in pool if e.id not in shown)]
         return CaptionOutput(ranked[0][0], evidence, samples, None, ranked)
+
+    def _verified(
+        self, image: Image.Image, ranked: list[tuple[str, float]]
+    ) -> list[tuple[str, float]]:
+        """`ranked` with the candidate whose drawing looks most like `image` first, among the
+        `synthesis_k` best that can be drawn without sampling (`_imagined`) and look like it
+        within `synthesis_distance`; unchanged without one."""
+        cfg = self.config
+        drawn = [(t, self._imagined(t)) for t, _ in ranked[: cfg.synthesis_k]]
+        near = [(pixel_distance(image, im), t) for t, im in drawn if im is not None]
+        if not near or min(near)[0] > cfg.synthesis_distance:
+            return ranked
+        best = min(near)[1]
+        return sorted(ranked, key=lambda c: c[0] != best)  # stable: the rest keep their order
+
+    def _imagined(self, caption: str) -> Image.Image | None:
+        """What a drawing of `caption` copies whole, at the output size: the image of a
+        retrieved document with that very caption, or the top retrieved image recoloured by a
+        colour analogy (`_recolour`); None where a drawing would have to be sampled."""
+        cfg = self.config
+        found = self.evidence(caption, None, k=max(cfg.retriever.k, cfg.analogy_k))
+        with_image = [e for e in found if e.image]
+        stored = next((e for e in with_image if e.text == caption), None)
+        if stored is not None:
+            return self._evidence_pixels(stored)
+        if not with_image or not cfg.analogy_k:
+            return None
+        top = with_image[0]
+        pairs = analogous_pairs([e.text for e in found], caption_edits(top.text, caption))
+        return self._recolour(top, [(found[i], found[j]) for i, j in pairs]) if pairs else None
 
     def _image_tokens(self, image: Image.Image) -> tuple[ImageCodes, list[int]]:
         """The image's VQ code grid and its tokens."""
@@ -836,7 +999,10 @@ class RACM3:
         )
         filled = [*codes[:a], *decoded.tokens[0], *codes[b:]]
         grid = [t - tok.image_offset for t in filled]
-        out = self.vq.decode_images(torch.tensor(grid).view(1, self.grid, self.grid))[0]
+        # outside the band (and inside it where the codes come back unchanged) the image keeps
+        # its own pixels
+        kept = Reference(square_resize(image, self.output_size), tuple(given.codes))
+        out = self._pixels([grid], [kept if cfg.paste_reference else None])[0]
         scores = self.image_text_scores([out], caption) if caption else [0.0]
         return ImageOutput(out, evidence, scores, grid)
 
