@@ -5,7 +5,7 @@ and captioned from its image through the public `RACM3.generate_image` / `genera
 Not a benchmark: it writes a figure (rows: truth, drawn, top evidence) and a markdown table of
 the captions for docs/ra-cm3.md.
 
-Run: .venv/bin/python benchmarks/show_ra_cm3.py --run .cache/runs/ra-cm3 [--n 12] \\
+Run: .venv/bin/python benchmarks/show_ra_cm3.py --run .cache/runs/ra-cm3-bridged [--n 12] \\
     [--png docs/ra-cm3-heldout.png]
 """
 
@@ -22,7 +22,7 @@ from mmrag.memory.memory import Memory
 from mmrag.models.ra_cm3.data import CORPUS_FILE, Corpus
 from mmrag.models.ra_cm3.model import RACM3
 
-CELL = 64
+CELL = 96
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,3 +238,27 @@ def test_retriever_quick(tmp_path: Path) -> None:
     assert size["kinds"]["flat"]["recall_at_10"] == 1.0
     assert size["kinds"]["hnsw"]["recall_at_10"] >= 0.9
     assert set(result["goals"]["retriever_over_faiss_p50"]) == {"2000/flat", "2000/hnsw"}
+
+
+def test_ra_cm3_end_to_end(shapes_dataset: Path, tiny_vq_dir: Path, tmp_path: Path) -> None:
+    """The end-to-end RA-CM3 benchmark on a tiny trained run: both decodings timed per item."""
+    from conftest import HASHING, tiny_ra_cm3_config
+    from mmrag.models.ra_cm3.train import train_ra_cm3
+
+    run = tmp_path / "ra"
+    train_ra_cm3([shapes_dataset], run, tiny_ra_cm3_config(steps=2), tiny_vq_dir, HASHING)
+    baseline = tmp_path / "baseline.json"
+    RACM3Config(copy_weight=0.0).save(baseline)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        bench_ra_cm3 = importlib.import_module("bench_ra_cm3")
+        out = tmp_path / "ra-cm3.json"
+        argv = ["--run", str(run), "--model", str(run), "--baseline-config", str(baseline)]
+        assert bench_ra_cm3.main([*argv, "--n", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for kind in ("image", "caption"):
+        timing = result["seconds"][kind]
+        assert len(timing["model"]) == len(timing["baseline"]) == 2
+        assert all(t > 0 for t in timing["model"] + timing["baseline"])
+        assert timing["model_over_baseline_median_paired"] > 0
+    assert set(result["goals"]) >= {"pass_seconds", "pass_ratio"}

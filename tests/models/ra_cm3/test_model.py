@@ -330,19 +330,19 @@ def test_captions_are_verified_by_drawing_them(hashing_memory: Memory) -> None:
     blue_disc = Image.open(io.BytesIO(shape_png(BLUE, True))).convert("RGB")
     ranked = [("a green square", 0.9), ("a shiny blue disc", 0.5), ("a blue square", 0.3)]
     # the recoloured green disc looks like the image: verified, first; the rest in order
-    assert [t for t, _ in model._verified(blue_disc, ranked)] == [
-        "a shiny blue disc",
-        "a green square",
-        "a blue square",
-    ]
-    assert model._imagined("a blue square") is not None  # stored: its own image
-    assert model._imagined("a purple triangle") is None  # would have to be sampled
+    verified, used = model._verified(blue_disc, ranked)
+    assert [t for t, _ in verified] == ["a shiny blue disc", "a green square", "a blue square"]
+    assert used[0].text == "a shiny green disc"  # copied, and the pair that recoloured it
+    assert {e.text for e in used[1:]} == {"a green square", "a blue square"}
+    stored, from_docs = model._imagined("a blue square")  # stored: its own image
+    assert stored is not None and [e.text for e in from_docs] == ["a blue square"]
+    assert model._imagined("a purple triangle") == (None, [])  # would have to be sampled
     green_square = Image.open(io.BytesIO(shape_png(GREEN, False))).convert("RGB")
-    assert model._verified(green_square, ranked)[0][0] == "a green square"
+    assert model._verified(green_square, ranked)[0][0][0] == "a green square"
     strict = model.config.replace(synthesis_distance=0.0)
     unsure = RACM3(model.generator, model.tokenizer, model.vq, strict, hashing_memory)
-    near_blue = Image.new("RGB", (32, 32), (250, 250, 250))  # like none of them: unchanged
-    assert unsure._verified(near_blue, ranked) == ranked
+    like_none = Image.new("RGB", (32, 32), (250, 250, 250))  # unchanged
+    assert unsure._verified(like_none, ranked) == (ranked, [])
 
 
 def test_infilling_a_stored_image_fills_the_stored_words(

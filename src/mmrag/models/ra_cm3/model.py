@@ -737,7 +737,7 @@ class RACM3:
         if out.copied is not None or not compose or not pool:
             return out
         texts = [*recombinations([e.text for e in pool]), *(t for t, _ in out.candidates)]
-        return self._compose(image, out, texts, lambda text: text, pool)
+        return self._compose(image, out, texts, lambda text: text, pool, verify=not demos)
 
     def infill_caption(
         self,
@@ -788,7 +788,7 @@ class RACM3:
         if out.copied is None and compose and pool:
             spans = spans_between([e.text for e in pool], left, right)
             texts = [*spans, *(t for t, _ in out.candidates)]
-            return self._compose(image, out, texts, whole, pool)
+            return self._compose(image, out, texts, whole, pool, verify=not demos)
         out.text = whole(out.text)
         out.candidates = [(whole(t), p) for t, p in out.candidates]
         return out
@@ -818,10 +818,13 @@ class RACM3:
         texts: Sequence[str],
         whole: Callable[[str], str],
         pool: Sequence[Evidence],
+        verify: bool = True,
     ) -> CaptionOutput:
         """The candidate (`whole(text)` of each of `texts`) the memory's dual encoder scores
         highest against `image`, with `sampled`'s samples; its evidence: `sampled`'s and the
-        other documents of `pool` whose captions were recombined."""
+        other documents of `pool` whose captions were recombined. With `verify` (not with
+        pinned demonstrations, which replace retrieval), the best candidate whose drawing looks
+        like the image goes first (`_verified`)."""
         full = list(dict.fromkeys(whole(t) for t in texts if t.strip()))
         samples = [(whole(t), p) for t, p in sampled.candidates]
         if not full or self.memory is None:
@@ -830,40 +833,52 @@ class RACM3:
         seen = l2_normalize(encoder.encode_image([image]))[0]
         match = l2_normalize(encoder.encode_text(full)) @ seen
         ranked = sorted(zip(full, map(float, match), strict=True), key=lambda c: -c[1])
-        ranked = self._verified(image, ranked)
-        shown = {e.id for e in sampled.evidence}
-        evidence = [*sampled.evidence, *(e for e in pool if e.id not in shown)]
+        ranked, drew = self._verified(image, ranked) if verify else (ranked, [])
+        evidence = list(sampled.evidence)
+        for e in [*pool, *drew]:
+            if e.id not in {x.id for x in evidence}:
+                evidence.append(e)
         return CaptionOutput(ranked[0][0], evidence, samples, None, ranked)
 
     def _verified(
         self, image: Image.Image, ranked: list[tuple[str, float]]
-    ) -> list[tuple[str, float]]:
+    ) -> tuple[list[tuple[str, float]], list[Evidence]]:
         """`ranked` with the candidate whose drawing looks most like `image` first, among the
         `synthesis_k` best that can be drawn without sampling (`_imagined`) and look like it
-        within `synthesis_distance`; unchanged without one."""
+        within `synthesis_distance`, and the documents its drawing used; unchanged, and none,
+        without one."""
         cfg = self.config
-        drawn = [(t, self._imagined(t)) for t, _ in ranked[: cfg.synthesis_k]]
-        near = [(pixel_distance(image, im), t) for t, im in drawn if im is not None]
-        if not near or min(near)[0] > cfg.synthesis_distance:
-            return ranked
-        best = min(near)[1]
-        return sorted(ranked, key=lambda c: c[0] != best)  # stable: the rest keep their order
+        near = []
+        for text, _ in ranked[: cfg.synthesis_k]:
+            drawn, used = self._imagined(text)
+            if drawn is not None:
+                near.append((pixel_distance(image, drawn), text, used))
+        if not near:
+            return ranked, []
+        distance, best, used = min(near, key=lambda n: n[0])
+        if distance > cfg.synthesis_distance:
+            return ranked, []
+        return sorted(ranked, key=lambda c: c[0] != best), used  # stable: the rest keep order
 
-    def _imagined(self, caption: str) -> Image.Image | None:
-        """What a drawing of `caption` copies whole, at the output size: the image of a
-        retrieved document with that very caption, or the top retrieved image recoloured by a
-        colour analogy (`_recolour`); None where a drawing would have to be sampled."""
+    def _imagined(self, caption: str) -> tuple[Image.Image | None, list[Evidence]]:
+        """What a drawing of `caption` copies whole, at the output size, and the documents it
+        comes from: the image of a retrieved document with that very caption, or the top
+        retrieved image recoloured by a colour analogy (`_recolour`); None where a drawing
+        would have to be sampled."""
         cfg = self.config
         found = self.evidence(caption, None, k=max(cfg.retriever.k, cfg.analogy_k))
         with_image = [e for e in found if e.image]
         stored = next((e for e in with_image if e.text == caption), None)
         if stored is not None:
-            return self._evidence_pixels(stored)
+            return self._evidence_pixels(stored), [stored]
         if not with_image or not cfg.analogy_k:
-            return None
+            return None, []
         top = with_image[0]
         pairs = analogous_pairs([e.text for e in found], caption_edits(top.text, caption))
-        return self._recolour(top, [(found[i], found[j]) for i, j in pairs]) if pairs else None
+        recoloured = self._recolour(top, [(found[i], found[j]) for i, j in pairs])
+        if recoloured is None:
+            return None, []
+        return recoloured, [top, *(found[i] for i in sorted({i for p in pairs for i in p}))]
 
     def _image_tokens(self, image: Image.Image) -> tuple[ImageCodes, list[int]]:
         """The image's VQ code grid and its tokens."""
