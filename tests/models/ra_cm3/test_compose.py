@@ -82,3 +82,12 @@ def test_translate_codes_follows_the_codes_that_change_in_the_pairs() -> None:
     pairs = [([1, 5, 5, 2], [1, 9, 9, 2]), ([5, 1, 3, 3], [9, 1, 4, 3])]
     assert translate_codes([5, 1, 2, 3, 7], pairs) == [9, 1, 2, 3, 7]  # 3 stayed more than moved
     assert translate_codes([5, 5], []) == [5, 5]
+
+
+def test_an_inserted_word_is_learnt_where_it_replaced_another() -> None:
+    captions = ["banana", "yellow heart", "purple heart", "green heart", "purple car", "red apple"]
+    edits = caption_edits("banana", "purple banana")
+    assert edits == [((), ("purple",))]
+    assert sorted(analogous_pairs(captions, edits)) == [(1, 2), (3, 2)]
+    # words inserted that never replaced any: no pair
+    assert analogous_pairs(captions, caption_edits("banana", "banana with a crown")) == []

@@ -113,14 +113,37 @@ def apply_edits(text: str, edits: Sequence[Edit]) -> str | None:
 
 def analogous_pairs(captions: Sequence[str], edits: Sequence[Edit]) -> list[tuple[int, int]]:
     """Pairs (i, j) of `captions` where the edits turn caption i into caption j: documents that
-    differ as the drawing asked for differs from the document it copies."""
+    differ as the drawing asked for differs from the document it copies. An edit that only
+    inserts words (`banana` -> `purple banana`) is learnt where those words replaced others:
+    pairs whose captions differ by one such replacement (`yellow heart` / `purple heart`)."""
     at = {c: j for j, c in enumerate(captions)}
     out = []
     for i, caption in enumerate(captions):
         edited = apply_edits(caption, edits) if edits else None
         if edited is not None and edited != caption and edited in at:
             out.append((i, at[edited]))
+    if len(edits) == 1 and not edits[0][0] and edits[0][1]:
+        out += replacements_by(captions, edits[0][1])
     return out
+
+
+def replacements_by(captions: Sequence[str], new: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Pairs (i, j) of `captions` that differ by one replacement of words of caption i by the
+    words `new` (`yellow heart` / `purple heart` for `purple`)."""
+    holding = [j for j, c in enumerate(captions) if _holds(words(c), new)]
+    return [
+        (i, j)
+        for j in holding
+        for i, caption in enumerate(captions)
+        if i != j
+        and len(edits := caption_edits(caption, captions[j])) == 1
+        and edits[0][0]
+        and edits[0][1] == new
+    ]
+
+
+def _holds(parts: Sequence[str], new: tuple[str, ...]) -> bool:
+    return any(tuple(parts[s : s + len(new)]) == new for s in range(len(parts) - len(new) + 1))
 
 
 def translate_codes(
