@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import HASHING, tiny_ra_cm3_config
+from mmrag.checkpoints import checkpoint_dir
 from mmrag.cli.main import main as cli_main
 from mmrag.config import ConfigError
 from mmrag.documents import load_image
@@ -31,7 +32,7 @@ from mmrag.models.ra_cm3.evaluate import (
     systems,
     top_agreement,
 )
-from mmrag.models.ra_cm3.model import RACM3
+from mmrag.models.ra_cm3.model import CONFIG_FILE, RACM3, RACM3Config
 from mmrag.models.ra_cm3.train import train_ra_cm3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,6 +167,11 @@ def test_the_evaluation_generates_what_the_command_line_generates(
     """The eval's systems call the public generate_* with the shipped settings: the same items
     through `mmrag generate` give the same outputs."""
     ra, _ = runs
+    # the shipped decoding (pixels pasted, colour analogies, verified captions) on this run
+    own = RACM3Config.load(ra / CONFIG_FILE)
+    shipped = RACM3Config.load(checkpoint_dir("ra-cm3") / CONFIG_FILE)
+    keep = {k: getattr(own, k) for k in ("same_document_slot", "trained_with_retrieval")}
+    shipped.replace(**keep).save(ra / CONFIG_FILE)
     split = json.loads((ra / "split.json").read_text())
     corpus = Corpus.load(ra / CORPUS_FILE)
     rows = split["heldout"][:2]
