@@ -116,13 +116,6 @@ class RACM3Config(Config):
     # analogy (compose.py) with pairs of documents among the analogy_k retrieved for the
     # caption that differ as the caption differs from the copied document's (0 = off)
     analogy_k: int = 0
-    # image -> caption with composition: the synthesis_k candidates the dual encoder ranks
-    # highest are drawn without sampling where a drawing would copy a whole image (a stored
-    # document with that caption, or a colour analogy), and the one whose drawing looks most
-    # like the image (mean absolute pixel difference at 32 px, at most synthesis_distance of
-    # 255) is the caption: analysis by synthesis (0 = off)
-    synthesis_k: int = 0
-    synthesis_distance: float = 16.0
     # ... and when the pixels of those pairs show a recolouring (recolour.py: a colour map that
     # explains at least this share of the pairs' difference), the copied image is recoloured
     # and its codes are what is copied (> 1: never; the codes are translated instead)
@@ -130,6 +123,13 @@ class RACM3Config(Config):
     # the copy weight for an image so recoloured: the edit the memory's pairs explain is what
     # the caption asks for, so it can be trusted like the same document
     recoloured_copy_weight: float = 1.0
+    # image -> caption with composition: the synthesis_k candidates the dual encoder ranks
+    # highest are drawn without sampling where a drawing would copy a whole image (a stored
+    # document with that caption, or a colour analogy), and the one whose drawing looks most
+    # like the image (mean absolute pixel difference at 32 px, at most synthesis_distance of
+    # 255) is the caption: analysis by synthesis (0 = off)
+    synthesis_k: int = 0
+    synthesis_distance: float = 4.0
     # Drawings are `output_size` pixels square (0: the VQ's image size). With
     # `paste_reference`, a drawing keeps the pixels of the image it copied wherever its codes
     # are that image's (models/vq/reference.py), the VQ decoding elsewhere, the seams
