@@ -9,7 +9,7 @@ Every result carries its id, score, parts, metadata and stored image path as evi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +182,11 @@ class Retriever:
         for _ in range(MAX_REFETCH_ROUNDS):
             pending = [q for q, r in enumerate(results) if r is None]
             hits = self.memory.search_vectors(vectors[pending], fetch, filters)
+            # each document once, however many of the queries found it
+            seqs = list(dict.fromkeys(seq for found in hits for seq, _ in found))
+            docs = dict(zip(seqs, self.memory.get_by_seq(seqs), strict=True))
             for q, candidates in zip(pending, hits, strict=True):
-                chosen = self._choose(candidates, excludes[q], k, config)
+                chosen = self._choose(candidates, docs, excludes[q], k, config)
                 if len(chosen) >= k or len(candidates) < fetch:  # enough, or all there is
                     results[q] = chosen
             if all(r is not None for r in results):
@@ -194,15 +197,15 @@ class Retriever:
     def _choose(
         self,
         candidates: list[tuple[int, float]],
+        docs: Mapping[int, StoredDocument | None],
         exclude: set[str],
         k: int,
         config: RetrieverConfig,
     ) -> list[SearchResult]:
-        docs = self.memory.get_by_seq([seq for seq, _ in candidates])
         kept = [
             SearchResult.of(doc, score)
-            for doc, (_, score) in zip(docs, candidates, strict=True)
-            if doc is not None and doc.id not in exclude
+            for seq, score in candidates
+            if (doc := docs[seq]) is not None and doc.id not in exclude
         ]
         if not reranks(config):
             return kept[:k]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = str(root)
 
     def path(self, sha256: str, ext: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.{ext}"
@@ -52,6 +54,11 @@ class BlobStore:
     def resolve(self, name: str) -> Path:
         sha, _, ext = name.partition(".")
         return self.path(sha, ext)
+
+    def location(self, name: str) -> str:
+        """`resolve(name)` as a string, without building a Path (a search materialises
+        hundreds of documents)."""
+        return f"{self._prefix}{os.sep}{name[:2]}{os.sep}{name}"
 
     def remove(self, sha256: str) -> None:
         """Delete the blob with this hash, whatever its extension (a no-op if absent)."""

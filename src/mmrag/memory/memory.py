@@ -555,7 +555,7 @@ class Memory:
             Part.stored(text=p["text"])
             if "text" in p
             else Part.stored(
-                sha256=p["image"].split(".", 1)[0], path=str(self.blobs.resolve(p["image"]))
+                sha256=p["image"].split(".", 1)[0], path=self.blobs.location(p["image"])
             )
             for p in row.parts
         )

@@ -8,6 +8,7 @@ of the documents it was conditioned on).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -53,7 +54,7 @@ from mmrag.models.ra_cm3.tokenizer import (
 )
 from mmrag.models.vq.model import VQModel, square_resize
 from mmrag.models.vq.reference import paste_reference, pixel_distance, upscale
-from mmrag.retrieval import Retriever
+from mmrag.retrieval import Retriever, SearchResult
 from mmrag.sampling import Sampling, allowed_mask
 
 CONFIG_FILE = "config.json"  # beside generator/, tokenizer/, vq/
@@ -170,6 +171,10 @@ class Evidence:
     source: Literal["retrieved", "pinned"]
     text: str = ""
     image: str | None = None
+
+    @classmethod
+    def retrieved(cls, hit: SearchResult) -> Evidence:
+        return cls(hit.id, hit.score, "retrieved", hit.text, hit.image)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "score": round(self.score, 6), "source": self.source}
@@ -432,7 +437,7 @@ class RACM3:
                 for d, s in zip(docs, scores, strict=True)
             ]
         hits = self.retriever.search_vectors(query[None], k or self.config.retriever.k, filters)[0]
-        return [Evidence(h.id, h.score, "retrieved", h.text, h.image) for h in hits]
+        return [Evidence.retrieved(h) for h in hits]
 
     def _coded(self, evidence: Sequence[Evidence]) -> list[CodedDocument]:
         if not evidence:
@@ -635,7 +640,7 @@ class RACM3:
 
     def _evidence_pixels(self, evidence: Evidence) -> Image.Image:
         assert evidence.image is not None
-        return square_resize(load_image(evidence.image), self.output_size)
+        return _stored_pixels(evidence.image, self.output_size)
 
     def _pixels(
         self, grids: Sequence[Sequence[int]], references: Sequence[Reference | None]
@@ -848,9 +853,13 @@ class RACM3:
         within `synthesis_distance`, and the documents its drawing used; unchanged, and none,
         without one."""
         cfg = self.config
+        texts = [t for t, _ in ranked[: cfg.synthesis_k]]
+        if not texts or self.retriever is None:
+            return ranked, []
+        found = self.retriever.search_batch(texts, max(cfg.retriever.k, cfg.analogy_k))
         near = []
-        for text, _ in ranked[: cfg.synthesis_k]:
-            drawn, used = self._imagined(text)
+        for text, hits in zip(texts, found, strict=True):
+            drawn, used = self._imagined(text, [Evidence.retrieved(h) for h in hits])
             if drawn is not None:
                 near.append((pixel_distance(image, drawn), text, used))
         if not near:
@@ -860,13 +869,16 @@ class RACM3:
             return ranked, []
         return sorted(ranked, key=lambda c: c[0] != best), used  # stable: the rest keep order
 
-    def _imagined(self, caption: str) -> tuple[Image.Image | None, list[Evidence]]:
+    def _imagined(
+        self, caption: str, found: Sequence[Evidence] | None = None
+    ) -> tuple[Image.Image | None, list[Evidence]]:
         """What a drawing of `caption` copies whole, at the output size, and the documents it
         comes from: the image of a retrieved document with that very caption, or the top
         retrieved image recoloured by a colour analogy (`_recolour`); None where a drawing
-        would have to be sampled."""
+        would have to be sampled. `found`: what retrieval finds for the caption, if known."""
         cfg = self.config
-        found = self.evidence(caption, None, k=max(cfg.retriever.k, cfg.analogy_k))
+        if found is None:
+            found = self.evidence(caption, None, k=max(cfg.retriever.k, cfg.analogy_k))
         with_image = [e for e in found if e.image]
         stored = next((e for e in with_image if e.text == caption), None)
         if stored is not None:
@@ -1020,6 +1032,13 @@ class RACM3:
         out = self._pixels([grid], [kept if cfg.paste_reference else None])[0]
         scores = self.image_text_scores([out], caption) if caption else [0.0]
         return ImageOutput(out, evidence, scores, grid)
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_pixels(path: str, size: int) -> Image.Image:
+    """A stored image file square-resized to `size` (never modified by callers). The memory's
+    blobs are named by their content's SHA-256, so a path always holds the same image."""
+    return square_resize(load_image(path), size)
 
 
 def _glue(parts: Sequence[str]) -> str:
