@@ -301,6 +301,24 @@ def shapes_model(memory: Memory) -> RACM3:
     return RACM3(base.generator, base.tokenizer, base.vq, config, memory)
 
 
+def test_a_stored_caption_is_copied_even_where_redundancy_skipping_drops_it(
+    hashing_memory: Memory,
+) -> None:
+    # the same words in another order: the same hashed vector, so the retriever's redundancy
+    # skipping keeps only one of the two
+    docs = [
+        Document.of(text="a red and blue square", image=shape_png(GREEN, False)),
+        Document.of(text="a blue and red square", image=shape_png(BLUE, True)),
+    ]
+    ingest(hashing_memory, docs, progress=False)
+    model = build(memory=hashing_memory)
+    for doc, image in zip(docs, (shape_png(GREEN, False), shape_png(BLUE, True)), strict=True):
+        out = model.generate_image(doc.text, samples=1)
+        stored = Image.open(io.BytesIO(image)).convert("RGB")
+        assert out.codes == model.vq.encode_images([stored])[0].reshape(-1).tolist()
+        assert out.evidence[0].id == doc.id
+
+
 def test_drawing_by_colour_analogy_recolours_the_copied_image(hashing_memory: Memory) -> None:
     model = shapes_model(hashing_memory)
     out = model.generate_image("a shiny blue disc", samples=1)

@@ -61,6 +61,7 @@ CONFIG_FILE = "config.json"  # beside generator/, tokenizer/, vq/
 # Instead of vq/: {"checkpoint": NAME, "sha256": ...}, the shipped VQ checkpoint the model uses
 # (checkpoints/ra-cm3 names checkpoints/vq rather than holding a second copy of it).
 VQ_REFERENCE_FILE = "vq.json"
+EXACT_K = 8  # documents searched for one holding the caption asked to draw, word for word
 MAX_COLOUR_PAIRS = 16  # pairs of images a colour analogy learns from, in rank order
 MASK = "<mask>"  # the placeholder a user writes in a caption to infill
 
@@ -544,6 +545,10 @@ class RACM3:
         analogies = cfg.analogy_k if not demos else 0
         wide = max(k, cfg.copy_sources, analogies)
         found = self.evidence(caption, None, retrieval, demos, wide, filters)
+        if found and not demos:  # a document with this very caption is what to copy
+            holder = self._stored_caption(caption, filters)
+            if holder is not None:
+                found = [holder, *(e for e in found if e.id != holder.id)]
         pool = found[: max(k, cfg.copy_sources)] if not demos else found
         words_ids = tok.encode_text(caption)
         main = [tok.img_alt_id, *words_ids, tok.src_id]
@@ -625,6 +630,16 @@ class RACM3:
             copy_weight=copy_weight,
         )
         return [[t - tok.image_offset for t in row] for row in decoded.tokens]
+
+    def _stored_caption(self, caption: str, filters: Filters | None) -> Evidence | None:
+        """A document with an image and exactly this caption among the EXACT_K the caption
+        retrieves without redundancy skipping (which would drop a near twin of the top one:
+        `woman and man holding hands: light skin tone, dark skin tone` is nearly its swapped
+        sibling to the dual encoder), else None."""
+        assert self.retriever is not None
+        plain = RetrieverConfig(k=EXACT_K)
+        hits = self.retriever.search(caption, None, EXACT_K, filters, config=plain)
+        return next((Evidence.retrieved(h) for h in hits if h.text == caption and h.image), None)
 
     @property
     def output_size(self) -> int:
