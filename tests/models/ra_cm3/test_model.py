@@ -275,10 +275,10 @@ def test_infill_image_keeps_the_pixels_outside_the_band_when_pasting(
 GREEN, BLUE = (40, 180, 60), (30, 60, 220)
 
 
-def shape_png(rgb: tuple[int, int, int], disc: bool) -> bytes:
-    """A 32 px white PNG with a coloured disc or square."""
-    img = Image.new("RGB", (32, 32), (255, 255, 255))
-    box = (6, 6, 26, 26)
+def shape_png(rgb: tuple[int, int, int], disc: bool, side: int = 32) -> bytes:
+    """A white PNG `side` pixels square with a coloured disc or square."""
+    img = Image.new("RGB", (side, side), (255, 255, 255))
+    box = (side * 3 // 16, side * 3 // 16, side * 13 // 16, side * 13 // 16)
     (ImageDraw.Draw(img).ellipse if disc else ImageDraw.Draw(img).rectangle)(box, fill=rgb)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -414,12 +414,7 @@ def test_drawing_by_analogy_changes_the_copied_codes_as_stored_pairs_do(
     hashing_memory: Memory,
 ) -> None:
     def shape(rgb: tuple[int, int, int], disc: bool) -> bytes:
-        img = Image.new("RGB", (16, 16), (255, 255, 255))
-        box = (3, 3, 13, 13)
-        (ImageDraw.Draw(img).ellipse if disc else ImageDraw.Draw(img).rectangle)(box, fill=rgb)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
+        return shape_png(rgb, disc, side=16)
 
     docs = [
         Document.of(text="a red square", image=shape((230, 20, 20), False)),
