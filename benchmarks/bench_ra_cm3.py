@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_times: dict[str, list[float]] = {k: [] for k in ("image", "caption")}
     with Memory.open(args.run / "memory") as memory:
         model = RACM3.from_pretrained(args.model, memory)
-        base = RACM3(model.generator, model.tokenizer, model.vq, baseline_config, memory)
+        base = model.with_config(baseline_config)
         model.generate_image(corpus.captions[rows[0]])  # warm-up: loads, caches
         base.generate_image(corpus.captions[rows[0]])
         for i, row in enumerate(rows):  # interleaved, so load changes hit both sides

@@ -242,8 +242,7 @@ def test_a_stored_caption_is_drawn_as_its_stored_image(
 def pasting(model: RACM3, size: int = 32) -> RACM3:
     """The model drawing at `size` pixels, keeping the copied image's pixels where its codes
     agree."""
-    config = model.config.replace(paste_reference=True, output_size=size)
-    return RACM3(model.generator, model.tokenizer, model.vq, config, model.memory)
+    return model.with_config(paste_reference=True, output_size=size)
 
 
 def test_a_stored_caption_is_drawn_as_its_stored_pixels_when_pasting(
@@ -294,11 +293,9 @@ def shapes_model(memory: Memory) -> RACM3:
         Document.of(text="a blue square", image=shape_png(BLUE, False)),
     ]
     ingest(memory, docs, progress=False)
-    base = build(memory=memory)
-    config = base.config.replace(
+    return build(memory=memory).with_config(
         analogy_k=3, copy_weight=1.0, colour_analogy_gain=0.5, paste_reference=True, output_size=32
     )
-    return RACM3(base.generator, base.tokenizer, base.vq, config, memory)
 
 
 def test_a_stored_caption_is_copied_even_where_redundancy_skipping_drops_it(
@@ -330,21 +327,13 @@ def test_drawing_by_colour_analogy_recolours_the_copied_image(hashing_memory: Me
     }
     expected = Image.open(io.BytesIO(shape_png(BLUE, True))).convert("RGB")
     assert np.abs(np.asarray(out.image, int) - np.asarray(expected, int)).max() <= 1
-    off = model.config.replace(colour_analogy_gain=2.0)  # the codes translated instead
-    kept = RACM3(model.generator, model.tokenizer, model.vq, off, hashing_memory)
+    kept = model.with_config(colour_analogy_gain=2.0)  # the codes translated instead
     kept_out = kept.generate_image("a shiny blue disc", samples=1)
     assert np.abs(np.asarray(kept_out.image, int) - np.asarray(expected, int)).max() > 100
 
 
 def test_captions_are_verified_by_drawing_them(hashing_memory: Memory) -> None:
-    model = shapes_model(hashing_memory)
-    model = RACM3(
-        model.generator,
-        model.tokenizer,
-        model.vq,
-        model.config.replace(synthesis_k=3, synthesis_distance=4.0),
-        hashing_memory,
-    )
+    model = shapes_model(hashing_memory).with_config(synthesis_k=3, synthesis_distance=4.0)
     blue_disc = Image.open(io.BytesIO(shape_png(BLUE, True))).convert("RGB")
     ranked = [("a green square", 0.9), ("a shiny blue disc", 0.5), ("a blue square", 0.3)]
     # the recoloured green disc looks like the image: verified, first; the rest in order
@@ -357,8 +346,7 @@ def test_captions_are_verified_by_drawing_them(hashing_memory: Memory) -> None:
     assert model._imagined("a purple triangle") == (None, [])  # would have to be sampled
     green_square = Image.open(io.BytesIO(shape_png(GREEN, False))).convert("RGB")
     assert model._verified(green_square, ranked)[0][0][0] == "a green square"
-    strict = model.config.replace(synthesis_distance=0.0)
-    unsure = RACM3(model.generator, model.tokenizer, model.vq, strict, hashing_memory)
+    unsure = model.with_config(synthesis_distance=0.0)
     like_none = Image.new("RGB", (32, 32), (250, 250, 250))  # unchanged
     assert unsure._verified(like_none, ranked) == (ranked, [])
 
@@ -373,14 +361,7 @@ def test_infilling_a_stored_image_fills_the_stored_words(
 
 
 def test_samples_copy_several_retrieved_images(color_memory: Memory) -> None:
-    model = build(memory=color_memory)
-    model = RACM3(
-        model.generator,
-        model.tokenizer,
-        model.vq,
-        model.config.replace(copy_sources=2, copy_weight=1.0),
-        color_memory,
-    )
+    model = build(memory=color_memory).with_config(copy_sources=2, copy_weight=1.0)
     out = model.generate_image("a reddish square", samples=2, seed=0)
     assert len(out.evidence) == 2 and len(out.scores) == 2
     codes = [
@@ -394,10 +375,7 @@ def test_samples_copy_several_retrieved_images(color_memory: Memory) -> None:
 def test_composition_ranks_recombined_captions_by_the_dual_encoder(
     color_memory: Memory, query_image: Image.Image
 ) -> None:
-    base = build(memory=color_memory)
-    model = RACM3(
-        base.generator, base.tokenizer, base.vq, base.config.replace(compose_k=4), color_memory
-    )
+    model = build(memory=color_memory).with_config(compose_k=4)
     out = model.generate_caption(query_image, seed=0)  # an image the memory does not hold
     matches = [m for _, m in out.ranked]
     assert out.ranked and matches == sorted(matches, reverse=True)
@@ -422,9 +400,7 @@ def test_drawing_by_analogy_changes_the_copied_codes_as_stored_pairs_do(
         Document.of(text="a blue square", image=shape((20, 40, 230), False)),
     ]
     ingest(hashing_memory, docs, progress=False)
-    base = build(memory=hashing_memory)
-    config = base.config.replace(analogy_k=3, copy_weight=1.0, copy_sources=1)
-    model = RACM3(base.generator, base.tokenizer, base.vq, config, hashing_memory)
+    model = build(memory=hashing_memory).with_config(analogy_k=3, copy_weight=1.0, copy_sources=1)
     out = model.generate_image("a blue disc", samples=1)
     top = out.evidence[0]
     assert top.text in {"a red square", "a blue square", "a red disc"}
@@ -442,3 +418,11 @@ def test_drawing_by_analogy_changes_the_copied_codes_as_stored_pairs_do(
     assert out.codes == expected
     assert top.text == "a blue square"  # the pair (red square, red disc) teaches the change
     assert pairs == [(0, 1)] and out.codes != codes("a blue square")
+
+
+def test_with_config_keeps_the_weights_and_memory(color_memory: Memory) -> None:
+    model = build(memory=color_memory)
+    changed = model.with_config(copy_weight=1.0)
+    assert changed.generator is model.generator and changed.memory is color_memory
+    assert changed.config == model.config.replace(copy_weight=1.0)
+    assert model.with_config().config == model.config

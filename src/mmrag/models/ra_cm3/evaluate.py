@@ -197,9 +197,7 @@ def systems(ra: RACM3, vanilla: RACM3, settings: Settings) -> list[System]:
     ]
     out += [System(copied_name(w), ra, copy_weight=w) for w in copy_weights(settings)]
     for changes in settings.decodings:
-        changed = RACM3(
-            ra.generator, ra.tokenizer, ra.vq, ra.config.replace(**dict(changes)), ra.memory
-        )
+        changed = ra.with_config(**dict(changes))
         out.append(System("ra-cm3 " + ", ".join(f"{k}={v}" for k, v in changes), changed))
     return out
 

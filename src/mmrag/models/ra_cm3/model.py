@@ -401,6 +401,13 @@ class RACM3:
         """The same weights retrieving from another memory (e.g. one updated after training)."""
         return RACM3(self.generator, self.tokenizer, self.vq, self.config, memory)
 
+    def with_config(self, config: RACM3Config | None = None, **changes: Any) -> RACM3:
+        """The same weights and memory decoding with `config` (default: this model's), with
+        `changes` to its fields (e.g. `copy_weight=1.0`)."""
+        base = config or self.config
+        changed = base.replace(**changes) if changes else base
+        return RACM3(self.generator, self.tokenizer, self.vq, changed, self.memory)
+
     def with_vq(self, vq: VQModel) -> RACM3:
         """The same model drawing with another VQ that codes images as this one's does (same
         encoder and codebook, e.g. a decoder refined with `mmrag train vq --decoder-only`)."""
