@@ -444,7 +444,18 @@ class RACM3:
                 Evidence(d.id, float(s), "pinned", d.text, d.image)
                 for d, s in zip(docs, scores, strict=True)
             ]
-        hits = self.retriever.search_vectors(query[None], k or self.config.retriever.k, filters)[0]
+        return self._retrieved(query, k or self.config.retriever.k, filters)
+
+    def _retrieved(
+        self,
+        query: np.ndarray,
+        k: int,
+        filters: Filters | None,
+        config: RetrieverConfig | None = None,
+    ) -> list[Evidence]:
+        """The top-k documents for an encoded query."""
+        assert self.retriever is not None
+        hits = self.retriever.search_vectors(query[None], k, filters, config=config)[0]
         return [Evidence.retrieved(h) for h in hits]
 
     def _coded(self, evidence: Sequence[Evidence]) -> list[CodedDocument]:
@@ -551,9 +562,12 @@ class RACM3:
         k = k or cfg.retriever.k
         analogies = cfg.analogy_k if not demos else 0
         wide = max(k, cfg.copy_sources, analogies)
-        found = self.evidence(caption, None, retrieval, demos, wide, filters)
-        if found and not demos:  # a document with this very caption is what to copy
-            holder = self._stored_caption(caption, filters)
+        if demos or not retrieval or self.retriever is None:
+            found = self.evidence(caption, None, retrieval, demos, wide, filters)
+        else:  # a document with this very caption, if any, is what to copy
+            query = self.retriever.encode(caption)
+            found = self._retrieved(query, wide, filters)
+            holder = self._stored_caption(caption, query, filters)
             if holder is not None:
                 found = [holder, *(e for e in found if e.id != holder.id)]
         pool = found[: max(k, cfg.copy_sources)] if not demos else found
@@ -638,15 +652,15 @@ class RACM3:
         )
         return [[t - tok.image_offset for t in row] for row in decoded.tokens]
 
-    def _stored_caption(self, caption: str, filters: Filters | None) -> Evidence | None:
-        """A document with an image and exactly this caption among the EXACT_K the caption
-        retrieves without redundancy skipping (which would drop a near twin of the top one:
-        `woman and man holding hands: light skin tone, dark skin tone` is nearly its swapped
-        sibling to the dual encoder), else None."""
-        assert self.retriever is not None
-        plain = RetrieverConfig(k=EXACT_K)
-        hits = self.retriever.search(caption, None, EXACT_K, filters, config=plain)
-        return next((Evidence.retrieved(h) for h in hits if h.text == caption and h.image), None)
+    def _stored_caption(
+        self, caption: str, query: np.ndarray, filters: Filters | None
+    ) -> Evidence | None:
+        """A document with an image and exactly this caption among the EXACT_K its encoded
+        `query` retrieves without redundancy skipping (which would drop a near twin of the top
+        one: `woman and man holding hands: light skin tone, dark skin tone` is nearly its
+        swapped sibling to the dual encoder), else None."""
+        hits = self._retrieved(query, EXACT_K, filters, RetrieverConfig(k=EXACT_K))
+        return next((e for e in hits if e.text == caption and e.image), None)
 
     @property
     def output_size(self) -> int:
