@@ -278,18 +278,19 @@ def retrieval_only(
     return drawn, written
 
 
-def families(corpus: Corpus, rows: Sequence[int]) -> list[list[str]]:
-    """For each row, the captions of its family (every document of its group, itself
-    included), itself first when it has no group."""
-    members: dict[str, list[str]] = {}
-    for caption, group in zip(corpus.captions, corpus.groups, strict=True):
+def family_rows(corpus: Corpus, rows: Sequence[int]) -> list[list[int]]:
+    """For each row, the rows of its family (every document of its group, itself included,
+    in corpus order), itself alone when it has no group."""
+    members: dict[str, list[int]] = {}
+    for j, group in enumerate(corpus.groups):
         if group is not None:
-            members.setdefault(group, []).append(caption)
-    out = []
-    for i in rows:
-        group = corpus.groups[i]
-        out.append(members[group] if group is not None else [corpus.captions[i]])
-    return out
+            members.setdefault(group, []).append(j)
+    return [members[g] if (g := corpus.groups[i]) is not None else [i] for i in rows]
+
+
+def families(corpus: Corpus, rows: Sequence[int]) -> list[list[str]]:
+    """For each row, the captions of its family (`family_rows`)."""
+    return [[corpus.captions[j] for j in family] for family in family_rows(corpus, rows)]
 
 
 def variant_accuracy(
@@ -321,17 +322,11 @@ def pixel_rows(images: Sequence[Image.Image]) -> np.ndarray:
 
 
 def family_images(corpus: Corpus, rows: Sequence[int]) -> list[tuple[np.ndarray, int]]:
-    """For each row, its family's images (every document of its group, itself included) as
-    `pixel_rows`, and where the row itself is among them."""
-    members: dict[str, list[int]] = {}
-    for i, group in enumerate(corpus.groups):
-        if group is not None:
-            members.setdefault(group, []).append(i)
+    """For each row, its family's images (`family_rows`) as `pixel_rows`, and where the row
+    itself is among them."""
     cache: dict[int, np.ndarray] = {}
     out = []
-    for i in rows:
-        group = corpus.groups[i]
-        family = members[group] if group is not None else [i]
+    for i, family in zip(rows, family_rows(corpus, rows), strict=True):
         for j in family:
             if j not in cache:
                 cache[j] = pixel_rows([_load(corpus.image_paths[j])])[0]
