@@ -13,7 +13,7 @@ from PIL import Image
 from mmrag.checkpoints import CheckpointNotFoundError
 from mmrag.documents import load_image
 from mmrag.memory.memory import Memory
-from mmrag.models.ra_cm3.model import RACM3, Evidence
+from mmrag.models.ra_cm3.model import RACM3, CaptionOutput, Evidence
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,23 @@ def _evidence(items: list[Evidence]) -> list[dict[str, Any]]:
         thumb = data_uri(load_image(e.image)) if e.image else ""
         rows.append({"id": e.id, "score": e.score, "text": f"evidence: {e.text}", "thumb": thumb})
     return rows
+
+
+def _caption_row(label: str, out: CaptionOutput) -> dict[str, Any]:
+    """A written caption with what chose it: the stored document it copies, the dual
+    encoder's match (composed captions), or the perplexity of the generator's sample."""
+    if out.copied is not None:
+        how, score = f"copied from {out.copied[:12]}", 1.0
+    elif out.ranked:
+        how, score = "dual-encoder match", out.ranked[0][1]
+    else:
+        how, score = "perplexity", out.perplexity
+    return {
+        "id": "generated",
+        "score": score,
+        "thumb": "",
+        "text": f"{label}: “{out.text}” ({how})",
+    }
 
 
 def generation_sections(memory: Memory, find: Any, progress: bool = True) -> list[dict[str, Any]]:
@@ -80,18 +97,8 @@ def generation_sections(memory: Memory, find: Any, progress: bool = True) -> lis
         cap_ret = model.generate_caption(image, seed=0)
         cap_none = model.generate_caption(image, seed=0, retrieval=False)
         results = [
-            {
-                "id": "generated",
-                "score": cap_ret.perplexity,
-                "thumb": "",
-                "text": f"RA-CM3: “{cap_ret.text}” (perplexity)",
-            },
-            {
-                "id": "generated",
-                "score": cap_none.perplexity,
-                "thumb": "",
-                "text": f"no retrieval: “{cap_none.text}” (perplexity)",
-            },
+            _caption_row("RA-CM3", cap_ret),
+            _caption_row("no retrieval", cap_none),
             *_evidence(cap_ret.evidence),
         ]
         written.append(
@@ -108,19 +115,22 @@ def generation_sections(memory: Memory, find: Any, progress: bool = True) -> lis
             "title": "RA-CM3: caption → image",
             "explanation": "The shipped RA-CM3 model (checkpoints/ra-cm3) draws each caption "
             "with the documents it retrieved from this memory prepended, and again without "
-            "retrieval; 4 samples with classifier-free guidance, the best by the dual encoder; "
-            f"with retrieval each image code is drawn {1 - copied:g} from the model, {copied:g} "
-            "as the code the top retrieved image holds at that cell (copy interpolation, "
-            "--copy-weight). "
-            "The evidence follows.",
+            "retrieval. With retrieval, a stored caption is drawn as its stored image; an "
+            "unstored one copies the top retrieved image, changed as pairs of retrieved "
+            "documents that differ the same way show: a colour analogy recolours it and is "
+            "copied whole; otherwise each code is sampled from the generator mixed with the "
+            f"copy's code at that cell (copy weight {copied:g}), and the best of the samples by "
+            "the dual encoder is kept (docs/ra-cm3.md). The evidence follows.",
             "rows": drawn,
         },
         {
             "title": "RA-CM3: image → caption",
-            "explanation": "Captions written as the infilling of the alt text, 4 samples, the "
-            "lowest perplexity kept; with and without retrieval, then the evidence. (The "
-            "query document is in the memory, so retrieval can find it: this shows the "
-            "mechanism, the held-out evaluation in docs/results.md measures generalisation.)",
+            "explanation": "With retrieval, an image the memory holds is captioned with its "
+            "stored caption; another gets the best by the dual encoder of the retrieved "
+            "captions, their recombinations and the generator's samples, a candidate whose "
+            "drawing looks like the image first. Without retrieval, the generator's sample of "
+            "lowest perplexity. (The query documents are in the memory, so retrieval can find "
+            "them: this shows the mechanism; docs/ra-cm3.md measures held-out variants.)",
             "rows": written,
         },
     ]

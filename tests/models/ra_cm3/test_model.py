@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mmrag.documents import Document, load_image
 from mmrag.memory.ingest import ingest
 from mmrag.memory.memory import Memory
 from mmrag.models.ra_cm3.compose import analogous_pairs, caption_edits, translate_codes
-from mmrag.models.ra_cm3.model import MASK, RACM3, reference_vq
+from mmrag.models.ra_cm3.model import MASK, RACM3, Evidence, _Ranking, reference_vq
 from mmrag.models.vq.model import VQModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -334,21 +335,62 @@ def test_drawing_by_colour_analogy_recolours_the_copied_image(hashing_memory: Me
 
 def test_captions_are_verified_by_drawing_them(hashing_memory: Memory) -> None:
     model = shapes_model(hashing_memory).with_config(synthesis_k=3, synthesis_distance=4.0)
-    blue_disc = Image.open(io.BytesIO(shape_png(BLUE, True))).convert("RGB")
     ranked = [("a green square", 0.9), ("a shiny blue disc", 0.5), ("a blue square", 0.3)]
-    # the recoloured green disc looks like the image: verified, first; the rest in order
-    verified, used = model._verified(blue_disc, ranked)
-    assert [t for t, _ in verified] == ["a shiny blue disc", "a green square", "a blue square"]
+
+    def verified(
+        m: RACM3, image: Image.Image
+    ) -> tuple[tuple[str, list[Evidence]] | None, dict[str, object]]:
+        assert m.memory is not None
+        ranking = _Ranking(m.memory.encoder, image)
+        ranking.add([t for t, _ in ranked])
+        tried: dict[str, tuple[float, list[Evidence]] | None] = {}
+        return m._verified(image, ranked, ranking, tried), dict(tried)
+
+    # the recoloured green disc looks like the blue disc: verified
+    blue_disc = Image.open(io.BytesIO(shape_png(BLUE, True))).convert("RGB")
+    found, tried = verified(model, blue_disc)
+    assert found is not None and found[0] == "a shiny blue disc"
+    used = found[1]
     assert used[0].text == "a shiny green disc"  # copied, and the pair that recoloured it
     assert {e.text for e in used[1:]} == {"a green square", "a blue square"}
+    assert set(tried) == {t for t, _ in ranked}  # each candidate drawn once
     stored, from_docs = model._imagined("a blue square")  # stored: its own image
     assert stored is not None and [e.text for e in from_docs] == ["a blue square"]
     assert model._imagined("a purple triangle") == (None, [])  # would have to be sampled
     green_square = Image.open(io.BytesIO(shape_png(GREEN, False))).convert("RGB")
-    assert model._verified(green_square, ranked)[0][0][0] == "a green square"
+    found, _ = verified(model, green_square)
+    assert found is not None and found[0] == "a green square"
     unsure = model.with_config(synthesis_distance=0.0)
-    like_none = Image.new("RGB", (32, 32), (250, 250, 250))  # unchanged
-    assert unsure._verified(like_none, ranked) == (ranked, [])
+    like_none = Image.new("RGB", (32, 32), (250, 250, 250))
+    assert verified(unsure, like_none)[0] is None
+
+
+def test_the_generator_samples_captions_only_when_no_composed_one_verifies(
+    hashing_memory: Memory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = shapes_model(hashing_memory).with_config(compose_k=3, synthesis_k=3)
+    sampled: list[int] = []
+    decode_samples = RACM3._caption
+
+    def counted(self: RACM3, *args: object, **kwargs: object) -> object:
+        sampled.append(1)
+        return decode_samples(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RACM3, "_caption", counted)
+    purple = Image.new("RGB", (32, 32), (128, 0, 128))  # an image the memory does not hold
+    sure = model.with_config(synthesis_distance=255.0)  # any drawable candidate verifies
+    out = sure.generate_caption(purple, seed=0)
+    assert not sampled and out.candidates == [] and math.isnan(out.perplexity)
+    assert out.text == out.ranked[0][0] and out.text in {
+        "a green square",
+        "a blue square",
+        "a shiny green disc",
+    }
+    unsure = model.with_config(synthesis_distance=0.0)  # nothing verifies: samples compete
+    out = unsure.generate_caption(purple, seed=0)
+    assert sampled == [1] and out.candidates
+    assert {t for t, _ in out.candidates} <= {t for t, _ in out.ranked}
+    assert out.text == out.ranked[0][0]
 
 
 def test_infilling_a_stored_image_fills_the_stored_words(

@@ -18,12 +18,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 
 from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import Config, ConfigError, RetrieverConfig
 from mmrag.documents import load_image
-from mmrag.encoders.base import l2_normalize
+from mmrag.encoders.base import Encoder, l2_normalize
 from mmrag.fileio import files_sha256
 from mmrag.memory.memory import Memory
 from mmrag.memory.store import Filters
@@ -211,9 +212,10 @@ class ImageOutput:
 @dataclasses.dataclass
 class CaptionOutput:
     """A generated caption, its evidence, and every sampled caption with its perplexity
-    (best first). `copied`: the id of the stored document whose caption was copied (the
-    memory holds the image); `ranked`: with composition, every candidate with its
-    dual-encoder score against the image, best (the output) first."""
+    (best first; none when composition found a candidate whose drawing looks like the image,
+    which the generator then does not sample). `copied`: the id of the stored document whose
+    caption was copied (the memory holds the image); `ranked`: with composition, every
+    candidate with its dual-encoder score against the image, best (the output) first."""
 
     text: str
     evidence: list[Evidence]
@@ -223,7 +225,9 @@ class CaptionOutput:
 
     @property
     def perplexity(self) -> float:
-        return min(p for _, p in self.candidates)
+        """The best sample's perplexity; nan when no sample was drawn (a composed candidate
+        verified first)."""
+        return min((p for _, p in self.candidates), default=math.nan)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -236,6 +240,41 @@ class CaptionOutput:
         if self.ranked:
             out["ranked"] = [{"text": t, "match": round(m, 6)} for t, m in self.ranked]
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionPlan:
+    """A caption's decoding, prepared: the prompt (retrieved documents, then the request), the
+    documents it holds, the copy hints, the text copy interpolation, and the id of the stored
+    document whose caption is copied whole (the memory holds the image), if any."""
+
+    prompt: list[int]
+    evidence: list[Evidence]
+    hints: torch.Tensor | None
+    copy: TextCopy | None
+    copied: str | None
+
+
+class _Ranking:
+    """Caption candidates ranked by the memory's dual encoder against one image; each text is
+    encoded once, however many times candidates are added."""
+
+    def __init__(self, encoder: Encoder, image: Image.Image) -> None:
+        self.encoder = encoder
+        self.image = l2_normalize(encoder.encode_image([image]))[0]
+        self.rows: dict[str, NDArray[np.float32]] = {}
+
+    def add(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        """Every candidate so far with its score, best first (ties: the first added first)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        if new:
+            self.rows.update(zip(new, l2_normalize(self.encoder.encode_text(new)), strict=True))
+        scored = [(t, float(row @ self.image)) for t, row in self.rows.items()]
+        return sorted(scored, key=lambda c: -c[1])
+
+    def vectors(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        """The candidates' text rows (the retriever's query vectors for those texts)."""
+        return np.stack([self.rows[t] for t in texts])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -774,11 +813,18 @@ class RACM3:
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
         compose = cfg.compose_k > 0 if compose is None else compose
         pool, shown = self._caption_evidence(None, image, retrieval, demos, k, filters, compose)
-        out = self._caption(main, grid.codes, shown, samples, seed, copy_weight=copy_weight)
-        if out.copied is not None or not compose or not pool:
-            return out
-        texts = [*recombinations([e.text for e in pool]), *(t for t, _ in out.candidates)]
-        return self._compose(image, out, texts, lambda text: text, pool, verify=not demos)
+        plan = self._caption_plan(main, grid.codes, shown, copy_weight=copy_weight)
+        if plan.copied is not None or not compose or not pool:
+            return self._caption(plan, samples, seed)
+        return self._compose(
+            image,
+            plan,
+            recombinations([e.text for e in pool]),
+            lambda text: text,
+            pool,
+            lambda: self._caption(plan, samples, seed),
+            verify=not demos,
+        )
 
     def infill_caption(
         self,
@@ -819,17 +865,23 @@ class RACM3:
         compose = cfg.compose_k > 0 if compose is None else compose
         query = left.strip() or None
         pool, shown = self._caption_evidence(query, image, retrieval, demos, None, None, compose)
-        out = self._caption(
-            main, grid.codes, shown, samples, seed, left_ids, right_ids, copy_weight
-        )
+        plan = self._caption_plan(main, grid.codes, shown, left_ids, right_ids, copy_weight)
 
         def whole(span: str) -> str:
             return _glue([left, span, right])
 
-        if out.copied is None and compose and pool:
+        if plan.copied is None and compose and pool:
             spans = spans_between([e.text for e in pool], left, right)
-            texts = [*spans, *(t for t, _ in out.candidates)]
-            return self._compose(image, out, texts, whole, pool, verify=not demos)
+            return self._compose(
+                image,
+                plan,
+                spans,
+                whole,
+                pool,
+                lambda: self._caption(plan, samples, seed),
+                verify=not demos,
+            )
+        out = self._caption(plan, samples, seed)
         out.text = whole(out.text)
         out.candidates = [(whole(t), p) for t, p in out.candidates]
         return out
@@ -855,55 +907,70 @@ class RACM3:
     def _compose(
         self,
         image: Image.Image,
-        sampled: CaptionOutput,
+        plan: CaptionPlan,
         texts: Sequence[str],
         whole: Callable[[str], str],
         pool: Sequence[Evidence],
+        sample: Callable[[], CaptionOutput],
         verify: bool = True,
     ) -> CaptionOutput:
-        """The candidate (`whole(text)` of each of `texts`) the memory's dual encoder scores
-        highest against `image`, with `sampled`'s samples; its evidence: `sampled`'s and the
-        other documents of `pool` whose captions were recombined. With `verify` (not with
-        pinned demonstrations, which replace retrieval), the best candidate whose drawing looks
-        like the image goes first (`_verified`)."""
+        """The candidate the memory's dual encoder scores highest against `image`, among
+        `whole(text)` of each of `texts` and the generator's samples (`sample()`); its
+        evidence: the prompt's (`plan`) and the other documents of `pool` whose captions were
+        recombined. With `verify` (not with pinned demonstrations, which replace retrieval),
+        the candidate whose drawing looks like the image goes first (`_verified`): tried on
+        the composed candidates first, so that the generator samples only when none of them
+        verifies."""
         full = list(dict.fromkeys(whole(t) for t in texts if t.strip()))
-        samples = [(whole(t), p) for t, p in sampled.candidates]
         if not full or self.memory is None:
-            return dataclasses.replace(sampled, text=samples[0][0], candidates=samples)
-        encoder = self.memory.encoder
-        seen = l2_normalize(encoder.encode_image([image]))[0]
-        match = l2_normalize(encoder.encode_text(full)) @ seen
-        ranked = sorted(zip(full, map(float, match), strict=True), key=lambda c: -c[1])
-        ranked, drew = self._verified(image, ranked) if verify else (ranked, [])
-        evidence = list(sampled.evidence)
+            sampled = sample()
+            candidates = [(whole(t), p) for t, p in sampled.candidates]
+            return dataclasses.replace(sampled, text=candidates[0][0], candidates=candidates)
+        ranking = _Ranking(self.memory.encoder, image)
+        tried: dict[str, tuple[float, list[Evidence]] | None] = {}
+        samples: list[tuple[str, float]] = []
+        ranked = ranking.add(full)
+        found = self._verified(image, ranked, ranking, tried) if verify else None
+        if found is None:
+            samples = [(whole(t), p) for t, p in sample().candidates]
+            ranked = ranking.add([t for t, _ in samples])
+            found = self._verified(image, ranked, ranking, tried) if verify else None
+        drew: list[Evidence] = []
+        if found is not None:
+            best, drew = found
+            ranked = sorted(ranked, key=lambda c: c[0] != best)  # stable: the rest keep order
+        evidence = list(plan.evidence)
         for e in [*pool, *drew]:
             if e.id not in {x.id for x in evidence}:
                 evidence.append(e)
         return CaptionOutput(ranked[0][0], evidence, samples, None, ranked)
 
     def _verified(
-        self, image: Image.Image, ranked: list[tuple[str, float]]
-    ) -> tuple[list[tuple[str, float]], list[Evidence]]:
-        """`ranked` with the candidate whose drawing looks most like `image` first, among the
-        `synthesis_k` best that can be drawn without sampling (`_imagined`) and look like it
-        within `synthesis_distance`, and the documents its drawing used; unchanged, and none,
-        without one."""
+        self,
+        image: Image.Image,
+        ranked: list[tuple[str, float]],
+        ranking: _Ranking,
+        tried: dict[str, tuple[float, list[Evidence]] | None],
+    ) -> tuple[str, list[Evidence]] | None:
+        """The candidate whose drawing looks most like `image` within `synthesis_distance`,
+        among the `synthesis_k` best of `ranked` that can be drawn without sampling
+        (`_imagined`), and the documents its drawing used; None without one. `tried` keeps
+        each candidate's distance (None: not drawable) across calls, so that a candidate is
+        drawn once."""
         cfg = self.config
         texts = [t for t, _ in ranked[: cfg.synthesis_k]]
-        if not texts or self.retriever is None:
-            return ranked, []
-        found = self.retriever.search_batch(texts, max(cfg.retriever.k, cfg.analogy_k))
-        near = []
-        for text, hits in zip(texts, found, strict=True):
-            drawn, used = self._imagined(text, [Evidence.retrieved(h) for h in hits])
-            if drawn is not None:
-                near.append((pixel_distance(image, drawn), text, used))
+        new = [t for t in texts if t not in tried]
+        if new and self.retriever is not None:
+            k = max(cfg.retriever.k, cfg.analogy_k)
+            found = self.retriever.search_vectors(ranking.vectors(new), k)
+            for text, hits in zip(new, found, strict=True):
+                drawn, used = self._imagined(text, [Evidence.retrieved(h) for h in hits])
+                tried[text] = None if drawn is None else (pixel_distance(image, drawn), used)
+        near = [(hit[0], t, hit[1]) for t in texts if (hit := tried.get(t)) is not None]
         if not near:
-            return ranked, []
+            return None
         distance, best, used = min(near, key=lambda n: n[0])
-        if distance > cfg.synthesis_distance:
-            return ranked, []
-        return sorted(ranked, key=lambda c: c[0] != best), used  # stable: the rest keep order
+        return (best, used) if distance <= cfg.synthesis_distance else None
 
     def _imagined(
         self, caption: str, found: Sequence[Evidence] | None = None
@@ -933,24 +1000,21 @@ class RACM3:
         grid = ImageCodes.of(self.vq.encode_images([image])[0])
         return grid, self.tokenizer.encode_image(grid)
 
-    def _caption(
+    def _caption_plan(
         self,
         main: list[int],
         image: Sequence[int],
         evidence: list[Evidence],
-        samples: int | None,
-        seed: int,
         left: Sequence[int] = (),
         right: Sequence[int] = (),
         copy_weight: float | None = None,
-    ) -> CaptionOutput:
-        """Decode the caption that `main` (ending with its sentinel) asks for of the image
-        whose VQ codes are `image`, `left` and `right` the tokens of a kept left and right
-        context (caption infilling). The text copy interpolation follows the same document's
-        caption (`exact_copy_weight`) when retrieval found the image itself, else the top
-        retrieved caption (`text_copy_weight`); `copy_weight` overrides either."""
+    ) -> CaptionPlan:
+        """How to decode the caption that `main` (ending with its sentinel) asks for of the
+        image whose VQ codes are `image`, `left` and `right` the tokens of a kept left and
+        right context (caption infilling). The text copy interpolation follows the same
+        document's caption (`exact_copy_weight`) when retrieval found the image itself, else
+        the top retrieved caption (`text_copy_weight`); `copy_weight` overrides either."""
         cfg, tok = self.config, self.tokenizer
-        samples = samples or cfg.caption_samples
         start = len(left)
         prefix, evidence, retrieved = self._prefix(
             evidence, self._room(len(main) + cfg.max_caption_tokens)
@@ -990,24 +1054,31 @@ class RACM3:
                 tuple(left),
                 tuple(right),
             )
+        return CaptionPlan(prompt, evidence, hints, copy, copied)
+
+    def _caption(self, plan: CaptionPlan, samples: int | None, seed: int) -> CaptionOutput:
+        """Sample `samples` (default: the config's) captions as `plan` says, best first by
+        perplexity."""
+        cfg, tok = self.config, self.tokenizer
+        samples = samples or cfg.caption_samples
         decoded = decode(
             self.generator,
-            [prompt] * samples,
+            [plan.prompt] * samples,
             cfg.max_caption_tokens,
             self.text_allowed,
             Sampling(cfg.caption_temperature, cfg.top_p),
             stop_id=tok.eos_id,
             pad_id=tok.pad_id,
             generator=torch.Generator().manual_seed(seed),
-            hints=None if hints is None else [hints] * samples,
-            text_copy=None if copy is None else [copy] * samples,
+            hints=None if plan.hints is None else [plan.hints] * samples,
+            text_copy=None if plan.copy is None else [plan.copy] * samples,
         )
         texts = [tok.decode_text([t for t in row if t != tok.eos_id]) for row in decoded.tokens]
         candidates = sorted(
             {t: math.exp(n) for t, n in zip(texts, decoded.mean_nll, strict=True)}.items(),
             key=lambda c: c[1],
         )
-        return CaptionOutput(candidates[0][0], evidence, candidates, copied)
+        return CaptionOutput(candidates[0][0], plan.evidence, candidates, plan.copied)
 
     # -- image infilling ------------------------------------------------------------------------
 
