@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from mmrag.encoders.efficientnet import (
     IMAGE_FEATURES,
     Conv2dSame,
     EfficientNetLite0,
+    fold_batch_norms,
     load_efficientnet_lite0,
     same_padding,
 )
@@ -86,3 +89,22 @@ def test_channels_last_gives_the_same_features(pretrained: EfficientNetLite0) ->
         a = pretrained.features(x).numpy()
         b = pretrained.features(x.contiguous(memory_format=torch.channels_last)).numpy()
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_batch_norms_give_the_same_features_and_logits() -> None:
+    torch.manual_seed(0)
+    model = EfficientNetLite0().eval()
+    for module in model.modules():  # batch-norm statistics far from the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        features, logits = model.features(x), model(x)
+    folded = fold_batch_norms(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.inference_mode():
+        np.testing.assert_allclose(folded.features(x), features, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(folded(x), logits, rtol=1e-4, atol=1e-4)

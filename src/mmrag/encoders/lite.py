@@ -31,6 +31,7 @@ from mmrag.documents import to_rgb
 from mmrag.encoders.base import EncoderSpec, Vectors
 from mmrag.encoders.efficientnet import (
     IMAGE_FEATURES,
+    fold_batch_norms,
     load_efficientnet_lite0,
     packaged_weights_path,
 )
@@ -42,6 +43,8 @@ WEIGHTS_FILE = "model.safetensors"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
 # Bump when preprocessing or pooling changes the vectors without any weight changing.
 FINGERPRINT_VERSION = "lite-v2"
+# How the image tower computes (cached features keep it: they differ at float rounding)
+TOWER_NUMERICS = "bn-folded"
 
 
 def text_model_path() -> Path:
@@ -102,9 +105,10 @@ class ImageTower:
     def __init__(self, device: str = "cpu") -> None:
         self.device = torch.device(device)
         self.weights_path = packaged_weights_path()
-        model = load_efficientnet_lite0(self.weights_path).requires_grad_(False)
-        # Depthwise convolutions run faster channels_last on CPU (docs/benchmarks.md).
-        model = model.to(self.device)
+        # Frozen: batch norms folded into the convolutions (about 1.3x faster on CPU), and
+        # depthwise convolutions run faster channels_last (docs/benchmarks.md).
+        model = fold_batch_norms(load_efficientnet_lite0(self.weights_path))
+        model = model.requires_grad_(False).to(self.device)
         self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
         # Off unless `shared_image_features` turns it on: features by the crop's content.

@@ -23,7 +23,12 @@ from tqdm import tqdm
 from mmrag.config import LiteEncoderConfig
 from mmrag.data.writer import documents_files
 from mmrag.documents import Document, DocumentError, Part, iter_jsonl
-from mmrag.encoders.lite import FINGERPRINT_VERSION, LiteEncoder, backbone_identity
+from mmrag.encoders.lite import (
+    FINGERPRINT_VERSION,
+    TOWER_NUMERICS,
+    LiteEncoder,
+    backbone_identity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +126,8 @@ def default_cache_dir() -> Path:
 def feature_cache_path(cache_dir: Path, config: LiteEncoderConfig) -> Path:
     """One file per (backbones, preprocessing) setting; rows are keyed by document id."""
     key = (
-        f"{FINGERPRINT_VERSION}|{backbone_identity()}|{config.image_size}|{config.text_max_tokens}"
+        f"{FINGERPRINT_VERSION}|{TOWER_NUMERICS}|{backbone_identity()}|{config.image_size}"
+        f"|{config.text_max_tokens}"
     )
     return cache_dir / f"lite-features-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
