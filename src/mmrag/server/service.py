@@ -14,6 +14,7 @@ import asyncio
 import io
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -34,6 +35,7 @@ from mmrag.retrieval import Retriever, SearchResult
 log = logging.getLogger(__name__)
 
 STATS_ATTEMPTS = 3
+WARM_UP_SIDE = 32  # pixels of the blank image encoded at startup
 
 # Stored image formats (blobs.image_extension) and how to serve them.
 MEDIA_TYPES = {
@@ -109,10 +111,24 @@ class MemoryService:
         else:
             memory = Memory.open(path, "r", load_encoder(encoder) if encoder else None)
         try:
-            return cls(memory, **kwargs)
+            service = cls(memory, **kwargs)
         except BaseException:
             memory.close()
             raise
+        try:
+            service.warm_up()
+        except BaseException:
+            service.close()
+            raise
+        return service
+
+    def warm_up(self) -> None:
+        """Encode one text and one image through the batching encoder: encoders that load
+        their models on first use (the lite towers) load them now, on the encoder's worker."""
+        start = time.perf_counter()
+        self.encoder.encode_text(["warm-up"])
+        self.encoder.encode_image([Image.new("RGB", (WARM_UP_SIDE, WARM_UP_SIDE))])
+        log.info("encoder warmed up in %.1f s", time.perf_counter() - start)
 
     @property
     def writable(self) -> bool:
