@@ -213,6 +213,19 @@ def stored_image(color_docs: list[Document], i: int = 0) -> Image.Image:
     return Image.open(io.BytesIO(part.data)).convert("RGB")
 
 
+def test_an_image_whose_codes_agree_but_pixels_differ_is_not_the_same_image(
+    color_memory: Memory, color_docs: list[Document]
+) -> None:
+    # agreement 1e-9: any retrieved image's codes "agree"; the pixels decide
+    model = build(memory=color_memory).with_config(same_image_agreement=1e-9)
+    purple = Image.new("RGB", (32, 32), (128, 0, 128))  # not stored
+    assert model.generate_caption(purple, seed=0).copied is not None  # codes alone: copied
+    gated = model.with_config(same_image_difference=16.0)
+    assert gated.generate_caption(purple, seed=0).copied is None
+    out = gated.generate_caption(stored_image(color_docs), seed=0)  # stored: still copied
+    assert out.copied == color_docs[0].id and out.text == color_docs[0].text
+
+
 def test_a_stored_image_is_captioned_with_its_stored_caption(
     color_memory: Memory, color_docs: list[Document]
 ) -> None:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmrag.models.vq.reference import agreement_mask, paste_reference, upscale
+from mmrag.models.vq.reference import (
+    agreement_mask,
+    paste_reference,
+    pixel_difference,
+    pixel_distance,
+    upscale,
+)
 
 
 def test_cells_whose_code_agrees_keep_the_reference_pixels() -> None:
@@ -36,3 +42,15 @@ def test_feathering_blends_the_seam() -> None:
     assert soft[4, 0] > 0.9 and soft[4, 15] < 0.1
     with pytest.raises(ValueError, match="cells"):
         agreement_mask([1, 2, 3], [1, 2, 3], 2, 16, 0.0)
+
+
+def test_pixel_difference_sees_a_small_changed_region_that_the_mean_hides() -> None:
+    base = np.full((32, 32, 3), 200, np.uint8)
+    changed = base.copy()
+    changed[:4, :4] = (90, 60, 40)  # 1.6% of the pixels: a face of another skin tone
+    rng = np.random.default_rng(0)
+    noisy = (base.astype(int) + rng.integers(-3, 4, base.shape)).clip(0, 255).astype(np.uint8)
+    a, b, c = (Image.fromarray(x) for x in (base, changed, noisy))
+    assert pixel_distance(a, b) < 4  # the mean: "alike"
+    assert pixel_difference(a, b) > 100  # the 99th percentile: a region differs
+    assert pixel_difference(a, c) <= 3 and pixel_difference(a, a) == 0

@@ -54,7 +54,12 @@ from mmrag.models.ra_cm3.tokenizer import (
     code_document,
 )
 from mmrag.models.vq.model import VQModel, square_resize
-from mmrag.models.vq.reference import paste_reference, pixel_distance, upscale
+from mmrag.models.vq.reference import (
+    paste_reference,
+    pixel_difference,
+    pixel_distance,
+    upscale,
+)
 from mmrag.retrieval import Retriever, SearchResult
 from mmrag.sampling import Sampling, allowed_mask
 
@@ -106,6 +111,11 @@ class RACM3Config(Config):
     # query's (1 = identical codes; a re-saved or slightly edited copy of a stored image
     # still counts).
     same_image_agreement: float = 0.9
+    # ... and, when > 0, no region of its pixels differs from the query's by more than this
+    # (the 99th percentile of per-pixel differences, of 255, both at 32 px;
+    # reference.pixel_difference): siblings that differ in a small region (a skin tone) can
+    # share 90% of their codes and are not the same image (0 = the codes alone decide)
+    same_image_difference: float = 0.0
     # caption -> image without the same document: sample r copies the (r mod copy_sources)-th
     # retrieved image, so that samples differ where the retrieved documents do and the dual
     # encoder's reranking chooses among them
@@ -156,8 +166,10 @@ class RACM3Config(Config):
             raise ConfigError("RACM3Config: same_image_agreement in (0, 1]")
         if min(self.output_size, self.paste_feather, self.colour_analogy_gain) < 0:
             raise ConfigError("RACM3Config: output_size, paste_feather, colour_analogy_gain >= 0")
-        if self.synthesis_k < 0 or self.synthesis_distance < 0:
-            raise ConfigError("RACM3Config: synthesis_k, synthesis_distance >= 0")
+        if min(self.synthesis_k, self.synthesis_distance, self.same_image_difference) < 0:
+            raise ConfigError(
+                "RACM3Config: synthesis_k, synthesis_distance, same_image_difference >= 0"
+            )
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -304,12 +316,19 @@ class CopySources:
             captions.append(tuple(tok.encode_text(texts[0])) if texts else ())
         return cls(tuple(images), tuple(captions))
 
-    def same_image(self, codes: Sequence[int], agreement: float = 1.0) -> int | None:
+    def same_image(
+        self,
+        codes: Sequence[int],
+        agreement: float = 1.0,
+        accept: Callable[[int], bool] | None = None,
+    ) -> int | None:
         """The first document whose image holds these codes at `agreement` or more of its
-        cells (1 = exactly these codes), else None."""
+        cells (1 = exactly these codes), and that `accept(i)` also takes, else None."""
         query = np.asarray(codes)
         for i, image in enumerate(self.images):
-            if len(image) == len(query) and np.mean(np.asarray(image) == query) >= agreement:
+            if len(image) != len(query) or np.mean(np.asarray(image) == query) < agreement:
+                continue
+            if accept is None or accept(i):
                 return i
         return None
 
@@ -813,7 +832,7 @@ class RACM3:
         main = [tok.img_alt_id, sentinel, tok.src_id, *codes, tok.close_id, sentinel]
         compose = cfg.compose_k > 0 if compose is None else compose
         pool, shown = self._caption_evidence(None, image, retrieval, demos, k, filters, compose)
-        plan = self._caption_plan(main, grid.codes, shown, copy_weight=copy_weight)
+        plan = self._caption_plan(main, grid.codes, shown, copy_weight=copy_weight, pixels=image)
         if plan.copied is not None or not compose or not pool:
             return self._caption(plan, samples, seed)
         return self._compose(
@@ -865,7 +884,7 @@ class RACM3:
         compose = cfg.compose_k > 0 if compose is None else compose
         query = left.strip() or None
         pool, shown = self._caption_evidence(query, image, retrieval, demos, None, None, compose)
-        plan = self._caption_plan(main, grid.codes, shown, left_ids, right_ids, copy_weight)
+        plan = self._caption_plan(main, grid.codes, shown, left_ids, right_ids, copy_weight, image)
 
         def whole(span: str) -> str:
             return _glue([left, span, right])
@@ -1008,18 +1027,30 @@ class RACM3:
         left: Sequence[int] = (),
         right: Sequence[int] = (),
         copy_weight: float | None = None,
+        pixels: Image.Image | None = None,
     ) -> CaptionPlan:
         """How to decode the caption that `main` (ending with its sentinel) asks for of the
-        image whose VQ codes are `image`, `left` and `right` the tokens of a kept left and
-        right context (caption infilling). The text copy interpolation follows the same
-        document's caption (`exact_copy_weight`) when retrieval found the image itself, else
-        the top retrieved caption (`text_copy_weight`); `copy_weight` overrides either."""
+        image whose VQ codes are `image` (its `pixels`, if given, for the same-image check),
+        `left` and `right` the tokens of a kept left and right context (caption infilling).
+        The text copy interpolation follows the same document's caption (`exact_copy_weight`)
+        when retrieval found the image itself, else the top retrieved caption
+        (`text_copy_weight`); `copy_weight` overrides either."""
         cfg, tok = self.config, self.tokenizer
         start = len(left)
         prefix, evidence, retrieved = self._prefix(
             evidence, self._room(len(main) + cfg.max_caption_tokens)
         )
-        same = retrieved.same_image(image, cfg.same_image_agreement)
+        accept = None
+        if pixels is not None and cfg.same_image_difference > 0:
+
+            def accept(i: int) -> bool:
+                found = evidence[i]
+                return found.image is not None and (
+                    pixel_difference(pixels, self._evidence_pixels(found))
+                    <= cfg.same_image_difference
+                )
+
+        same = retrieved.same_image(image, cfg.same_image_agreement, accept)
         sources = self.slotted(retrieved, same)
         followed = (
             retrieved.captions[same]

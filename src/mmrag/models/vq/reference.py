@@ -62,9 +62,24 @@ def paste_reference(
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
 
+def _differences(a: Image.Image, b: Image.Image, side: int) -> np.ndarray:
+    """(side, side, 3) absolute differences of the two images square-resized to `side`."""
+    x = np.asarray(square_resize(a.convert("RGB"), side), np.float32)
+    y = np.asarray(square_resize(b.convert("RGB"), side), np.float32)
+    return np.abs(x - y)
+
+
 def pixel_distance(a: Image.Image, b: Image.Image, side: int = 32) -> float:
     """Mean absolute difference of two images' pixels (0 to 255), both square-resized to
     `side`: how alike they look, blind to detail finer than the side."""
-    x = np.asarray(square_resize(a, side), np.float32)
-    y = np.asarray(square_resize(b, side), np.float32)
-    return float(np.abs(x - y).mean())
+    return float(_differences(a, b, side).mean())
+
+
+def pixel_difference(
+    a: Image.Image, b: Image.Image, quantile: float = 0.99, side: int = 32
+) -> float:
+    """The `quantile` of the two images' per-pixel differences (the largest over the channels,
+    0 to 255) at `side`: near 0 only where no region differs, however small. A mean hides a
+    small changed region (two skin tones of one emoji differ in a face); re-encoding noise
+    (a JPEG) is spread thin and stays low."""
+    return float(np.quantile(_differences(a, b, side).max(axis=2), quantile))
