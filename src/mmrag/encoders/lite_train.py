@@ -429,6 +429,11 @@ def recipe(
             "on the text embedding, started at zero, and a temperature are trained with",
             "symmetric InfoNCE (LiT-style). Not CLIP.",
         ]
+        if config.encoder.bridge_share:
+            what += [
+                f"A share of {config.encoder.bridge_share:g} of each vector stays the untrained",
+                "bridge (image) or MiniLM embedding (text), in training as in use.",
+            ]
     else:
         what = [
             "Locked EfficientNet-Lite0 image tower and locked all-MiniLM-L6-v2 text tower",
