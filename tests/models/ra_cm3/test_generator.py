@@ -155,6 +155,52 @@ def test_left_padded_batch_equals_each_prompt_alone(model: Generator) -> None:
     torch.testing.assert_close(again[1, width - 4 :], logits[1, width - 4 :], atol=ATOL, rtol=0)
 
 
+HINTED = TINY.replace(hint_slots=2, hint_codes=40, text_hints=True)
+
+
+@pytest.mark.parametrize("config", [TINY, GRID, HINTED], ids=["plain", "image-grid", "hinted"])
+def test_step_is_the_forward_bit_for_bit(config: GeneratorConfig) -> None:
+    """`step` (the decoding loop's path without module calls) gives the very logits and cache
+    `forward` gives, on an unpadded cache; on a padded one it is `forward` itself."""
+    torch.manual_seed(0)
+    model = Generator(config).eval()
+    with torch.no_grad():  # non-zero text hint maps, so the text hints count
+        if model.text_hint_maps is not None:
+            model.text_hint_maps.normal_(std=0.05)
+    ids = _ids(2, 30, seed=3)
+    hints = None
+    if config.hint_slots:
+        top = config.hint_codes + config.vocab_size
+        hints = torch.randint(-1, top, (2, 30, 2), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        a, b = model.new_cache(2, 30), model.new_cache(2, 30)
+        first = None if hints is None else hints[:, :12]
+        model(ids[:, :12], cache=a, hints=first)
+        model(ids[:, :12], cache=b, hints=first)
+        for t in range(12, 30):
+            h = None if hints is None else hints[:, t : t + 1]
+            expected = model(ids[:, t : t + 1], cache=a, hints=h)[:, -1]
+            assert torch.equal(model.step(ids[:, t : t + 1], b, h), expected), t
+        for name in ("valid", "next_position", "image_run"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.length == b.length == 30
+        for layer in range(config.n_layers):
+            assert torch.equal(a.keys[layer], b.keys[layer])
+            assert torch.equal(a.values[layer], b.values[layer])
+        # A left-padded cache (two prompts of different lengths) takes the masked forward.
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        mask[1, :5] = False
+        c, d = model.new_cache(2, 14), model.new_cache(2, 14)
+        model(ids[:, :12], attention_mask=mask, cache=c)
+        model(ids[:, :12], attention_mask=mask, cache=d)
+        assert not d.unpadded(12)
+        for t in range(12, 14):
+            expected = model(ids[:, t : t + 1], cache=c)[:, -1]
+            assert torch.equal(model.step(ids[:, t : t + 1], d), expected)
+        with pytest.raises(ValueError, match="exceeds"):
+            model.step(ids[:, :1], a)
+
+
 def test_cache_overflow_and_max_len_are_errors(model: Generator) -> None:
     cache = model.new_cache(1, 8)
     model(_ids(1, 6), cache=cache)

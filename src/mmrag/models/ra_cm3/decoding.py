@@ -162,7 +162,7 @@ def decode(
                 all_hints[r, at] = torch.as_tensor(suggester.row(out[r], slots), device=device)
         if cache is not None:
             step_hints = None if all_hints is None else all_hints[:, at : at + 1]
-            logits = model(step_tokens, cache=cache, hints=step_hints)[:, -1]
+            logits = model.step(step_tokens, cache, step_hints)  # (R, V)
         else:
             ids = torch.cat([ids, step_tokens], dim=1)
             mask = torch.cat([mask, torch.ones_like(step_tokens, dtype=torch.bool)], dim=1)

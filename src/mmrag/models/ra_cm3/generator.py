@@ -130,6 +130,19 @@ class KVCache:
     next_position: torch.Tensor  # (B,) int64: RoPE position of each row's next real token
     image_run: torch.Tensor  # (B,) int64: image codes at the end of each row (grid positions)
     length: int = 0  # slots filled
+    # The first `unpadded_prefix` slots are known to hold real tokens (no padding to mask).
+    unpadded_prefix: int = 0
+
+    def unpadded(self, slots: int) -> bool:
+        """Whether the first `slots` slots all hold real tokens (checked once, then known)."""
+        if slots > self.unpadded_prefix and bool(self.valid[:, :slots].all()):
+            self.unpadded_prefix = slots
+        return slots <= self.unpadded_prefix
+
+    def mark_unpadded(self, slots: int) -> None:
+        """The first `slots` slots are known to be real tokens (a step wrote a real one)."""
+        if self.unpadded_prefix >= slots - 1:
+            self.unpadded_prefix = max(self.unpadded_prefix, slots)
 
     @classmethod
     def empty(
@@ -208,6 +221,27 @@ class Attention(nn.Module):
         )  # (B, H, T, Dh)
         return self.out(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
+    def step(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        """`forward` for one new token that sees every cached slot, without module calls."""
+        b, h = x.shape[0], self.n_heads
+        qkv = functional.linear(x, self.qkv.weight).view(b, 3 * h, self.head_dim)  # (B, 3H, Dh)
+        qk = apply_rope(qkv[:, None, : 2 * h], cos, sin)  # (B, 1, 2H, Dh): both in one rotation
+        q = qk[:, :, :h].transpose(1, 2)  # (B, H, 1, Dh)
+        k_cache[:, :, start : start + 1] = qk[:, :, h:].transpose(1, 2)
+        v_cache[:, :, start : start + 1] = qkv[:, None, 2 * h :].transpose(1, 2)
+        y = functional.scaled_dot_product_attention(
+            q, k_cache[:, :, : start + 1], v_cache[:, :, : start + 1]
+        )  # (B, H, 1, Dh)
+        return functional.linear(y.transpose(1, 2).reshape(b, 1, -1), self.out.weight)
+
 
 class SwiGLU(nn.Module):
     def __init__(self, config: GeneratorConfig) -> None:
@@ -242,6 +276,29 @@ class Block(nn.Module):
         attn = self.attn(self.attn_norm(x), cos, sin, mask, kv, start, causal)  # (B, T, D)
         x = x + self.drop(attn)
         return x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, D)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        """`forward` in evaluation for one new token that sees every cached slot: the same
+        operations on the same weights, called as functions (module calls cost more than a
+        token's arithmetic at this size)."""
+        h = _rms_norm(self.attn_norm, x)
+        x = x + self.attn.step(h, cos, sin, k_cache, v_cache, start)
+        h, mlp = _rms_norm(self.mlp_norm, x), self.mlp
+        hidden = functional.silu(functional.linear(h, mlp.gate.weight))
+        hidden = hidden * functional.linear(h, mlp.up.weight)
+        return x + functional.linear(hidden, mlp.down.weight)  # (B, 1, D)
+
+
+def _rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return functional.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -366,6 +423,42 @@ class Generator(nn.Module):
             if image_run is not None:
                 cache.image_run = image_run
         return self.head(self.norm(x))  # (B, T, V)
+
+    @torch.inference_mode()
+    def step(
+        self, ids: torch.Tensor, cache: KVCache, hints: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token logits (B, V) after one new token per row: `forward(ids, cache=cache,
+        hints=hints)[:, -1]`, bit for bit, in evaluation. Where every cached slot holds a real
+        token (no left padding) it takes a path without module calls, masks or checks of the
+        cache's padding; otherwise it is `forward`."""
+        if self.training or ids.shape[1] != 1 or not cache.unpadded(cache.length):
+            return self(ids, cache=cache, hints=hints)[:, -1]
+        start = cache.length
+        if start + 1 > cache.capacity:
+            raise ValueError(f"sequence of {start + 1} tokens exceeds the cache")
+        x = functional.embedding(ids, self.embed.weight)  # (B, 1, D)
+        if hints is not None:
+            x = x + self._hint_vectors(hints, x.shape[:2])
+        real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        image_run = None
+        if self.image_rows is not None:
+            x, image_run = self._add_image_positions(x, ids, real, cache)
+        positions = cache.next_position  # (B,)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} >= max_seq_len")
+        cos = self.rope_cos[positions][:, None, None]  # (B, 1, 1, Dh/2)
+        sin = self.rope_sin[positions][:, None, None]
+        blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
+        for block, k_cache, v_cache in zip(blocks, cache.keys, cache.values, strict=True):
+            x = block.step(x, cos, sin, k_cache, v_cache, start)
+        cache.valid[:, start] = True
+        cache.next_position = positions + 1
+        cache.length = start + 1
+        cache.mark_unpadded(cache.length)
+        if image_run is not None:
+            cache.image_run = image_run
+        return functional.linear(_rms_norm(self.norm, x), self.head.weight)[:, -1]  # (B, V)
 
     def _hint_vectors(self, hints: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """(B, T, D): the sum over slots of each slot's embedding of its hinted code, and of
