@@ -39,16 +39,17 @@ CONFIG = EncoderTrainConfig(
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_bridged_training_starts_from_the_bridge_and_improves_on_it() -> None:
+@pytest.mark.parametrize("share", [0.0, 0.4])
+def test_bridged_training_starts_from_the_bridge_and_improves_on_it(share: float) -> None:
     """A bridged run on the shared-latent toy: epoch 0 is the zero-shot bridge, training adds
-    residuals that beat it on unseen pairs."""
+    residuals that beat it on unseen pairs (also with a share of the bridge kept)."""
     rng = np.random.default_rng(0)
     maps = (
         rng.standard_normal((16, 1280)).astype(np.float32) / 4,
         rng.standard_normal((16, 384)).astype(np.float32) / 4,
     )
     train, val, test = (_latent_split(rng, n, maps) for n in (256, 64, 128))
-    encoder = LiteEncoderConfig(dim=384, bridge_classes=8, bridge_top_k=3)
+    encoder = LiteEncoderConfig(dim=384, bridge_classes=8, bridge_top_k=3, bridge_share=share)
     config = EncoderTrainConfig(encoder=encoder, epochs=10, batch_size=64)
     torch.manual_seed(1)
     bridge = BridgeInit(
