@@ -18,7 +18,6 @@ activities is kept once.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import logging
@@ -32,7 +31,13 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
-from mmrag.data.writer import DatasetError, DatasetSummary, DatasetWriter
+from mmrag.data.writer import (
+    DatasetError,
+    DatasetSummary,
+    DatasetWriter,
+    debian_version,
+    flattened,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,21 +164,7 @@ def load_picture(data: bytes) -> Image.Image:
         rgba = image.convert("RGBA")
     if min(rgba.size) < MIN_SIDE:
         raise ValueError(f"{rgba.width} x {rgba.height} px is smaller than {MIN_SIDE} px")
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    canvas.alpha_composite(rgba)
-    rgb = canvas.convert("RGB")
-    scale = min(1.0, LONG_SIDE / max(rgb.size))
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    return rgb.resize(size, Image.Resampling.LANCZOS) if size != rgb.size else rgb
-
-
-def debian_version() -> str:
-    try:
-        with gzip.open(CHANGELOG, "rt", encoding="utf-8") as f:
-            line = f.readline()
-        return line.split("(", 1)[1].split(")", 1)[0]
-    except (OSError, IndexError):
-        return "unknown"
+    return flattened(rgba, LONG_SIDE)
 
 
 def pictures(root: Path) -> Iterator[tuple[str, str, PurePosixPath, bytes]]:
@@ -197,7 +188,7 @@ def build_gcompris(
     """Write the captioned pictures of the GCompris archives under `root` into `out`."""
     if not root.is_dir():
         raise DatasetError(f"{root} is missing; install it with `apt-get install {DEBIAN_PACKAGE}`")
-    source = f"{DEBIAN_PACKAGE} {debian_version()} (Debian)"
+    source = f"{DEBIAN_PACKAGE} {debian_version(CHANGELOG)} (Debian)"
     writer = DatasetWriter(out, "gcompris")
     seen: set[bytes] = set()
     skipped = {"unnamed": 0, "unreadable": 0, "repeated": 0}

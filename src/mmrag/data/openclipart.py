@@ -27,7 +27,6 @@ out, so a held-out category is unseen in training.
 from __future__ import annotations
 
 import collections
-import gzip
 import logging
 import re
 import warnings
@@ -37,7 +36,13 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from mmrag.data.writer import DatasetError, DatasetSummary, DatasetWriter
+from mmrag.data.writer import (
+    DatasetError,
+    DatasetSummary,
+    DatasetWriter,
+    debian_version,
+    flattened,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,21 +198,7 @@ def load_drawing(path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             rgba = image.convert("RGBA")
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    canvas.alpha_composite(rgba)
-    rgb = canvas.convert("RGB")
-    scale = min(1.0, LONG_SIDE / max(rgb.size))
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    return rgb.resize(size, Image.Resampling.LANCZOS) if size != rgb.size else rgb
-
-
-def debian_version() -> str:
-    try:
-        with gzip.open(CHANGELOG, "rt", encoding="utf-8") as f:
-            line = f.readline()
-        return line.split("(", 1)[1].split(")", 1)[0]
-    except (OSError, IndexError):
-        return "unknown"
+    return flattened(rgba, LONG_SIDE)
 
 
 def build_openclipart(
@@ -224,7 +215,7 @@ def build_openclipart(
     folders = {w for d in root.rglob("*") if d.is_dir() for w in folder_words(d.name).split()}
     authors = author_words(every, root, content_words() | folders)
     files = pick_files(every, per_folder)
-    source = f"{DEBIAN_PACKAGE} {debian_version()} (Debian)"
+    source = f"{DEBIAN_PACKAGE} {debian_version(CHANGELOG)} (Debian)"
     writer = DatasetWriter(out, "openclipart")
     bad = 0
     for path in tqdm(files, desc="openclipart", unit="img", disable=not progress):

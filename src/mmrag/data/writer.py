@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -59,6 +60,27 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def flattened(rgba: Image.Image, long_side: int) -> Image.Image:
+    """An RGBA picture as RGB on white (transparency flattened), its long side shrunk to
+    `long_side` (never enlarged)."""
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    rgb = canvas.convert("RGB")
+    scale = min(1.0, long_side / max(rgb.size))
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    return rgb.resize(size, Image.Resampling.LANCZOS) if size != rgb.size else rgb
+
+
+def debian_version(changelog: Path) -> str:
+    """The version at the top of a Debian package's `changelog.Debian.gz` ("unknown" if none)."""
+    try:
+        with gzip.open(changelog, "rt", encoding="utf-8") as f:
+            line = f.readline()
+        return line.split("(", 1)[1].split(")", 1)[0]
+    except (OSError, IndexError):
+        return "unknown"
 
 
 def require_file(path: Path, debian_package: str) -> Path:
