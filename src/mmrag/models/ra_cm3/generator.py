@@ -139,11 +139,6 @@ class KVCache:
             self.unpadded_prefix = slots
         return slots <= self.unpadded_prefix
 
-    def mark_unpadded(self, slots: int) -> None:
-        """The first `slots` slots are known to be real tokens (a step wrote a real one)."""
-        if self.unpadded_prefix >= slots - 1:
-            self.unpadded_prefix = max(self.unpadded_prefix, slots)
-
     @classmethod
     def empty(
         cls,
@@ -454,8 +449,7 @@ class Generator(nn.Module):
             x = block.step(x, cos, sin, k_cache, v_cache, start)
         cache.valid[:, start] = True
         cache.next_position = positions + 1
-        cache.length = start + 1
-        cache.mark_unpadded(cache.length)
+        cache.length = cache.unpadded_prefix = start + 1  # a real token after real ones
         if image_run is not None:
             cache.image_run = image_run
         return functional.linear(_rms_norm(self.norm, x), self.head.weight)[:, -1]  # (B, V)
