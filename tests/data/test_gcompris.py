@@ -145,6 +145,7 @@ def test_build_gcompris(tmp_path: Path) -> None:
             f"{base}/lang/resource/words_sample/hammer.png": picture("blue"),  # a repeat
         },
     )
+    (root / "erase.rcc").write_bytes(b"qres" + b"\x00" * 30)  # damaged: skipped, not fatal
     out = tmp_path / "out"
     summary = build_gcompris(out, progress=False, root=root)
     docs = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]

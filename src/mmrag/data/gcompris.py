@@ -175,7 +175,11 @@ def pictures(root: Path) -> Iterator[tuple[str, str, PurePosixPath, bytes]]:
         if not archive.is_file():
             logger.warning("gcompris: %s is missing; its pictures are skipped", archive)
             continue
-        found = sorted(read_rcc(archive), key=lambda r: str(r.path))
+        try:
+            found = sorted(read_rcc(archive), key=lambda r: str(r.path))
+        except (OSError, ResourceError) as e:
+            logger.warning("gcompris: %s; its pictures are skipped", e)
+            continue
         for resource in found:
             folder = resource.path.parent.name
             if folder in folders and resource.path.suffix.lower() in IMAGE_SUFFIXES:
