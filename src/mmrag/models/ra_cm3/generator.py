@@ -435,9 +435,9 @@ class Generator(nn.Module):
         x = functional.embedding(ids, self.embed.weight)  # (B, 1, D)
         if hints is not None:
             x = x + self._hint_vectors(hints, x.shape[:2])
-        real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         image_run = None
         if self.image_rows is not None:
+            real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
             x, image_run = self._add_image_positions(x, ids, real, cache)
         positions = cache.next_position  # (B,)
         if int(positions.max()) >= self.config.max_seq_len:
