@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from mmrag.config import ConfigError
+from mmrag.encoders import batching
 from mmrag.encoders.base import EncoderSpec, Vectors, load_encoder
-from mmrag.encoders.batching import BatchingConfig, BatchingEncoder
+from mmrag.encoders.batching import AUTO_MAX_WORKERS, BatchingConfig, BatchingEncoder
 from mmrag.encoders.mixed import encode_query, query_vector
 
 TEXTS = [f"a {c} {s}" for c in ("red", "green", "blue", "pale yellow") for s in ("apple", "heart")]
@@ -49,12 +50,25 @@ def test_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="max_batch"):
         BatchingConfig(max_batch=0)
     with pytest.raises(ConfigError, match="workers"):
-        BatchingConfig(workers=0)
+        BatchingConfig(workers=-1)
+
+
+def test_auto_workers_are_one_per_core_at_most_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BatchingConfig(workers=3).workers_to_run() == 3
+    for cores, workers in ((1, 1), (2, 2), (16, AUTO_MAX_WORKERS)):
+        monkeypatch.setattr(batching, "available_cores", lambda c=cores: c)
+        assert BatchingConfig().workers_to_run() == workers
+    monkeypatch.setattr(batching, "available_cores", lambda: 2)
+    encoder = BatchingEncoder(Gated())
+    try:
+        assert len(encoder._workers) == 2
+    finally:
+        encoder.close()
 
 
 def test_concurrent_calls_share_a_forward_and_get_their_own_rows() -> None:
     inner = Gated()
-    encoder = BatchingEncoder(inner, BatchingConfig(max_batch=4))
+    encoder = BatchingEncoder(inner, BatchingConfig(max_batch=4, workers=1))
     try:
         futures = [encoder.submit_text(TEXTS[:1])]
         assert inner.entered.wait(10)  # the first call holds the worker ...
@@ -72,7 +86,7 @@ def test_concurrent_calls_share_a_forward_and_get_their_own_rows() -> None:
 
 def test_a_bad_input_fails_only_its_own_call() -> None:
     inner = Gated()
-    encoder = BatchingEncoder(inner)
+    encoder = BatchingEncoder(inner, BatchingConfig(workers=1))
     try:
         first = encoder.submit_text(["hold"])
         assert inner.entered.wait(10)
@@ -93,7 +107,7 @@ def test_a_bad_input_fails_only_its_own_call() -> None:
 def test_wait_gathers_calls_that_arrive_soon_after() -> None:
     inner = Gated()
     inner.gate.set()
-    encoder = BatchingEncoder(inner, BatchingConfig(max_wait_ms=300))
+    encoder = BatchingEncoder(inner, BatchingConfig(max_wait_ms=300, workers=1))
     try:
         first = encoder.submit_text(["red apple"])
         second = encoder.submit_text(["green heart"])  # within the first one's wait

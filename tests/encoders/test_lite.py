@@ -13,7 +13,14 @@ from PIL import Image
 from mmrag.config import ConfigError, LiteEncoderConfig
 from mmrag.documents import to_rgb
 from mmrag.encoders.base import Encoder
-from mmrag.encoders.lite import LiteEncoder, LiteHeads, identity_json, image_batch, square_crop
+from mmrag.encoders.lite import (
+    LiteEncoder,
+    LiteHeads,
+    identity_json,
+    image_batch,
+    square_crop,
+    text_tower,
+)
 
 TINY = LiteEncoderConfig(dim=32)
 TEXTS = ["grinning face", "red apple", "woman dancing: medium skin tone"]
@@ -94,6 +101,20 @@ def test_raw_features_have_the_tower_widths(encoder: LiteEncoder) -> None:
     # Batching does not change a row (batch_size=2 splits these three).
     np.testing.assert_array_equal(encoder.text_features(TEXTS[2:]), text[2:])  # no padding
     np.testing.assert_allclose(encoder.image_features(_images()[2:]), image[2:], atol=1e-4)
+
+
+@pytest.mark.pretrained
+def test_text_tower_runs_the_scripted_forward_bit_for_bit() -> None:
+    tower = text_tower()
+    assert tower._scripted is not None  # MiniLM is a plain BERT: the GIL-free forward
+    texts = [*TEXTS, "red heart", "a photo of a cat"]  # two token counts share a batch
+    scripted = tower.features(texts, TINY.text_max_tokens, batch_size=8)
+    tower._scripted, kept = None, tower._scripted
+    try:
+        module = tower.features(texts, TINY.text_max_tokens, batch_size=8)
+    finally:
+        tower._scripted = kept
+    np.testing.assert_array_equal(scripted, module)
 
 
 @pytest.mark.pretrained

@@ -111,7 +111,8 @@ def add_commands(add: AddCommand) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="encoder worker threads, each running whole batches (default 1)",
+        help="encoder worker threads, each running whole batches (default 0: one per core, "
+        "at most 4)",
     )
     add_memory_writer_options(p)
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -33,6 +34,10 @@ from mmrag.encoders.base import Encoder, Vectors
 
 log = logging.getLogger(__name__)
 
+# Auto workers stop here: each takes a core from the HTTP side and the searches. Measured on
+# 2 cores only (2 workers beat 1 and 3 there); more is a guess, so it stays small.
+AUTO_MAX_WORKERS = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig(Config):
@@ -42,8 +47,9 @@ class BatchingConfig(Config):
     max_batch: int = 32
     # How long a worker waits for more calls once one is there; 0 takes what is queued.
     max_wait_ms: float = 0.0
-    # Worker threads, each running whole batches on its own OpenMP team.
-    workers: int = 1
+    # Worker threads, each running whole batches on its own OpenMP team; 0: one per core
+    # this process may use, at most AUTO_MAX_WORKERS (`workers_to_run`).
+    workers: int = 0
     # OpenMP threads per worker's forward.
     threads: int = 1
 
@@ -52,10 +58,26 @@ class BatchingConfig(Config):
             raise ConfigError("BatchingConfig: max_batch must be in [1, 4096]")
         if not 0.0 <= self.max_wait_ms <= 1000.0:
             raise ConfigError("BatchingConfig: max_wait_ms must be in [0, 1000]")
-        if not 1 <= self.workers <= 16:
-            raise ConfigError("BatchingConfig: workers must be in [1, 16]")
+        if not 0 <= self.workers <= 16:
+            raise ConfigError("BatchingConfig: workers must be in [0 (auto), 16]")
         if not 1 <= self.threads <= 256:
             raise ConfigError("BatchingConfig: threads must be in [1, 256]")
+
+    def workers_to_run(self) -> int:
+        """`workers`, or for 0 one per core this process may use, at most AUTO_MAX_WORKERS.
+        The lite text tower's forward holds no GIL (`bert_forward`), so two workers keep
+        both cores of a 2-core server busy (docs/benchmarks.md, "Serving")."""
+        if self.workers:
+            return self.workers
+        return max(1, min(AUTO_MAX_WORKERS, available_cores()))
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclasses.dataclass
@@ -99,7 +121,7 @@ class BatchingEncoder:
         self._closed = False
         self._workers = [
             threading.Thread(target=self._work, name=f"mmrag-encode-{i}", daemon=True)
-            for i in range(self.config.workers)
+            for i in range(self.config.workers_to_run())
         ]
         for worker in self._workers:
             worker.start()

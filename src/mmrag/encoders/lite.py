@@ -29,6 +29,8 @@ from mmrag.checkpoints import checkpoint_dir
 from mmrag.config import LiteEncoderConfig
 from mmrag.documents import to_rgb
 from mmrag.encoders.base import EncoderSpec, Vectors
+from mmrag.encoders.bert_forward import ScriptedBert
+from mmrag.encoders.bert_forward import supports as supports_scripted
 from mmrag.encoders.efficientnet import (
     IMAGE_FEATURES,
     fold_batch_norms,
@@ -174,6 +176,8 @@ class TextTower:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
         self.model = model.eval().requires_grad_(False).to(self.device)
+        # The same forward in one call without the GIL, where it is a plain BERT (it is).
+        self._scripted = ScriptedBert(self.model) if supports_scripted(self.model) else None
 
     @torch.inference_mode()
     def features(self, texts: Sequence[str], max_tokens: int, batch_size: int) -> np.ndarray:
@@ -191,11 +195,17 @@ class TextTower:
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 batch = torch.tensor([ids[r] for r in chunk], device=self.device)  # (B, T)
-                mask = torch.ones_like(batch)
-                hidden = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
-                pooled = hidden.mean(dim=1)  # (B, 384): the masked mean, as nothing is padded
-                out[chunk] = functional.normalize(pooled, dim=-1).float().cpu().numpy()
+                out[chunk] = self._pooled(batch).float().cpu().numpy()
         return out
+
+    def _pooled(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, T) unpadded token ids -> (B, 384) L2-normalised mean-pooled states."""
+        if self._scripted is not None:
+            return self._scripted(batch)  # bit for bit the module forward below (tested)
+        mask = torch.ones_like(batch)
+        hidden = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
+        pooled = hidden.mean(dim=1)  # the masked mean, as nothing is padded
+        return functional.normalize(pooled, dim=-1)
 
 
 @functools.cache

@@ -46,8 +46,9 @@ class ServerConfig(Config):
     # ... after waiting this long for more once one is queued (0: take what is waiting; under
     # load, batches form while the previous one runs), ...
     encode_max_wait_ms: float = 0.0
-    # ... on this many encoder workers, each with `openmp_threads` threads.
-    encode_workers: int = 1
+    # ... on this many encoder workers, each with `openmp_threads` threads (0: one per core
+    # this process may use, at most 4).
+    encode_workers: int = 0
 
     def validate(self) -> None:
         for name in ("max_upload_bytes", "max_pixels", "max_batch_documents", "max_text_chars"):

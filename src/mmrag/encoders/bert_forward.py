@@ -1,0 +1,143 @@
+"""A BERT encoder's forward (no padding) as one TorchScript call, run without the GIL.
+
+The `lite` text tower is Hugging Face's `BertModel` (all-MiniLM-L6-v2). Through the module
+forward a batch is ~150 small operator calls, each of which takes Python's GIL back when its
+kernel returns. In a server the event loop and the search threads hold the GIL most of the
+time, so the encoder thread spends a quarter of each forward waiting for it (docs/benchmarks.md,
+"Serving"). A TorchScript function runs its whole body in C++ with the GIL released: the same
+ATen kernels on the same shapes, so the pooled rows are bit for bit those of the module forward
+(tested), but one acquisition per batch instead of one per operator.
+
+Only what `TextTower` uses is written out: absolute positions, token type 0, GELU (erf), no
+attention mask (texts of one token count are batched together), mean pooling, L2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional
+
+log = logging.getLogger(__name__)
+
+# Per layer, in this order: q, k, v, attention out, intermediate, output (weight, bias each),
+# then the two LayerNorms (weight, bias each).
+_PER_LAYER = 16
+
+
+def _pooled(
+    ids: Tensor,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    layers: list[Tensor],
+    heads: int,
+    eps: float,
+) -> Tensor:
+    """(B, T) token ids -> (B, H) L2-normalised mean of the last hidden states."""
+    batch, length = ids.shape[0], ids.shape[1]
+    hidden = norm_weight.shape[0]
+    head_dim = hidden // heads
+    scale = float(head_dim) ** -0.5
+    # BertEmbeddings: (word + token type 0) + position, then LayerNorm (dropout is off).
+    x = functional.embedding(ids, word) + token_type[0]
+    x = x + position[:length].unsqueeze(0)
+    x = functional.layer_norm(x, [hidden], norm_weight, norm_bias, eps)
+    per_layer = 16  # _PER_LAYER (a script cannot read module globals)
+    for i in range(len(layers) // per_layer):
+        w = layers[i * per_layer : (i + 1) * per_layer]
+        q = functional.linear(x, w[0], w[1]).view(batch, length, heads, head_dim).transpose(1, 2)
+        k = functional.linear(x, w[2], w[3]).view(batch, length, heads, head_dim).transpose(1, 2)
+        v = functional.linear(x, w[4], w[5]).view(batch, length, heads, head_dim).transpose(1, 2)
+        a = functional.scaled_dot_product_attention(q, k, v, None, 0.0, False, scale=scale)
+        a = a.transpose(1, 2).contiguous().reshape(batch, length, hidden)
+        a = functional.linear(a, w[6], w[7])
+        x = functional.layer_norm(a + x, [hidden], w[12], w[13], eps)
+        h = functional.gelu(functional.linear(x, w[8], w[9]))
+        h = functional.linear(h, w[10], w[11])
+        x = functional.layer_norm(h + x, [hidden], w[14], w[15], eps)
+    return functional.normalize(x.mean(dim=1), dim=-1)
+
+
+@functools.cache
+def _script() -> Any:
+    """`_pooled` compiled by TorchScript, or None where this torch cannot script it.
+
+    TorchScript is deprecated in favour of `torch.compile` / `torch.export`, but those run
+    Python wrapper code per kernel (or need a C++ toolchain at run time, AOTInductor); only a
+    script function runs a whole forward with the GIL released. Its warning is silenced here,
+    and a torch that drops TorchScript leaves the caller on the module forward."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_pooled)
+    except Exception as e:  # e.g. a torch without TorchScript
+        log.warning("the scripted BERT forward is unavailable (%s); using the module forward", e)
+        return None
+
+
+def supports(model: Any) -> bool:
+    """Whether `model` is a plain BERT encoder this forward reproduces, and torch can script it."""
+    config = getattr(model, "config", None)
+    return (
+        config is not None
+        and getattr(config, "model_type", None) == "bert"
+        and getattr(config, "hidden_act", None) == "gelu"
+        and getattr(config, "position_embedding_type", "absolute") == "absolute"
+        and not getattr(config, "is_decoder", False)
+        and not getattr(config, "add_cross_attention", False)
+        and _script() is not None
+    )
+
+
+class ScriptedBert:
+    """`BertModel`'s weights (shared, not copied) and its pooled forward as one script call."""
+
+    def __init__(self, model: Any) -> None:
+        if not supports(model):
+            raise ValueError("ScriptedBert: not a plain BERT encoder, or no TorchScript here")
+        emb = model.embeddings
+        self.word = emb.word_embeddings.weight
+        self.position = emb.position_embeddings.weight
+        self.token_type = emb.token_type_embeddings.weight
+        self.norm_weight, self.norm_bias = emb.LayerNorm.weight, emb.LayerNorm.bias
+        self.eps = float(model.config.layer_norm_eps)
+        self.heads = int(model.config.num_attention_heads)
+        self.layers: list[Tensor] = []
+        for layer in model.encoder.layer:
+            att, out = layer.attention, layer.output
+            linears = [
+                att.self.query,
+                att.self.key,
+                att.self.value,
+                att.output.dense,
+                layer.intermediate.dense,
+                out.dense,
+            ]
+            for linear in linears:
+                self.layers += [linear.weight, linear.bias]
+            for norm in (att.output.LayerNorm, out.LayerNorm):
+                self.layers += [norm.weight, norm.bias]
+        self._fn = _script()
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        """(B, T) token ids of unpadded texts -> (B, H) L2-normalised mean-pooled states."""
+        pooled: Tensor = self._fn(
+            ids,
+            self.word,
+            self.position,
+            self.token_type,
+            self.norm_weight,
+            self.norm_bias,
+            self.layers,
+            self.heads,
+            self.eps,
+        )
+        return pooled
