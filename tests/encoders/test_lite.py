@@ -104,7 +104,7 @@ def test_raw_features_have_the_tower_widths(encoder: LiteEncoder) -> None:
 
 
 @pytest.mark.pretrained
-def test_text_tower_runs_the_scripted_forward_bit_for_bit() -> None:
+def test_text_tower_runs_the_scripted_forward() -> None:
     tower = text_tower()
     assert tower._scripted is not None  # MiniLM is a plain BERT: the GIL-free forward
     texts = [*TEXTS, "red heart", "a photo of a cat"]  # two token counts share a batch
@@ -114,7 +114,7 @@ def test_text_tower_runs_the_scripted_forward_bit_for_bit() -> None:
         module = tower.features(texts, TINY.text_max_tokens, batch_size=8)
     finally:
         tower._scripted = kept
-    np.testing.assert_array_equal(scripted, module)
+    np.testing.assert_allclose(scripted, module, rtol=0, atol=1e-6)
 
 
 @pytest.mark.pretrained

@@ -7,8 +7,8 @@ dynamic batcher, calls from any thread are queued; a worker takes what is waitin
 `encode_image` over all of it on its own OpenMP team, and resolves each call's future. Under
 no load a call runs at once, alone; under load, batches form while the previous one runs.
 
-Rows are what the wrapped encoder gives in any batch: the `lite` text tower batches only
-texts of one token count (no padding), so a row is the same, to float rounding of a larger
+Rows are what the wrapped encoder gives in any batch: the `lite` text tower packs texts end to
+end without padding (`bert_forward`), so a row is the same, to float rounding of a larger
 matrix product, as when encoded alone (tests hold it to 1e-6). A call whose batch fails is
 retried alone, so one bad input fails only its own call.
 """

@@ -176,36 +176,36 @@ class TextTower:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
         self.model = model.eval().requires_grad_(False).to(self.device)
-        # The same forward in one call without the GIL, where it is a plain BERT (it is).
+        # The same forward over packed texts in one call without the GIL, where it is a plain
+        # BERT (it is) and torch has TorchScript (`bert_forward`).
         self._scripted = ScriptedBert(self.model) if supports_scripted(self.model) else None
 
     @torch.inference_mode()
     def features(self, texts: Sequence[str], max_tokens: int, batch_size: int) -> np.ndarray:
-        # Texts are batched only with texts of the same token count: no padding, so a row is
-        # bit-identical whatever else is encoded with it (padding changed rows by ~1e-7).
+        # No padding: the scripted forward packs a batch's texts end to end, the module
+        # forward batches only texts of one token count. A row is what its text alone gives,
+        # to float rounding (within 1e-6) whatever else is encoded with it.
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
         with self._tokenizer_lock:  # the Rust tokenizer refuses concurrent use ("Already borrowed")
             ids = self.tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        if self._scripted is not None:
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
+                out[start : start + len(chunk)] = self._scripted(chunk).float().cpu().numpy()
+            return out
         by_length: dict[int, list[int]] = {}
         for row, tokens in enumerate(ids):
             by_length.setdefault(len(tokens), []).append(row)
-        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         for rows in by_length.values():
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 batch = torch.tensor([ids[r] for r in chunk], device=self.device)  # (B, T)
-                out[chunk] = self._pooled(batch).float().cpu().numpy()
+                hidden = self.model(input_ids=batch, attention_mask=torch.ones_like(batch))
+                pooled = hidden.last_hidden_state.mean(dim=1)  # the masked mean: no padding
+                out[chunk] = functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out
-
-    def _pooled(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, T) unpadded token ids -> (B, 384) L2-normalised mean-pooled states."""
-        if self._scripted is not None:
-            return self._scripted(batch)  # bit for bit the module forward below (tested)
-        mask = torch.ones_like(batch)
-        hidden = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
-        pooled = hidden.mean(dim=1)  # the masked mean, as nothing is padded
-        return functional.normalize(pooled, dim=-1)
 
 
 @functools.cache
