@@ -101,6 +101,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         "`git worktree` at the commit before a change) over the same memory",
     )
     p.add_argument(
+        "--heads-rev",
+        default="HEAD",
+        help="the commit whose lite heads build the memory (default HEAD); the code of "
+        "--baseline-src must be able to load them (the text tower costs the same whatever the "
+        "heads)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -577,14 +584,14 @@ def schemathesis_phase(plan: Plan, workdir: Path) -> dict[str, Any]:
     }
 
 
-def lite_snapshot() -> tuple[Path, str] | None:
-    """The lite heads as committed (else as in the working tree), copied under WORK with the
-    SHA-256 of their weights: another engineer may be retraining them while this runs, and a
-    memory must keep the encoder it was built with."""
+def lite_snapshot(rev: str = "HEAD") -> tuple[Path, str] | None:
+    """The lite heads as committed at `rev` (else as in the working tree), copied under WORK
+    with the SHA-256 of their weights: another engineer may be retraining them while this
+    runs, and a memory must keep the encoder it was built with."""
     files: dict[str, bytes] = {}
     for name in ("model.safetensors", "config.json"):
         shown = subprocess.run(
-            ["git", "show", f"HEAD:{LITE}/{name}"], cwd=REPO, capture_output=True, check=False
+            ["git", "show", f"{rev}:{LITE}/{name}"], cwd=REPO, capture_output=True, check=False
         )
         local = REPO / LITE / name
         if shown.returncode == 0:
@@ -610,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if shutil.which("wrk") is None and "load" not in args.skip:
         raise SystemExit("wrk is missing: apt-get install wrk")
-    lite = lite_snapshot() if args.encoder in ("auto", "lite") else None
+    lite = lite_snapshot(args.heads_rev) if args.encoder in ("auto", "lite") else None
     if args.encoder == "lite" and lite is None:
         raise SystemExit(f"no lite heads: {LITE}/model.safetensors is neither committed nor here")
     name = "lite" if lite else "hashing"
