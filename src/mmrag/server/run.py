@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 from collections.abc import Mapping
@@ -31,6 +32,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def settle_heap() -> None:
+    """Move everything alive once the app is built (models, modules, the memory) out of the
+    garbage collector's sight. Otherwise every full collection under load walks the millions
+    of objects torch and transformers hold: pauses of up to ~190 ms with the GIL held, which
+    stalled every request in flight and set the p99 (docs/benchmarks.md, "Serving"). Frozen
+    objects are never collected, which is what a server's startup state should be."""
+    gc.collect()
+    gc.freeze()
+    log.debug("gc: %d objects frozen at startup", gc.get_freeze_count())
+
+
 def serve(
     memory: str | Path,
     host: str = DEFAULT_HOST,
@@ -49,6 +61,7 @@ def serve(
     config = config or ServerConfig()
     token = load_token(token_file, environ)
     app = create_app(memory, config=config, token=token, encoder=encoder, capabilities=capabilities)
+    settle_heap()
     uv_config = uvicorn.Config(
         app,
         host=host,
