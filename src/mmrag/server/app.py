@@ -142,7 +142,7 @@ def create_app(
         config=config,
         auth=auth,
         pool=ThreadPoolExecutor(
-            config.worker_threads,
+            config.threads_to_run(),
             thread_name_prefix="mmrag-worker",
             initializer=_limit_openmp,
             initargs=(config.openmp_threads,),
