@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.nn import functional
@@ -12,7 +14,7 @@ from mmrag.encoders.bert_forward import ScriptedBert, supports
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_bert(**overrides: object) -> BertModel:
+def tiny_bert(**overrides: Any) -> BertModel:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=100,

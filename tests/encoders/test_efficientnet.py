@@ -15,6 +15,7 @@ from mmrag.encoders.efficientnet import (
     fold_batch_norms,
     load_efficientnet_lite0,
     same_padding,
+    traced_features,
 )
 from mmrag.encoders.lite import image_batch
 
@@ -108,3 +109,17 @@ def test_folded_batch_norms_give_the_same_features_and_logits() -> None:
     with torch.inference_mode():
         np.testing.assert_allclose(folded.features(x), features, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(folded(x), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_traced_features_equal_the_module_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    model = fold_batch_norms(EfficientNetLite0().eval())
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    traced = traced_features(model, 64, torch.device("cpu"))
+    assert traced is not None
+    generator = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for batch in (1, 5, 2, 1):  # any batch, and repeated calls
+            x = torch.rand(batch, 3, 64, 64, generator=generator) * 2 - 1
+            x = x.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(traced(x), model.features(x))

@@ -18,6 +18,7 @@ from mmrag.encoders.lite import (
     LiteHeads,
     identity_json,
     image_batch,
+    image_tower,
     square_crop,
     text_tower,
 )
@@ -118,6 +119,16 @@ def test_text_tower_runs_the_scripted_forward() -> None:
 
 
 @pytest.mark.pretrained
+def test_image_tower_runs_the_traced_features_bit_for_bit(encoder: LiteEncoder) -> None:
+    traced = encoder.image_features(_images())
+    tower = image_tower(encoder.device)
+    assert tower._traced[TINY.image_size] is not None  # traced on first use, per crop size
+    x = image_batch(_images(), TINY.image_size)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(traced, tower.model.features(x).numpy())
+
+
+@pytest.mark.pretrained
 def test_text_tower_is_semantic(encoder: LiteEncoder) -> None:
     text = encoder.text_features(["a red apple", "a crimson apple", "a rocket launch"])
     sims = text @ text.T
@@ -194,13 +205,13 @@ def test_shared_image_features_run_the_tower_once_per_image(
 
     tower = lite.image_tower("cpu")
     calls: list[int] = []
-    forward = tower.model.features
+    forward = tower._forward
 
-    def counting(x: torch.Tensor) -> torch.Tensor:
+    def counting(x: torch.Tensor, size: int) -> torch.Tensor:
         calls.append(len(x))
-        return forward(x)
+        return forward(x, size)
 
-    monkeypatch.setattr(tower.model, "features", counting)
+    monkeypatch.setattr(tower, "_forward", counting)
     red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 30), (0, 0, 255))
     plain = tower.features([red, blue], 32, batch_size=8)
     with lite.shared_image_features(max_images=4):

@@ -36,6 +36,7 @@ from mmrag.encoders.efficientnet import (
     fold_batch_norms,
     load_efficientnet_lite0,
     packaged_weights_path,
+    traced_features,
 )
 from mmrag.fileio import file_digest
 
@@ -112,6 +113,9 @@ class ImageTower:
         model = fold_batch_norms(load_efficientnet_lite0(self.weights_path))
         model = model.requires_grad_(False).to(self.device)
         self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # The same features in one call without the GIL, traced per crop size on first use.
+        self._traced: dict[int, Any] = {}
+        self._trace_lock = threading.Lock()
 
         # Off unless `shared_image_features` turns it on: features by the crop's content.
         self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
@@ -127,10 +131,18 @@ class ImageTower:
         for start in range(0, len(todo), batch_size):
             rows = todo[start : start + batch_size]
             x = crops_batch([crops[i] for i in rows]).to(self.device)
-            out[rows] = self.model.features(x).float().cpu().numpy()  # (B, 1280)
+            out[rows] = self._forward(x, size).float().cpu().numpy()  # (B, 1280)
             if keys:
                 self._store([(keys[i], out[i]) for i in rows])
         return out
+
+    def _forward(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        with self._trace_lock:
+            if size not in self._traced:
+                self._traced[size] = traced_features(self.model, size, self.device)
+            traced = self._traced[size]
+        features: torch.Tensor = traced(x) if traced is not None else self.model.features(x)
+        return features
 
     @staticmethod
     def _key(crop: np.ndarray) -> bytes:
