@@ -34,10 +34,12 @@ cores:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import warnings
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -296,6 +298,55 @@ def _rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return functional.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
+def _blocks_step(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    eps: list[float],
+    start: int,
+    heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """Every block's `step` in turn, as one function TorchScript can run without Python
+    between operators. Per block, `weights` holds: attention norm, qkv, out, MLP norm, gate,
+    up, down; `eps` the two norms' epsilons."""
+    b, dim = x.shape[0], x.shape[-1]
+    for i in range(len(keys)):
+        w = weights[7 * i : 7 * i + 7]
+        k_cache, v_cache = keys[i], values[i]
+        h = functional.rms_norm(x, [dim], w[0], eps[2 * i])
+        qkv = functional.linear(h, w[1]).view(b, 3 * heads, head_dim)  # (B, 3H, Dh)
+        qk = apply_rope(qkv[:, None, : 2 * heads], cos, sin)  # (B, 1, 2H, Dh)
+        q = qk[:, :, :heads].transpose(1, 2)  # (B, H, 1, Dh)
+        k_cache[:, :, start : start + 1] = qk[:, :, heads:].transpose(1, 2)
+        v_cache[:, :, start : start + 1] = qkv[:, None, 2 * heads :].transpose(1, 2)
+        y = functional.scaled_dot_product_attention(
+            q, k_cache[:, :, : start + 1], v_cache[:, :, : start + 1]
+        )  # (B, H, 1, Dh)
+        x = x + functional.linear(y.transpose(1, 2).reshape(b, 1, -1), w[2])
+        h = functional.rms_norm(x, [dim], w[3], eps[2 * i + 1])
+        hidden = functional.silu(functional.linear(h, w[4])) * functional.linear(h, w[5])
+        x = x + functional.linear(hidden, w[6])
+    return x
+
+
+@functools.cache
+def _scripted_blocks_step() -> Any:
+    """`_blocks_step` compiled by TorchScript (one call per token instead of ~30 operator
+    dispatches from Python per block), or None where this torch cannot script it. TorchScript
+    is deprecated; its warning is silenced here, and without it `step` calls `Block.step`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_blocks_step)
+    except Exception as e:  # e.g. a torch without TorchScript
+        logger.warning("the scripted decoding step is unavailable (%s); using the modules", e)
+        return None
+
+
 # --- the model --------------------------------------------------------------------------------
 
 
@@ -426,7 +477,8 @@ class Generator(nn.Module):
         """Next-token logits (B, V) after one new token per row: `forward(ids, cache=cache,
         hints=hints)[:, -1]`, bit for bit, in evaluation. Where every cached slot holds a real
         token (no left padding) it takes a path without module calls, masks or checks of the
-        cache's padding; otherwise it is `forward`."""
+        cache's padding, its blocks one TorchScript call (`_blocks_step`); otherwise it is
+        `forward`."""
         if self.training or ids.shape[1] != 1 or not cache.unpadded(cache.length):
             return self(ids, cache=cache, hints=hints)[:, -1]
         start = cache.length
@@ -444,15 +496,45 @@ class Generator(nn.Module):
             raise ValueError(f"position {int(positions.max())} >= max_seq_len")
         cos = self.rope_cos[positions][:, None, None]  # (B, 1, 1, Dh/2)
         sin = self.rope_sin[positions][:, None, None]
-        blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
-        for block, k_cache, v_cache in zip(blocks, cache.keys, cache.values, strict=True):
-            x = block.step(x, cos, sin, k_cache, v_cache, start)
+        scripted = _scripted_blocks_step()
+        if scripted is not None:
+            weights, eps = self._step_weights()
+            cfg = self.config
+            x = scripted(
+                x,
+                cos,
+                sin,
+                cache.keys,
+                cache.values,
+                weights,
+                eps,
+                start,
+                cfg.n_heads,
+                cfg.head_dim,
+            )
+        else:
+            blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
+            for block, k_cache, v_cache in zip(blocks, cache.keys, cache.values, strict=True):
+                x = block.step(x, cos, sin, k_cache, v_cache, start)
         cache.valid[:, start] = True
         cache.next_position = positions + 1
         cache.length = cache.unpadded_prefix = start + 1  # a real token after real ones
         if image_run is not None:
             cache.image_run = image_run
         return functional.linear(_rms_norm(self.norm, x), self.head.weight)[:, -1]  # (B, V)
+
+    def _step_weights(self) -> tuple[list[torch.Tensor], list[float]]:
+        """The blocks' weights in `_blocks_step`'s order, and their norms' epsilons."""
+        weights: list[torch.Tensor] = []
+        eps: list[float] = []
+        for block in self.blocks:
+            assert isinstance(block, Block)
+            attn, mlp = block.attn, block.mlp
+            weights += [block.attn_norm.weight, attn.qkv.weight, attn.out.weight]
+            weights += [block.mlp_norm.weight, mlp.gate.weight, mlp.up.weight, mlp.down.weight]
+            for norm in (block.attn_norm, block.mlp_norm):
+                eps.append(norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps)
+        return weights, eps
 
     def _hint_vectors(self, hints: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """(B, T, D): the sum over slots of each slot's embedding of its hinted code, and of
