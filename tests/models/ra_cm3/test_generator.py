@@ -201,6 +201,26 @@ def test_step_is_the_forward_bit_for_bit(config: GeneratorConfig) -> None:
             model.step(ids[:, :1], a)
 
 
+def test_step_follows_the_weights_after_a_conversion() -> None:
+    """`step` keeps the blocks' weights between tokens; a conversion must not leave it on the
+    old tensors."""
+    torch.manual_seed(0)
+    model = Generator(TINY).eval()
+    ids = _ids(1, 10, seed=5)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 10)
+        model(ids[:, :8], cache=cache)
+        model.step(ids[:, 8:9], cache)  # the weights are now kept
+        model.double()
+        a, b = model.new_cache(1, 10), model.new_cache(1, 10)
+        model(ids[:, :8], cache=a)
+        model(ids[:, :8], cache=b)
+        expected = model(ids[:, 8:9], cache=a)[:, -1]
+        got = model.step(ids[:, 8:9], b)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, expected)
+
+
 def test_cache_overflow_and_max_len_are_errors(model: Generator) -> None:
     cache = model.new_cache(1, 8)
     model(_ids(1, 6), cache=cache)
