@@ -22,8 +22,6 @@ pooling, L2.
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-log = logging.getLogger(__name__)
+from mmrag.torchscript import script
 
 # Per layer, in this order: q, k, v, attention out, intermediate, output (weight, bias each),
 # then the two LayerNorms (weight, bias each).
@@ -99,19 +97,8 @@ def _pooled(
 
 @functools.cache
 def _script() -> Any:
-    """`_pooled` compiled by TorchScript, or None where this torch cannot script it.
-
-    TorchScript is deprecated in favour of `torch.compile` / `torch.export`, but those run
-    Python wrapper code per kernel (or need a C++ toolchain at run time, AOTInductor); only a
-    script function runs a whole forward with the GIL released. Its warning is silenced here,
-    and a torch that drops TorchScript leaves the caller on the module forward."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_pooled)
-    except Exception as e:  # e.g. a torch without TorchScript
-        log.warning("the scripted BERT forward is unavailable (%s); using the module forward", e)
-        return None
+    """`_pooled` compiled by TorchScript (`mmrag.torchscript`), or None."""
+    return script(_pooled, "the BERT forward")
 
 
 def supports(model: Any) -> bool:

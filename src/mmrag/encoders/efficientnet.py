@@ -8,9 +8,7 @@ the bottom/right) and inputs are scaled to [-1, 1]. Key names follow the package
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-log = logging.getLogger(__name__)
+from mmrag.torchscript import trace
 
 IMAGE_FEATURES = 1280
 NUM_CLASSES = 1000
@@ -171,17 +169,10 @@ def traced_features(model: EfficientNetLite0, size: int, device: torch.device) -
     convolutions on the same weights (shared, not copied), so the features are bit for bit
     the module's (tested), and a serving thread does not wait for the GIL between its ~70
     operators. The "same" padding depends on the input size, so a trace holds for one `size`
-    (any batch). None where this torch cannot trace; TorchScript is deprecated, its warnings
-    are silenced here."""
+    (any batch). None where this torch cannot trace (`mmrag.torchscript`)."""
     example = torch.zeros(2, 3, size, size, device=device)
     example = example.contiguous(memory_format=torch.channels_last)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # deprecation, and shapes read as constants
-            return torch.jit.trace(_Features(model).eval(), example, check_trace=False)
-    except Exception as e:  # e.g. a torch without TorchScript
-        log.warning("the traced EfficientNet-Lite0 is unavailable (%s); using the module", e)
-        return None
+    return trace(_Features(model).eval(), example, "EfficientNet-Lite0")
 
 
 def packaged_weights_path() -> Path:

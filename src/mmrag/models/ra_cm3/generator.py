@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +46,7 @@ from torch import nn
 from torch.nn import functional
 
 from mmrag.config import Config, ConfigError
+from mmrag.torchscript import script
 
 logger = logging.getLogger(__name__)
 
@@ -336,15 +336,8 @@ def _blocks_step(
 @functools.cache
 def _scripted_blocks_step() -> Any:
     """`_blocks_step` compiled by TorchScript (one call per token instead of ~30 operator
-    dispatches from Python per block), or None where this torch cannot script it. TorchScript
-    is deprecated; its warning is silenced here, and without it `step` calls `Block.step`."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_blocks_step)
-    except Exception as e:  # e.g. a torch without TorchScript
-        logger.warning("the scripted decoding step is unavailable (%s); using the modules", e)
-        return None
+    dispatches from Python per block), or None: then `step` calls `Block.step`."""
+    return script(_blocks_step, "the decoding step")
 
 
 # --- the model --------------------------------------------------------------------------------
