@@ -2,18 +2,18 @@
 
 The `lite` text tower is Hugging Face's `BertModel` (all-MiniLM-L6-v2). Through the module
 forward a batch is ~150 small operator calls, each of which takes Python's GIL back when its
-kernel returns. In a server the event loop and the search threads hold the GIL most of the
-time, so the encoder thread spends a quarter of each forward waiting for it (docs/benchmarks.md,
-"Serving"). A TorchScript function runs its whole body in C++ with the GIL released: the same
-ATen kernels, one acquisition per batch instead of one per operator.
+kernel returns. In a server the event loop and the search threads hold the GIL much of the
+time, so the encoder thread spent a large share of each forward waiting for it
+(docs/benchmarks.md, "Serving"). A TorchScript function runs its whole body in C++ with the
+GIL released (`mmrag.torchscript`): the same ATen kernels, one acquisition per batch instead
+of one per operator.
 
 Texts are packed, not padded (as text-embeddings-inference does): the tokens of all texts of a
 batch go through the per-token operators as one (L, H) matrix, and attention runs per group of
 texts of one token count. Batching by token count alone splits a batch of varied queries into
-forwards of a few rows each (32 queries of 16 token counts: 187 ms by token count, 112 ms
-packed, one thread). Packed, a row is what the module forward gives for its text alone to the
-float rounding of a matrix product with more rows: most rows bit for bit, the rest within
-~2e-7 (tests hold 1e-6); nothing else in the batch changes it more than that.
+forwards of a few rows each (docs/benchmarks.md, "Serving"). Packed, a row is what the
+module forward gives for its text alone to the float rounding of a matrix product with more
+rows (most rows bit for bit; tests hold 1e-6).
 
 Only what `TextTower` uses is written out: absolute positions, token type 0, GELU (erf), mean
 pooling, L2.

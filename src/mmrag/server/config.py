@@ -86,8 +86,8 @@ class ServerConfig(Config):
     def threads_to_run(self) -> int:
         """`worker_threads`, or for 0 two per core (at most 64). Searches are short and
         CPU-bound: threads beyond a couple per core only queue on the memory's lock and the
-        GIL (on 2 cores, 8 threads served 277-285 text queries/s, 4 303, 2 317-339); two per
-        core leave one free while a slow add decodes its images."""
+        GIL (docs/benchmarks.md, "Measurements behind defaults"); two per core leave one
+        free while a slow add decodes its images."""
         return self.worker_threads or min(64, 2 * available_cores())
 
     def batching(self) -> BatchingConfig:

@@ -35,8 +35,8 @@ def is_loopback(host: str) -> bool:
 def settle_heap() -> None:
     """Move everything alive once the app is built (models, modules, the memory) out of the
     garbage collector's sight. Otherwise every full collection under load walks the millions
-    of objects torch and transformers hold: pauses of up to ~190 ms with the GIL held, which
-    stalled every request in flight and set the p99 (docs/benchmarks.md, "Serving"). Frozen
+    of objects torch and transformers hold, with the GIL held, stalling every request in
+    flight: those pauses set the p99 (docs/benchmarks.md, "Serving"). Frozen
     objects are never collected, which is what a server's startup state should be."""
     gc.collect()
     gc.freeze()

@@ -522,8 +522,8 @@ class Generator(nn.Module):
 
     def _step_weights(self) -> tuple[list[torch.Tensor], list[float]]:
         """The blocks' weights in `_blocks_step`'s order, and their norms' epsilons; kept
-        between steps (a list built per token cost 4% of decoding) and rebuilt after a
-        conversion (`_apply`: `.to()`, `.float()`) or when the first block's qkv weight is
+        between steps (building it per token was a visible share of decoding) and rebuilt
+        after a conversion (`_apply`: `.to()`, `.float()`) or when the first block's qkv weight is
         another object. Loading weights copies into the same tensors, so the list holds."""
         cached = self.__dict__.get("_step_weights_cache")
         first = self.blocks[0]
