@@ -9,7 +9,14 @@ import torch
 from torch.nn import functional
 
 from mmrag.config import ConfigError
-from mmrag.models.ra_cm3.generator import Generator, GeneratorConfig, apply_rope, rope_tables
+from mmrag.models.ra_cm3 import generator as generator_module
+from mmrag.models.ra_cm3.generator import (
+    Generator,
+    GeneratorConfig,
+    _blocks_step,
+    apply_rope,
+    rope_tables,
+)
 
 TINY = GeneratorConfig.preset("tiny")
 ATOL = 1e-5
@@ -199,6 +206,22 @@ def test_step_is_the_forward_bit_for_bit(config: GeneratorConfig) -> None:
             assert torch.equal(model.step(ids[:, t : t + 1], d), expected)
         with pytest.raises(ValueError, match="exceeds"):
             model.step(ids[:, :1], a)
+
+
+def test_step_without_torchscript_is_the_same_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch cannot script `_blocks_step`, `step` runs it as Python: the same logits."""
+    torch.manual_seed(0)
+    model = Generator(TINY).eval()
+    ids = _ids(2, 12, seed=6)
+    with torch.inference_mode():
+        a, b = model.new_cache(2, 12), model.new_cache(2, 12)
+        model(ids[:, :9], cache=a)
+        model(ids[:, :9], cache=b)
+        scripted = [model.step(ids[:, t : t + 1], a) for t in range(9, 12)]
+        monkeypatch.setattr(generator_module, "_blocks_step_fn", lambda: _blocks_step)
+        plain = [model.step(ids[:, t : t + 1], b) for t in range(9, 12)]
+    for x, y in zip(scripted, plain, strict=True):
+        assert torch.equal(x, y)
 
 
 def test_step_follows_the_weights_after_a_conversion() -> None:

@@ -218,27 +218,6 @@ class Attention(nn.Module):
         )  # (B, H, T, Dh)
         return self.out(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
-    def step(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        start: int,
-    ) -> torch.Tensor:
-        """`forward` for one new token that sees every cached slot, without module calls."""
-        b, h = x.shape[0], self.n_heads
-        qkv = functional.linear(x, self.qkv.weight).view(b, 3 * h, self.head_dim)  # (B, 3H, Dh)
-        qk = apply_rope(qkv[:, None, : 2 * h], cos, sin)  # (B, 1, 2H, Dh): both in one rotation
-        q = qk[:, :, :h].transpose(1, 2)  # (B, H, 1, Dh)
-        k_cache[:, :, start : start + 1] = qk[:, :, h:].transpose(1, 2)
-        v_cache[:, :, start : start + 1] = qkv[:, None, 2 * h :].transpose(1, 2)
-        y = functional.scaled_dot_product_attention(
-            q, k_cache[:, :, : start + 1], v_cache[:, :, : start + 1]
-        )  # (B, H, 1, Dh)
-        return functional.linear(y.transpose(1, 2).reshape(b, 1, -1), self.out.weight)
-
 
 class SwiGLU(nn.Module):
     def __init__(self, config: GeneratorConfig) -> None:
@@ -274,25 +253,6 @@ class Block(nn.Module):
         x = x + self.drop(attn)
         return x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, D)
 
-    def step(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        start: int,
-    ) -> torch.Tensor:
-        """`forward` in evaluation for one new token that sees every cached slot: the same
-        operations on the same weights, called as functions (module calls cost more than a
-        token's arithmetic at this size)."""
-        h = _rms_norm(self.attn_norm, x)
-        x = x + self.attn.step(h, cos, sin, k_cache, v_cache, start)
-        h, mlp = _rms_norm(self.mlp_norm, x), self.mlp
-        hidden = functional.silu(functional.linear(h, mlp.gate.weight))
-        hidden = hidden * functional.linear(h, mlp.up.weight)
-        return x + functional.linear(hidden, mlp.down.weight)  # (B, 1, D)
-
 
 def _rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return functional.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
@@ -310,9 +270,11 @@ def _blocks_step(
     heads: int,
     head_dim: int,
 ) -> torch.Tensor:
-    """Every block's `step` in turn, as one function TorchScript can run without Python
-    between operators. Per block, `weights` holds: attention norm, qkv, out, MLP norm, gate,
-    up, down; `eps` the two norms' epsilons."""
+    """Every block's forward in evaluation for one new token that sees every cached slot
+    (writing its key and value into the cache), as one function TorchScript can run without
+    Python between operators: the same operations on the same weights as `Block.forward`.
+    Per block, `weights` holds: attention norm, qkv, out, MLP norm, gate, up, down; `eps` the
+    two norms' epsilons."""
     b, dim = x.shape[0], x.shape[-1]
     for i in range(len(keys)):
         w = weights[7 * i : 7 * i + 7]
@@ -334,10 +296,10 @@ def _blocks_step(
 
 
 @functools.cache
-def _scripted_blocks_step() -> Any:
+def _blocks_step_fn() -> Any:
     """`_blocks_step` compiled by TorchScript (one call per token instead of ~30 operator
-    dispatches from Python per block), or None: then `step` calls `Block.step`."""
-    return script(_blocks_step, "the decoding step")
+    dispatches from Python per block), or the function itself where torch cannot script it."""
+    return script(_blocks_step, "the decoding step") or _blocks_step
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -489,26 +451,11 @@ class Generator(nn.Module):
             raise ValueError(f"position {int(positions.max())} >= max_seq_len")
         cos = self.rope_cos[positions][:, None, None]  # (B, 1, 1, Dh/2)
         sin = self.rope_sin[positions][:, None, None]
-        scripted = _scripted_blocks_step()
-        if scripted is not None:
-            weights, eps = self._step_weights()
-            cfg = self.config
-            x = scripted(
-                x,
-                cos,
-                sin,
-                cache.keys,
-                cache.values,
-                weights,
-                eps,
-                start,
-                cfg.n_heads,
-                cfg.head_dim,
-            )
-        else:
-            blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
-            for block, k_cache, v_cache in zip(blocks, cache.keys, cache.values, strict=True):
-                x = block.step(x, cos, sin, k_cache, v_cache, start)
+        weights, eps = self._step_weights()
+        cfg = self.config
+        x = _blocks_step_fn()(
+            x, cos, sin, cache.keys, cache.values, weights, eps, start, cfg.n_heads, cfg.head_dim
+        )
         cache.valid[:, start] = True
         cache.next_position = positions + 1
         cache.length = cache.unpadded_prefix = start + 1  # a real token after real ones
