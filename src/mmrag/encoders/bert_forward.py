@@ -31,10 +31,6 @@ from torch.nn import functional
 
 from mmrag.torchscript import script
 
-# Per layer, in this order: q, k, v, attention out, intermediate, output (weight, bias each),
-# then the two LayerNorms (weight, bias each).
-_PER_LAYER = 16
-
 
 def _pooled(
     ids: Tensor,
@@ -63,7 +59,9 @@ def _pooled(
     x = functional.embedding(ids, word) + token_type[0]
     x = x + functional.embedding(positions, position)
     x = functional.layer_norm(x, [hidden], norm_weight, norm_bias, eps)
-    per_layer = 16  # _PER_LAYER (a script cannot read module globals)
+    # Per layer, `layers` holds in this order: q, k, v, attention out, intermediate, output
+    # (weight, bias each), then the two LayerNorms (weight, bias each).
+    per_layer = 16
     for i in range(len(layers) // per_layer):
         w = layers[i * per_layer : (i + 1) * per_layer]
         q = functional.linear(x, w[0], w[1])
